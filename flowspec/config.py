@@ -1,0 +1,250 @@
+"""The scenario schema: what a FlowSpec run is configured by, with defaults and checks.
+
+Theory of operation
+-------------------
+`Scenario` is the root of a tree of frozen `Section` dataclasses (see `flowspec.schema` for how a
+section normalizes and validates itself, and how errors get their dotted keys). This module holds
+the sections and the scenario-level entry points: `load_scenario` (YAML file plus overrides),
+`scenario_from_dict`, `scenario_to_dict` and `dump_scenario` (the resolved YAML a run records).
+
+Rule: defaults live in the dataclass fields and nowhere else. The CLI never restates them; a YAML
+preset may spell them out, but no code reads a default from a file.
+"""
+
+from __future__ import annotations
+
+import reprlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flowspec import schema
+from flowspec.schema import ScenarioError, Section, from_dict, to_dict
+
+__all__ = [
+    "DTYPE_BYTES",
+    "LOSSLESS_POLICIES",
+    "DecodingConfig",
+    "ExpansionConfig",
+    "ModelConfig",
+    "PipeDecConfig",
+    "PipelineConfig",
+    "Policy",
+    "Scenario",
+    "ScenarioError",
+    "Section",
+    "TreeConfig",
+    "apply_overrides",
+    "dump_scenario",
+    "from_dict",
+    "load_scenario",
+    "scenario_from_dict",
+    "scenario_to_dict",
+    "to_dict",
+]
+
+
+def _at_least(section: Section, name: str, minimum: int | float) -> None:
+    value = getattr(section, name)
+    if value < minimum:
+        raise ScenarioError(f"{name} must be >= {minimum}, got {value!r}")
+
+
+def _check_beam(total: int, topk: int, depth: int) -> None:
+    """Reject a `total` larger than the EAGLE-2 candidate pool.
+
+    The beam scores topk candidates in its first layer and topk**2 in each later iteration, then
+    keeps the best `total`: asking for more than it scored cannot be honoured.
+    """
+    pool = topk + depth * topk * topk
+    if total > pool:
+        raise ScenarioError(f"total must be <= topk + depth * topk**2 = {pool} (the beam's candidates), got {total}")
+
+
+class Policy(StrEnum):
+    """Scheduling policies (DESIGN.md §3); all are lossless."""
+
+    FLOWSPEC = "flowspec"  # score-ordered segments + step-wise verification + pruning + expansion
+    FLOWSPEC_NOEXPAND = "flowspec-noexpand"  # the same without dynamic expansion (ablation)
+    CHUNK_PP = "chunk-pp"  # tree cut into n_stages chunks, verified once the last chunk returns
+    PIPEDEC = "pipedec"  # one tree layer per pipeline step, pruned as results return
+    AR_PP = "ar-pp"  # plain autoregressive pipeline, one token in flight
+    SERIAL = "serial"  # the whole tree as one batch through the pipeline per round
+    SINGLE_SD = "single-sd"  # single-device EAGLE-style tree SD, no pipeline
+
+
+LOSSLESS_POLICIES = frozenset(Policy)
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DecodingConfig(Section):
+    temperature: float = 0.0
+    """Sampling temperature; 0 means greedy (argmax) verification."""
+    max_new_tokens: int = 128
+    """Tokens to generate per request, EOS permitting."""
+    eos_token_id: int | None = None
+    """Token that ends a request early; None disables early stopping."""
+
+    def _check(self) -> None:
+        _at_least(self, "temperature", 0.0)
+        _at_least(self, "max_new_tokens", 1)
+        if self.eos_token_id is not None:
+            _at_least(self, "eos_token_id", 0)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PipelineConfig(Section):
+    n_stages: int = 4
+    """Verification stages V1..VN holding target layers; the draft node D0 is extra."""
+
+    def _check(self) -> None:
+        _at_least(self, "n_stages", 1)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TreeConfig(Section):
+    total: int = 80
+    """Drafted nodes in a round's initial tree, the root excluded."""
+    topk: int = 10
+    """Beam width and children per expanded node."""
+    depth: int = 6
+    """EAGLE-2 beam iterations after the first layer: paths hold up to depth + 1 draft tokens."""
+    segment_size: int = 16
+    """Most nodes per segment when the initial tree is cut for the pipeline."""
+
+    def _check(self) -> None:
+        _at_least(self, "total", 0)
+        _at_least(self, "topk", 1)
+        _at_least(self, "depth", 0)
+        _at_least(self, "segment_size", 1)
+        _check_beam(self.total, self.topk, self.depth)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExpansionConfig(Section):
+    total: int = 64
+    """Drafted nodes per expansion tree grown from the new root, the root excluded."""
+    topk: int = 10
+    """Beam width and children per expanded node."""
+    depth: int = 6
+    """Beam iterations after the first layer, as in TreeConfig.depth."""
+
+    def _check(self) -> None:
+        _at_least(self, "total", 0)
+        _at_least(self, "topk", 1)
+        _at_least(self, "depth", 0)
+        _check_beam(self.total, self.topk, self.depth)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PipeDecConfig(Section):
+    width: int = 16
+    """Nodes per tree layer in the PipeDec baseline."""
+
+    def _check(self) -> None:
+        _at_least(self, "width", 1)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelConfig(Section):
+    hidden_size: int = 576
+    """Width of the hidden states passed between stages (SmolLM2-135M: 576)."""
+    vocab_size: int = 49152
+    """Rows of the LM head (SmolLM2-135M: 49152)."""
+    dtype: str = "float32"
+    """Dtype of hidden states on the wire: float32, float16 or bfloat16."""
+
+    def _check(self) -> None:
+        _at_least(self, "hidden_size", 1)
+        _at_least(self, "vocab_size", 1)
+        if self.dtype not in DTYPE_BYTES:
+            raise ScenarioError(f"dtype must be one of {', '.join(sorted(DTYPE_BYTES))}, got {self.dtype!r}")
+
+    @property
+    def dtype_bytes(self) -> int:
+        """Bytes per element of `dtype`."""
+        return DTYPE_BYTES[self.dtype]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Scenario(Section):
+    name: str = "scenario"
+    """Label for outputs; the loader uses the file stem when the YAML omits it."""
+    policy: Policy = Policy.FLOWSPEC
+    """Which scheduling policy drives the pipeline."""
+    seed: int = 0
+    """Seed of the run's numpy Generator: every stochastic choice draws from it."""
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    tree: TreeConfig = field(default_factory=TreeConfig)
+    expansion: ExpansionConfig = field(default_factory=ExpansionConfig)
+    pipedec: PipeDecConfig = field(default_factory=PipeDecConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def _check(self) -> None:
+        if not self.name:
+            raise ScenarioError("name must not be empty")
+        _at_least(self, "seed", 0)  # numpy's SeedSequence rejects negative seeds
+
+
+def apply_overrides(
+    data: Mapping[str, Any], overrides: Sequence[str], source: str = "<overrides>"
+) -> dict[str, Any]:
+    """A copy of `data` with `dotted.key=value` overrides applied (keys checked against Scenario).
+
+    >>> apply_overrides({"tree": {"topk": 4}}, ["tree.topk=8", "policy=chunk-pp"])
+    {'tree': {'topk': 8}, 'policy': 'chunk-pp'}
+    """
+    return schema.apply_overrides(data, overrides, source, Scenario)
+
+
+def scenario_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Scenario:
+    """Build and validate a Scenario from a plain mapping (parsed YAML)."""
+    return from_dict(Scenario, data, source)
+
+
+def scenario_to_dict(scenario: Scenario) -> dict[str, Any]:
+    """Plain form of `scenario`; `scenario_from_dict(scenario_to_dict(s)) == s`."""
+    return to_dict(scenario)
+
+
+def dump_scenario(scenario: Scenario) -> str:
+    """YAML text of the fully resolved scenario (every default spelled out), in field order."""
+    return yaml.safe_dump(scenario_to_dict(scenario), sort_keys=False, allow_unicode=True)
+
+
+def load_scenario(path: str | PathLike[str], overrides: Sequence[str] = ()) -> Scenario:
+    """Read a YAML scenario, apply `overrides`, validate. Errors start with `path` as given."""
+    source = str(path)
+    data = _read_yaml(Path(path), source)
+    data.setdefault("name", Path(path).stem)
+    return scenario_from_dict(apply_overrides(data, overrides, source), source)
+
+
+def _read_yaml(path: Path, source: str) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ScenarioError(f"{source}: no such file") from None
+    except UnicodeDecodeError:
+        raise ScenarioError(f"{source}: not UTF-8 text") from None
+    except OSError as e:
+        raise ScenarioError(f"{source}: cannot read: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ScenarioError(f"{source}: invalid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    if data is None:  # an empty file (or only comments) means "all defaults"
+        return {}
+    if not isinstance(data, dict):
+        raise ScenarioError(f"{source}: top level must be a mapping, got {reprlib.repr(data)}")
+    return data
