@@ -1,0 +1,253 @@
+"""An in-memory, discrete-event driver: the core, N emulated stages and a `HashLM` target.
+
+Theory of operation
+-------------------
+This is the smallest honest backend. Each verification stage is an emulated device with a FIFO
+inbox, a `StageLedger` and a real (hash) KV cache; it follows the ledger protocol exactly as a
+runtime stage worker does: sync the KV, admit the segment, forward under the tree mask, append,
+then sync and admit again before sending the surviving rows on. D0 is a serial device that charges
+verification and drafting time and feeds `PipelineCore`. Links are FIFO per (src, dst) pair, as
+ZeroMQ delivers; pruning messages travel on their own links, so they can overtake or trail the
+segments they prune — stages wait for the prunes a segment already reflects.
+
+All delays come from `Delays` and an injected generator, so tests can shake the interleavings.
+Rule: no decision is made here; every choice of what to verify, keep or send is the core's.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from flowspec.config import Policy, Scenario
+from flowspec.kv import StageLedger
+from flowspec.messages import (
+    BroadcastPrune,
+    Command,
+    Draft,
+    DraftDone,
+    EmitTokens,
+    Event,
+    FinishRequest,
+    Prune,
+    RequestArrived,
+    Segment,
+    SegmentReturned,
+    SendSegment,
+    payload_nbytes,
+)
+from flowspec.order import near_equal
+from flowspec.pipeline import PipelineCore
+from flowspec.records import LinkTransfer, RunRecords, StageSpan
+from flowspec.synthetic import HashLM
+from flowspec.tree import Drafter
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Delays:
+    """Time model, in seconds. Each draw is multiplied by U(1 - jitter, 1 + jitter)."""
+
+    stage_s: float = 0.010  # per forward, per stage
+    stage_s_per_token: float = 0.0005
+    link_s: float = 0.002  # per message, any link
+    broadcast_s: float = 0.001  # D0 -> each stage, pruning messages
+    verify_s: float = 0.002  # D0: LM head over a returned segment
+    draft_s_per_call: float = 0.003  # D0: one drafter forward
+    jitter: float = 0.0  # 0: exact, reproducible timelines
+
+
+@dataclass(slots=True)
+class _Stage:
+    rank: int
+    first_layer: int  # 1-based global index of its first layer
+    n_layers: int
+    ledger: StageLedger = field(default_factory=StageLedger)
+    kv: np.ndarray = field(default_factory=lambda: np.zeros((0, 1), dtype=np.uint64))
+    inbox: deque[tuple[Segment, np.ndarray]] = field(default_factory=deque)
+    busy: bool = False
+
+
+@dataclass(slots=True)
+class RunResult:
+    outputs: dict[int, list[int]]
+    records: RunRecords
+
+
+class InMemoryDriver:
+    def __init__(
+        self,
+        scenario: Scenario,
+        drafter: Drafter,
+        model: HashLM,
+        *,
+        delays: Delays = Delays(),
+        delay_rng: np.random.Generator | None = None,
+        run_id: str = "run",
+    ) -> None:
+        self.scenario = scenario
+        self.model = model
+        self.delays = delays
+        self.run_id = run_id
+        self._rng = delay_rng or np.random.default_rng(scenario.seed)
+        self.core = PipelineCore(
+            scenario, drafter, np.random.default_rng(scenario.seed), run_id=run_id, source="inmemory"
+        )
+        n_stages = 1 if scenario.policy is Policy.SINGLE_SD else scenario.pipeline.n_stages
+        assert model.n_layers >= n_stages, "every stage needs at least one layer"
+        self.stages: list[_Stage] = []
+        first = 1
+        for rank, n_layers in enumerate(near_equal(model.n_layers, n_stages), start=1):
+            stage = _Stage(rank, first, n_layers)
+            stage.kv = np.zeros((0, n_layers), dtype=np.uint64)
+            self.stages.append(stage)
+            first += n_layers
+        self._heap: list[tuple[float, int, Callable[..., None], tuple]] = []
+        self._seq = itertools.count()
+        self._link_free: dict[tuple[int, int, str], float] = {}
+        self._d0_inbox: deque[tuple[Event, float, int]] = deque()  # event, cost, n_tokens
+        self._d0_busy = False
+        self._spans: list[StageSpan] = []
+        self._transfers: list[LinkTransfer] = []
+
+    # ---- public ---------------------------------------------------------------------------------
+
+    def run(self, requests: list[tuple[float, list[int]]]) -> RunResult:
+        """Serve `(arrival_s, prompt)` requests to completion; outputs by request id (list order)."""
+        for rid, (t_arrival, prompt) in enumerate(requests):
+            self._at(t_arrival, self._to_d0, RequestArrived(rid, tuple(prompt)), 0.0, len(prompt))
+        while self._heap:
+            t, _, fn, args = heapq.heappop(self._heap)
+            fn(t, *args)
+        if not self.core.idle or any(s.inbox or s.busy for s in self.stages):
+            raise RuntimeError(f"run {self.run_id!r} stalled: the core is not idle after the last event")
+        records = self.core.records
+        records.stage_spans = list(self._spans)
+        records.link_transfers = list(self._transfers)
+        return RunResult(self.core.outputs, records)
+
+    # ---- plumbing -------------------------------------------------------------------------------
+
+    def _at(self, t: float, fn: Callable[..., None], *args: object) -> None:
+        heapq.heappush(self._heap, (t, next(self._seq), fn, args))
+
+    def _draw(self, base_s: float) -> float:
+        j = self.delays.jitter
+        return base_s * (self._rng.uniform(1 - j, 1 + j) if j > 0 else 1.0)
+
+    def _send(self, t: float, src: int, dst: int, kind: str, nbytes: int, fn: Callable[..., None], *args: object) -> None:
+        """FIFO per (src, dst, kind): a message never overtakes an earlier one on the same link."""
+        base = self.delays.broadcast_s if kind == "prune" else self.delays.link_s
+        link = (src, dst, kind)
+        t_recv = max(t + self._draw(base), self._link_free.get(link, 0.0))
+        self._link_free[link] = t_recv
+        self._transfers.append(LinkTransfer(self.run_id, "inmemory", src, dst, kind, nbytes, t, t_recv))
+        self._at(t_recv, fn, *args)
+
+    def _nbytes(self, n_rows: int, first_hop: bool) -> int:
+        m = self.scenario.model
+        return payload_nbytes(n_rows, hidden_size=m.hidden_size, dtype_bytes=m.dtype_bytes, first_hop=first_hop)
+
+    # ---- draft node -----------------------------------------------------------------------------
+
+    def _to_d0(self, t: float, event: Event, cost_s: float, n_tokens: int, front: bool = False) -> None:
+        (self._d0_inbox.appendleft if front else self._d0_inbox.append)((event, cost_s, n_tokens))
+        self._d0_next(t)
+
+    def _d0_next(self, t: float) -> None:
+        if self._d0_busy or not self._d0_inbox:
+            return
+        event, cost_s, n_tokens = self._d0_inbox.popleft()
+        self._d0_busy = True
+        kind = "draft" if isinstance(event, DraftDone) else "verify"
+        if cost_s > 0:
+            self._spans.append(StageSpan(self.run_id, "inmemory", -1, 0, -1, kind, n_tokens, 0, t, t + cost_s))
+        self._at(t + cost_s, self._d0_handle, event)
+
+    def _d0_handle(self, t: float, event: Event) -> None:
+        self._d0_busy = False
+        for cmd in self.core.handle(event, now=t):
+            self._execute(t, cmd)
+        self._d0_next(t)
+
+    def _execute(self, t: float, cmd: Command) -> None:
+        if isinstance(cmd, SendSegment):
+            seg = cmd.segment
+            h = self.model.embed_rows(seg.tokens)
+            self._send(t, 0, 1, "segment", self._nbytes(len(seg), True), self._to_stage, 0, seg, h)
+        elif isinstance(cmd, BroadcastPrune):
+            for k in range(len(self.stages)):
+                self._send(t, 0, k + 1, "prune", cmd.prune.nbytes, self._prune_at_stage, k, cmd.prune)
+        elif isinstance(cmd, Draft):
+            cost = self._draw(self.delays.draft_s_per_call) * cmd.n_calls
+            self._to_d0(t, DraftDone(cmd.draft_id), cost, cmd.n_rows, front=True)
+        else:
+            assert isinstance(cmd, (EmitTokens, FinishRequest)), cmd  # the core records both
+
+    # ---- stages ---------------------------------------------------------------------------------
+
+    def _prune_at_stage(self, t: float, k: int, prune: Prune) -> None:
+        stage = self.stages[k]
+        stage.ledger.receive(prune)
+        if not stage.busy:
+            self._compact(stage)
+        self._stage_next(t, k)
+
+    def _to_stage(self, t: float, k: int, seg: Segment, h: np.ndarray) -> None:
+        self.stages[k].inbox.append((seg, h))
+        self._stage_next(t, k)
+
+    def _compact(self, stage: _Stage) -> None:
+        slots = stage.ledger.sync()
+        if slots is not None:
+            stage.kv = stage.kv[slots]
+
+    def _stage_next(self, t: float, k: int) -> None:
+        stage = self.stages[k]
+        if stage.busy or not stage.inbox or not stage.ledger.ready(stage.inbox[0][0]):
+            return
+        seg, h = stage.inbox.popleft()
+        if seg.reset:
+            stage.ledger.reset()
+            stage.kv = np.zeros((0, stage.n_layers), dtype=np.uint64)
+        self._compact(stage)
+        seg, rows = stage.ledger.admit(seg)
+        h = h[rows]
+        if len(seg) == 0:  # emptied by pruning: pass the marker on, nothing to run
+            self._stage_done(t, k, seg, h)
+            return
+        tree_part = stage.ledger.attention(seg)  # [n, T + n]
+        visible = np.hstack([np.ones((len(seg), stage.ledger.committed_len), dtype=bool), tree_part])
+        kv_len = stage.ledger.kv_len
+        h_out, new_kv = self.model.forward_rows(h, seg.positions, stage.kv, visible, stage.first_layer)
+        stage.kv = np.vstack([stage.kv, new_kv])
+        stage.ledger.append(seg)
+        stage.busy = True
+        cost = self._draw(self.delays.stage_s + self.delays.stage_s_per_token * len(seg))
+        self._spans.append(
+            StageSpan(self.run_id, "inmemory", seg.request_id, stage.rank, seg.segment_id,
+                      str(seg.kind), len(seg), kv_len, t, t + cost)
+        )  # fmt: skip
+        self._at(t + cost, self._stage_done, k, seg, h_out)
+
+    def _stage_done(self, t: float, k: int, seg: Segment, h: np.ndarray) -> None:
+        stage = self.stages[k]
+        stage.busy = False
+        self._compact(stage)  # prunes that arrived during the forward
+        seg, rows = stage.ledger.admit(seg)
+        h = h[rows]
+        nbytes = self._nbytes(len(seg), False)
+        if k + 1 < len(self.stages):
+            self._send(t, stage.rank, stage.rank + 1, "segment", nbytes, self._to_stage, k + 1, seg, h)
+        else:
+            self._send(t, stage.rank, 0, "segment", nbytes, self._returned, seg, h)
+        self._stage_next(t, k)
+
+    def _returned(self, t: float, seg: Segment, h: np.ndarray) -> None:
+        argmax = self.model.next_tokens(h)
+        event = SegmentReturned(seg.segment_id, seg.node_ids, seg.version, argmax=argmax)
+        self._to_d0(t, event, self._draw(self.delays.verify_s) if len(seg) else 0.0, len(seg))

@@ -1,0 +1,169 @@
+"""Stage-side bookkeeping: which KV slots and segment rows survive each pruning message.
+
+Theory of operation
+-------------------
+A verification stage's KV cache is laid out as
+
+    [ committed prefix (G slots) | tree region: processed tree nodes, in tree order ]
+
+and `StageLedger` mirrors that layout with node ids, without holding any tensor. A backend's stage
+worker asks the ledger what to do and applies it to its tensors:
+
+1. `receive(prune)` when a pruning message arrives (they arrive in version order);
+2. before a forward: `sync()` → KV slots to keep (apply with a gather), then `admit(segment)` →
+   rows of the segment to keep; `attention(segment)` → the tree mask; run the forward;
+   `append(segment)` records the new KV entries;
+3. after the forward: `sync()` and `admit()` again, because prunes may have arrived meanwhile; the
+   surviving output rows are sent on.
+
+Invariants (tested): every prune is applied exactly once to the KV and exactly once to every
+segment, in version order; after `sync()` the region holds exactly the processed nodes that survive,
+in tree order; the accepted path of a prune is always in the region, at its front, and moves into
+the committed prefix without changing position. A segment may only be admitted once the stage holds
+every prune its rows already reflect (`ready`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from flowspec.messages import Prune, Segment, SegmentKind
+from flowspec.tree import IntArray
+
+
+def keep_slots(committed_len: int, region_ids: IntArray, keep_ids: IntArray, n_accepted: int) -> IntArray:
+    """KV slots to keep after one prune: the committed prefix, then surviving region slots in order.
+
+    The first `n_accepted` keep ids must be in the region, at its front once pruned.
+
+    >>> keep_slots(3, np.array([10, 11, 12, 13]), np.array([10, 12, 13, 20]), 2).tolist()
+    [0, 1, 2, 3, 5, 6]
+    """
+    survive = np.flatnonzero(np.isin(region_ids, keep_ids))
+    accepted = keep_ids[:n_accepted]
+    assert (region_ids[survive[:n_accepted]] == accepted).all(), (
+        f"accepted path {accepted.tolist()} is not at the front of the surviving region "
+        f"{region_ids[survive].tolist()}"
+    )
+    return np.concatenate([np.arange(committed_len), committed_len + survive])
+
+
+def keep_rows(node_ids: IntArray, keep_ids: IntArray) -> IntArray:
+    """Rows of an in-flight segment that survive a prune.
+
+    >>> keep_rows(np.array([14, 15, 16]), np.array([10, 12, 15, 16])).tolist()
+    [1, 2]
+    """
+    return np.flatnonzero(np.isin(node_ids, keep_ids))
+
+
+class StageLedger:
+    """The node-id mirror of one stage's KV cache (see the module docstring for the protocol)."""
+
+    def __init__(self) -> None:
+        self.committed_len = 0
+        self.region_ids = np.zeros(0, dtype=np.int64)  # [T] node ids in KV slots G..G+T-1
+        self.region_parents = np.zeros(0, dtype=np.int64)  # [T] their parent ids
+        self.version = 0  # last prune applied to the KV
+        self._prunes: dict[int, Prune] = {}  # received, by version
+        self._received = 0
+        self._committed_ids: set[int] = set()  # accepted node ids of this request
+
+    @property
+    def kv_len(self) -> int:
+        return self.committed_len + len(self.region_ids)
+
+    def receive(self, prune: Prune) -> None:
+        assert prune.version == self._received + 1, (
+            f"prune v{prune.version} arrived after v{self._received}: pruning messages must arrive in order"
+        )
+        self._prunes[prune.version] = prune
+        self._received = prune.version
+
+    def ready(self, segment: Segment) -> bool:
+        """Whether every prune already reflected in `segment` has reached this stage."""
+        return segment.version <= self._received
+
+    def sync(self) -> IntArray | None:
+        """Apply every received prune to the KV; the slots to keep, or None when nothing changed."""
+        if self.version == self._received:
+            return None
+        g0 = self.committed_len
+        slots = np.arange(self.kv_len)
+        for v in range(self.version + 1, self._received + 1):
+            prune = self._prunes[v]
+            kept = keep_slots(self.committed_len, self.region_ids, prune.keep_ids, prune.n_accepted)
+            slots = slots[kept]
+            survive = kept[self.committed_len :] - self.committed_len
+            a = prune.n_accepted
+            self._committed_ids.update(self.region_ids[survive[:a]].tolist())
+            self.committed_len += a
+            self.region_ids = self.region_ids[survive[a:]]
+            self.region_parents = self.region_parents[survive[a:]]
+            if prune.round_exit:
+                assert len(self.region_ids) == 0, "a round exit keeps nothing beyond the accepted path"
+            self.version = v
+        assert (slots[:g0] == np.arange(g0)).all()
+        return slots
+
+    def admit(self, segment: Segment) -> tuple[Segment, IntArray]:
+        """Apply to `segment` every prune after its version; the pruned segment and its kept rows."""
+        assert self.ready(segment), f"segment {segment.segment_id} needs prune v{segment.version}"
+        assert self.version == self._received, "sync() the KV before admitting a segment"
+        if segment.kind is SegmentKind.PREFILL:
+            assert segment.version == self.version, "no prune can reach a prompt chunk in flight"
+            return segment, np.arange(len(segment))
+        rows = np.arange(len(segment))
+        for v in range(segment.version + 1, self.version + 1):
+            rows = rows[keep_rows(segment.node_ids[rows], self._prunes[v].keep_ids)]
+        return segment.select(rows, self.version), rows
+
+    def attention(self, segment: Segment) -> np.ndarray:
+        """[L, T + L] bool: which tree-region slots and segment rows each row attends to.
+
+        The committed prefix (G slots before these columns) is visible to every row. A prefill
+        segment is causal; a tree row sees its ancestors and itself.
+        """
+        n_rows = len(segment)
+        width = len(self.region_ids) + n_rows
+        if segment.kind is SegmentKind.PREFILL:
+            mask = np.zeros((n_rows, width), dtype=bool)
+            mask[:, len(self.region_ids) :] = np.tril(np.ones((n_rows, n_rows), dtype=bool))
+            return mask
+        ids = np.concatenate([self.region_ids, segment.node_ids]).tolist()
+        parents = np.concatenate([self.region_parents, segment.parent_ids]).tolist()
+        column = {node: j for j, node in enumerate(ids)}
+        mask = np.zeros((n_rows, width), dtype=bool)
+        for r in range(n_rows):
+            cur = ids[len(self.region_ids) + r]
+            while cur in column:
+                j = column[cur]
+                mask[r, j] = True
+                cur = parents[j]
+            # Above the tree region lies the committed prefix (or nothing, for a round's root).
+            assert cur == -1 or cur in self._committed_ids, (
+                f"node {ids[len(self.region_ids) + r]}: ancestor {cur} is neither in this stage's KV nor committed"
+            )
+        return mask
+
+    def append(self, segment: Segment) -> None:
+        """Record the KV entries a forward of `segment` just wrote (after its rows)."""
+        if segment.kind is SegmentKind.PREFILL:
+            assert len(self.region_ids) == 0, "prompt chunks extend the committed prefix only"
+            self.committed_len += len(segment)
+        else:
+            self.region_ids = np.concatenate([self.region_ids, segment.node_ids])
+            self.region_parents = np.concatenate([self.region_parents, segment.parent_ids])
+
+    def reset(self) -> None:
+        """A new request: drop the KV and every prune so far (they all belong to earlier requests).
+
+        The first prompt chunk carries D0's current prune version, so once it is admitted this
+        stage has received every earlier prune.
+        """
+        self.committed_len = 0
+        self.region_ids = np.zeros(0, dtype=np.int64)
+        self.region_parents = np.zeros(0, dtype=np.int64)
+        self._committed_ids.clear()
+        self._prunes.clear()
+        self.version = self._received

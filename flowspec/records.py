@@ -1,0 +1,162 @@
+"""Flat records: one row per observation, identical across backends.
+
+Theory of operation
+-------------------
+The core emits `StepRecord`, `NodeRecord`, `RoundRecord` and `RequestRecord` as it makes decisions;
+backends add `StageSpan` and `LinkTransfer`, which only they can time. Every record is a frozen,
+flat dataclass (no lists in cells) whose field names carry units, so `to_frame` turns a list of them
+into a tidy pandas frame and `flowspec.metrics` computes every reported number from frames.
+
+Rule: a record never holds a derived metric; metrics are computed from frames, once, in metrics.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import pandas as pd
+
+
+class StepOutcome(StrEnum):
+    CONTINUE = "continue"  # the bonus token is an unverified child in the tree: re-rooted there
+    EXIT = "exit"  # the bonus token fell outside the tree: the round ended
+    EMPTY = "empty"  # the returned segment was emptied by pruning: nothing verified
+    FINISH = "finish"  # EOS or max_new_tokens reached: the request ended
+    PREFILL = "prefill"  # the prompt's last chunk returned: the first token was sampled
+
+
+class FinishReason(StrEnum):
+    EOS = "eos"
+    MAX_NEW_TOKENS = "max_new_tokens"
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    """One segment returned to the draft node (D0) and what D0 decided."""
+
+    run_id: str
+    source: str
+    request_id: int
+    round: int
+    step: int
+    segment_id: int
+    n_verified: int  # rows of the segment that reached D0 (0: emptied by pruning)
+    n_accepted: int  # tokens committed by this verification, root included (0 when nothing verified)
+    n_emitted: int  # tokens handed to the user: accepted drafts + bonus, after trimming
+    bonus_token: int  # the token sampled after the accepted run; -1 when nothing verified
+    outcome: str  # a StepOutcome
+    reroot_offset: int  # segments between the verified one and the new root's; -1 when not re-rooted
+    n_pruned: int  # tree nodes dropped by this step's prune (accepted nodes not counted)
+    n_expanded: int  # nodes appended by this step's expansion
+    n_trimmed: int  # tokens dropped after EOS or beyond max_new_tokens
+    t_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRecord:
+    """One verified draft node (the root excluded): was its token the target's choice?"""
+
+    run_id: str
+    source: str
+    request_id: int
+    round: int
+    step: int
+    node_id: int
+    depth: int  # depth below the root that was verified in this step (>= 1)
+    score: float  # cumulative draft log-prob relative to that root
+    parent_accepted: bool  # its parent was accepted in this step (it was a real candidate)
+    accepted: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RoundRecord:
+    """One draft round: from drafting a fresh tree to the step whose bonus fell outside it."""
+
+    run_id: str
+    source: str
+    request_id: int
+    round: int
+    n_steps: int  # verifications that committed tokens
+    n_sent: int  # tree nodes sent into the pipeline, roots included
+    n_emitted: int
+    t_start_s: float
+    t_end_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    run_id: str
+    source: str
+    request_id: int
+    n_prompt_tokens: int
+    n_output_tokens: int
+    finish_reason: str  # a FinishReason
+    t_arrival_s: float
+    t_start_s: float  # prefill sent
+    t_first_token_s: float
+    t_finish_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class StageSpan:
+    """One forward (or draft-node job) on one device. Stage 0 is the draft node."""
+
+    run_id: str
+    source: str
+    request_id: int
+    stage: int
+    segment_id: int  # -1 for draft-node jobs that belong to no segment
+    kind: str  # "prefill" | "tree" | "verify" | "draft"
+    n_tokens: int
+    kv_len: int
+    t_start_s: float
+    t_end_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class LinkTransfer:
+    """One message on one link (src and dst are device ranks; 0 is the draft node)."""
+
+    run_id: str
+    source: str
+    src: int
+    dst: int
+    kind: str  # "segment" | "prune"
+    nbytes: int
+    t_send_s: float
+    t_recv_s: float
+
+
+RECORD_TYPES: dict[str, type] = {
+    "steps": StepRecord,
+    "nodes": NodeRecord,
+    "rounds": RoundRecord,
+    "requests": RequestRecord,
+    "stage_spans": StageSpan,
+    "link_transfers": LinkTransfer,
+}
+
+
+def to_frame(records: list, record_type: type) -> pd.DataFrame:
+    """A tidy frame of `records`, with the record type's columns even when the list is empty."""
+    columns = [f.name for f in dataclasses.fields(record_type)]
+    if not records:
+        return pd.DataFrame({name: pd.Series(dtype=object) for name in columns})
+    return pd.DataFrame.from_records([dataclasses.asdict(r) for r in records], columns=columns)
+
+
+@dataclass(slots=True)
+class RunRecords:
+    """Everything one run recorded, by kind; `frames()` is what metrics and reports read."""
+
+    steps: list[StepRecord] = field(default_factory=list)
+    nodes: list[NodeRecord] = field(default_factory=list)
+    rounds: list[RoundRecord] = field(default_factory=list)
+    requests: list[RequestRecord] = field(default_factory=list)
+    stage_spans: list[StageSpan] = field(default_factory=list)
+    link_transfers: list[LinkTransfer] = field(default_factory=list)
+
+    def frames(self) -> dict[str, pd.DataFrame]:
+        return {name: to_frame(getattr(self, name), rtype) for name, rtype in RECORD_TYPES.items()}

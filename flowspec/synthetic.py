@@ -1,0 +1,194 @@
+"""A synthetic target model whose KV cache matters, and a drafter that knows it.
+
+Theory of operation
+-------------------
+`HashLM` is a "transformer" made of hash functions. Token x at position i enters as h₀ = embed(x).
+Layer l turns every visible position j into a KV entry c_l(j) = kv(h_{l-1}(j), j, l) and updates
+
+    h_l(i) = layer(h_{l-1}(i), i, S_l(i)),   S_l(i) = Σ_{j visible to i} c_l(j)   (mod 2⁶⁴)
+
+and the next token is h_L(i) mod V. Like attention, the sum is order-free but position-aware, so a
+stage that keeps a wrong KV slot, drops a right one, mis-masks a tree row or shifts a position
+produces a different token: the greedy-equality tests see every bookkeeping error.
+
+`HashLM.forward_rows` is what an emulated stage runs over its KV; `GroundTruth` evaluates the same
+model on a plain sequence (what a single device would compute) with a cache keyed by context, so
+drafters and tests can ask for the target's greedy token cheaply. `OracleDrafter` proposes top-k
+children that contain the target's token with a chosen probability and rank — the synthetic
+drafter/target pair that tests use now and the simulator calibrates from acceptance profiles.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from flowspec.tree import DraftTree, IntArray
+
+_M = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def _mix(x: int) -> int:
+    """splitmix64 finalizer on Python ints."""
+    z = (x + _GOLDEN) & _M
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M
+    return z ^ (z >> 31)
+
+
+def _mix_np(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finalizer on uint64 arrays (wrap-around arithmetic, bit-identical to `_mix`)."""
+    z = x + np.uint64(_GOLDEN)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+class HashLM:
+    """The hash "transformer": `n_layers` layers over a `vocab_size` vocabulary."""
+
+    def __init__(self, vocab_size: int, n_layers: int, seed: int = 0) -> None:
+        assert vocab_size >= 2 and n_layers >= 1
+        self.vocab_size = vocab_size
+        self.n_layers = n_layers
+        self.seed = _mix(seed)
+
+    # scalar forms (GroundTruth) ------------------------------------------------------------------
+    def embed(self, token: int) -> int:
+        return _mix(token ^ self.seed)
+
+    def kv(self, h: int, position: int, layer: int) -> int:
+        return _mix(h ^ _mix(position ^ (layer << 40) ^ self.seed))
+
+    def layer(self, h: int, position: int, s: int, layer: int) -> int:
+        return _mix(h ^ _mix((s + position * _GOLDEN + layer) & _M))
+
+    def next_token(self, h: int) -> int:
+        return h % self.vocab_size
+
+    # vector form (emulated stages) ----------------------------------------------------------------
+    def embed_rows(self, tokens: IntArray) -> np.ndarray:
+        return _mix_np(tokens.astype(np.uint64) ^ np.uint64(self.seed))
+
+    def next_tokens(self, h: np.ndarray) -> IntArray:
+        return (h % np.uint64(self.vocab_size)).astype(np.int64)
+
+    def forward_rows(
+        self,
+        h_in: np.ndarray,  # [n] uint64 hidden states entering the first layer of the slice
+        positions: IntArray,  # [n]
+        kv: np.ndarray,  # [kv_len, n_slice_layers] uint64 KV entries already cached
+        visible: np.ndarray,  # [n, kv_len + n] bool: cached slots, then the rows themselves
+        first_layer: int,  # global index of the slice's first layer (1-based)
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Run a layer slice over `n` rows; the output hidden states [n] and new KV entries [n, layers]."""
+        n_layers = kv.shape[1]
+        pos = positions.astype(np.uint64)
+        vis = visible.astype(np.uint64)
+        h = h_in.astype(np.uint64)
+        new_kv = np.zeros((len(h), n_layers), dtype=np.uint64)
+        for j in range(n_layers):
+            layer = np.uint64(first_layer + j)
+            new_kv[:, j] = _mix_np(h ^ _mix_np(pos ^ (layer << np.uint64(40)) ^ np.uint64(self.seed)))
+            column = np.concatenate([kv[:, j], new_kv[:, j]])
+            s = vis @ column  # wraps mod 2**64, as the scalar form masks
+            h = _mix_np(h ^ _mix_np(s + pos * np.uint64(_GOLDEN) + layer))
+        return h, new_kv
+
+
+class GroundTruth:
+    """Single-device evaluation of a `HashLM` on plain sequences, cached by context."""
+
+    def __init__(self, model: HashLM) -> None:
+        self.model = model
+        # context key -> (per-layer sums S_l, greedy next token); the key chains token hashes
+        self._cache: dict[int, tuple[tuple[int, ...], int]] = {0: ((0,) * model.n_layers, -1)}
+
+    def _extend(self, key: int, token: int, position: int) -> int:
+        child = _mix(key ^ _mix(token + 1))
+        if child not in self._cache:
+            sums, _ = self._cache[key]
+            m = self.model
+            h = m.embed(token)
+            new_sums = []
+            for layer in range(1, m.n_layers + 1):
+                s = (sums[layer - 1] + m.kv(h, position, layer)) & _M
+                new_sums.append(s)
+                h = m.layer(h, position, s, layer)
+            self._cache[child] = (tuple(new_sums), m.next_token(h))
+        return child
+
+    def key(self, tokens: IntArray | list[int], start_key: int = 0, start_position: int = 0) -> int:
+        """Cache key of `tokens` appended to the context `start_key` (which holds `start_position` tokens)."""
+        key = start_key
+        for i, token in enumerate(tokens):
+            key = self._extend(key, int(token), start_position + i)
+        return key
+
+    def next_after(self, key: int) -> int:
+        return self._cache[key][1]
+
+    def greedy(self, prompt: list[int], max_new_tokens: int, eos_token_id: int | None) -> list[int]:
+        """What a single device decodes greedily: stops after EOS or `max_new_tokens` tokens."""
+        key = self.key(prompt)
+        out: list[int] = []
+        while len(out) < max_new_tokens:
+            token = self.next_after(key)
+            out.append(token)
+            if token == eos_token_id:
+                break
+            key = self._extend(key, token, len(prompt) + len(out) - 1)
+        return out
+
+
+class OracleDrafter:
+    """Top-k proposals that contain the target's greedy token with probability `hit_rate`.
+
+    The rank of the target's token among the k proposals follows `rank_weights` (rank 0 = best);
+    the other proposals are random distinct tokens, and log-probs are random but descending. The
+    same context always gets the same proposals, as from a real (deterministic) draft model.
+    """
+
+    def __init__(
+        self, truth: GroundTruth, *, hit_rate: float, rank_weights: tuple[float, ...] = (1.0,), seed: int = 0
+    ) -> None:
+        self.truth = truth
+        self.hit_rate = hit_rate
+        self.rank_weights = np.asarray(rank_weights, dtype=np.float64) / sum(rank_weights)
+        self.seed = seed
+        self._ctx: list[int] = []
+        self._ctx_key = 0
+
+    def _context_key(self, context: IntArray) -> int:
+        n = len(self._ctx)
+        if len(context) < n or list(context[:n]) != self._ctx:
+            self._ctx, self._ctx_key, n = [], 0, 0  # a new request
+        tail = [int(t) for t in context[n:]]
+        self._ctx_key = self.truth.key(tail, self._ctx_key, n)
+        self._ctx.extend(tail)
+        return self._ctx_key
+
+    def propose(
+        self, context: IntArray, pool: DraftTree, frontier: IntArray, k: int
+    ) -> tuple[IntArray, np.ndarray]:
+        base = self._context_key(context)
+        vocab = self.truth.model.vocab_size
+        assert k < vocab, "the drafter needs a token outside its proposals"
+        tokens = np.zeros((len(frontier), k), dtype=np.int64)
+        logp = np.zeros((len(frontier), k))
+        cdf = np.cumsum(self.rank_weights)
+        for r, node in enumerate(frontier):
+            path = pool.path(int(node))
+            key = self.truth.key(pool.tokens[path], base, len(context))
+            target = self.truth.next_after(key)
+            # Hash-derived uniforms: cheap, and a pure function of (seed, context).
+            u = [_mix(key ^ _mix(self.seed * 7919 + i)) / 2.0**64 for i in range(k + 3)]
+            offset = int(u[0] * (vocab - 1))
+            row = [(target + 1 + (offset + i) % (vocab - 1)) % vocab for i in range(k)]
+            if u[1] < self.hit_rate:
+                rank = min(int(np.searchsorted(cdf, u[2], side="right")), k - 1)
+                row[rank] = target
+            tokens[r] = row
+            weights = np.sort(np.array(u[3:]) + 1e-3)[::-1]
+            logp[r] = np.log(weights / (weights.sum() + 1.0))
+        return tokens, logp

@@ -1,0 +1,100 @@
+"""Verification of a partially verified draft tree against the target's output.
+
+Theory of operation
+-------------------
+D0 verifies whatever part of the tree has come back from the last stage. `verified[i]` says that
+the target's output for node i is known. Starting at the root (always verified when anything is),
+the walk accepts a child whose token the target chooses, as long as that child is verified too. The
+token chosen at the last accepted node is the *bonus*. Three outcomes:
+
+- the bonus is the token of a child that is not verified yet: re-root there, the round continues;
+- no child carries the bonus: the round ends;
+- (a verified child carrying the bonus is simply accepted; the walk goes on.)
+
+T = 0 is greedy: the target's choice is its argmax. T > 0 uses multi-candidate speculative
+sampling with *deterministic* drafts (EAGLE-2 picks children by top-k, so each candidate's draft
+probability is a point mass): visible siblings are tried in tree order, each accepted with
+probability p(x) under the current residual; a rejected x is zeroed out and p renormalised; if none
+is accepted, the bonus is sampled from the residual. Marginally the committed token is exactly a
+sample of p. Sampled-draft rules (min(1, p/q), residual max(0, p - q)) do not apply here.
+
+Rule: verification reads arrays and an explicit `numpy.random.Generator`; it never mutates the tree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from flowspec.tree import DraftTree, IntArray
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Verdict:
+    accepted: IntArray  # [a] tree indices of the accepted path, root first (a >= 1)
+    bonus_token: int  # the target's token after the accepted path
+    next_root: int  # tree index of the unverified child carrying the bonus; -1: the round ends
+
+    @property
+    def n_accepted(self) -> int:
+        return len(self.accepted)
+
+
+def _child_with_token(tree: DraftTree, node: int, token: int) -> int:
+    kids = tree.children(node)
+    hit = kids[tree.tokens[kids] == token]
+    return int(hit[0]) if len(hit) else -1
+
+
+def verify_greedy(tree: DraftTree, verified: np.ndarray, argmax: IntArray) -> Verdict:
+    """Accept the longest verified path that follows the target's argmax.
+
+    `verified`: [n] bool; `argmax`: [n] target argmax per node (read only where verified).
+
+    Example: tokens [r, a, b, c] with parents [-1, 0, 0, 1], nodes 0..2 verified, argmax at the
+    root = a and at a = c: a is accepted, c (node 3) is unverified, so next_root = 3, bonus c.
+    """
+    assert verified[0], "the root must be verified"
+    node = 0
+    path = [0]
+    while True:
+        bonus = int(argmax[node])
+        child = _child_with_token(tree, node, bonus)
+        if child >= 0 and verified[child]:
+            node = child
+            path.append(child)
+            continue
+        return Verdict(np.array(path, dtype=np.int64), bonus, child)
+
+
+def verify_sampled(
+    tree: DraftTree, verified: np.ndarray, probs: np.ndarray, rng: np.random.Generator
+) -> Verdict:
+    """Multi-candidate speculative sampling over the verified part of the tree.
+
+    `probs`: [n, V] the target's next-token distribution per node (temperature already applied;
+    read only where verified). Lossless: the committed tokens are distributed as the target's.
+    """
+    assert verified[0], "the root must be verified"
+    node = 0
+    path = [0]
+    while True:
+        p = np.array(probs[node], dtype=np.float64)
+        accepted = -1
+        for child in tree.children(node):
+            if not verified[child]:
+                continue
+            token = int(tree.tokens[child])
+            total = p.sum()
+            if rng.random() * total < p[token]:
+                accepted = int(child)
+                break
+            p[token] = 0.0
+        if accepted >= 0:
+            node = accepted
+            path.append(accepted)
+            continue
+        bonus = int(rng.choice(len(p), p=p / p.sum()))
+        # Verified children were zeroed out above, so a match here is always unverified.
+        return Verdict(np.array(path, dtype=np.int64), bonus, _child_with_token(tree, node, bonus))
