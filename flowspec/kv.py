@@ -41,7 +41,8 @@ def keep_slots(committed_len: int, region_ids: IntArray, keep_ids: IntArray, n_a
     """
     survive = np.flatnonzero(np.isin(region_ids, keep_ids))
     accepted = keep_ids[:n_accepted]
-    assert (region_ids[survive[:n_accepted]] == accepted).all(), (
+    front = region_ids[survive[:n_accepted]]
+    assert len(front) == n_accepted and (front == accepted).all(), (
         f"accepted path {accepted.tolist()} is not at the front of the surviving region "
         f"{region_ids[survive].tolist()}"
     )

@@ -24,7 +24,7 @@ injected generator, used for sampling at T > 0.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -46,17 +46,10 @@ from flowspec.messages import (
     SendSegment,
 )
 from flowspec.order import prefill_chunks
-from flowspec.records import (
-    FinishReason,
-    NodeRecord,
-    RequestRecord,
-    RoundRecord,
-    RunRecords,
-    StepOutcome,
-    StepRecord,
-)
+from flowspec.records import RunRecords, StepOutcome
+from flowspec.request import Recorder, RequestState
 from flowspec.tree import Drafter, DraftTree, IntArray, descendant_mask, reroot
-from flowspec.verify import Verdict, verify_greedy, verify_sampled
+from flowspec.verify import verify_greedy, verify_sampled
 
 
 class ProtocolError(RuntimeError):
@@ -71,28 +64,6 @@ class _InFlight:
     sent_ids: IntArray  # rows as sent
     sent_version: int  # the prune version they reflected when sent
     final: bool
-
-
-@dataclass(slots=True, eq=False)
-class _Request:
-    request_id: int
-    prompt: tuple[int, ...]
-    max_new_tokens: int
-    t_arrival_s: float
-    t_start_s: float = float("nan")
-    t_first_token_s: float = float("nan")
-    output: list[int] = field(default_factory=list)
-    context: list[int] = field(default_factory=list)  # committed tokens, before the tree's root
-    finish_reason: str = ""
-    round: int = -1
-    step: int = 0
-    tree: DraftTree | None = None
-    n_sent: int = 0  # leading tree nodes already sent into the pipeline
-    targets: dict[int, object] = field(default_factory=dict)  # node id -> argmax or probs row
-    round_steps: int = 0
-    round_sent: int = 0
-    round_emitted: int = 0
-    round_t_start_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,10 +89,10 @@ class PipelineCore:
         self.rng = rng
         self.run_id = run_id
         self.source = source
-        self.records = RunRecords()
+        self._rec = Recorder(run_id, source)
         self.outputs: dict[int, list[int]] = {}
-        self._queue: deque[_Request] = deque()
-        self._active: _Request | None = None
+        self._queue: deque[RequestState] = deque()
+        self._active: RequestState | None = None
         self._in_flight: OrderedDict[int, _InFlight] = OrderedDict()
         self._pending: dict[int, _PendingDraft] = {}
         self._version = 0
@@ -129,6 +100,10 @@ class PipelineCore:
         self._next_segment = 0
         self._next_node = 0
         self._next_draft = 0
+
+    @property
+    def records(self) -> RunRecords:
+        return self._rec.records
 
     @property
     def idle(self) -> bool:
@@ -144,7 +119,7 @@ class PipelineCore:
             return self._on_draft_done(event)
         if isinstance(event, RequestArrived):
             max_new = event.max_new_tokens or self.scenario.decoding.max_new_tokens
-            self._queue.append(_Request(event.request_id, tuple(event.prompt), max_new, now))
+            self._queue.append(RequestState(event.request_id, tuple(event.prompt), max_new, now))
             return self._maybe_start(now)
         raise TypeError(f"not an event: {event!r}")
 
@@ -206,7 +181,7 @@ class PipelineCore:
         req.step += 1
         stale = req.finish_reason or fl.round != req.round
         if stale or len(rows) == 0:
-            self._step(req, fl, ev.segment_id, now, StepOutcome.EMPTY, n_verified=0)
+            self._rec.step(req, fl.round, ev.segment_id, now, StepOutcome.EMPTY, n_verified=0)
             return self._maybe_finish_drain(now) if req.finish_reason else []
         for node, row in zip(returned[rows].tolist(), rows.tolist()):
             req.targets[node] = self._target_row(ev, row)
@@ -216,15 +191,17 @@ class PipelineCore:
             return []  # chunked baselines verify once the whole tree is back
         return self._verify(req, ev.segment_id, now)
 
-    def _on_prefill(self, req: _Request, fl: _InFlight, ev: SegmentReturned, now: float) -> list[Command]:
+    def _on_prefill(self, req: RequestState, fl: _InFlight, ev: SegmentReturned, now: float) -> list[Command]:
         if not fl.final:
             return []
         token = self._sample_last(ev)
         req.t_first_token_s = now
-        emitted, n_trimmed, stop = self._trim(req, [token])
-        req.output.extend(emitted)
+        emitted, _, stop = req.emit([token], self.scenario.decoding.eos_token_id)
         cmds: list[Command] = [EmitTokens(req.request_id, tuple(emitted))]
-        self._step(req, fl, ev.segment_id, now, StepOutcome.PREFILL, bonus=token, n_emitted=len(emitted))
+        self._rec.step(
+            req, fl.round, ev.segment_id, now, StepOutcome.PREFILL,
+            n_verified=len(fl.sent_ids), bonus=token, n_emitted=len(emitted),
+        )  # fmt: skip
         if stop:
             return cmds + self._finish(req, stop, now)
         return cmds + self._begin_round(req, token, now)
@@ -248,7 +225,7 @@ class PipelineCore:
 
     # ---- verification ---------------------------------------------------------------------------
 
-    def _verify(self, req: _Request, segment_id: int, now: float) -> list[Command]:
+    def _verify(self, req: RequestState, segment_id: int, now: float) -> list[Command]:
         tree = req.tree
         assert tree is not None
         verified = np.array([int(node) in req.targets for node in tree.ids])
@@ -257,13 +234,13 @@ class PipelineCore:
             verdict = verify_sampled(tree, verified, rows, self.rng)
         else:
             verdict = verify_greedy(tree, verified, np.array([-1 if r is None else r for r in rows]))
-        self._record_nodes(req, tree, verified, verdict)
+        self._rec.nodes(req, tree, verified, verdict.accepted)
         accepted_tokens = tree.tokens[verdict.accepted].tolist()
-        emitted, n_trimmed, stop = self._trim(req, accepted_tokens[1:] + [verdict.bonus_token])
-        req.output.extend(emitted)
+        emitted, n_trimmed, stop = req.emit(
+            accepted_tokens[1:] + [verdict.bonus_token], self.scenario.decoding.eos_token_id
+        )
         req.context.extend(accepted_tokens)
         req.round_steps += 1
-        req.round_emitted += len(emitted)
         cont = verdict.next_root >= 0 and not stop
         keep = verdict.accepted
         if cont:
@@ -300,16 +277,15 @@ class PipelineCore:
             outcome = StepOutcome.CONTINUE
         else:
             outcome = StepOutcome.FINISH if stop else StepOutcome.EXIT
-        self._step(
-            req, None, segment_id, now, outcome,
-            n_verified=int(verified.sum()),
+        self._rec.step(
+            req, req.round, segment_id, now, outcome, n_verified=int(verified.sum()),
             n_accepted=verdict.n_accepted, n_emitted=len(emitted), bonus=verdict.bonus_token,
             reroot_offset=reroot_offset, n_pruned=len(tree) - len(keep), n_expanded=n_expanded,
             n_trimmed=n_trimmed,
         )  # fmt: skip
         if cont:
             return cmds
-        self._end_round(req, now)
+        self._rec.round(req, now)
         if stop:
             return cmds + self._finish(req, stop, now)
         return cmds + self._begin_round(req, verdict.bonus_token, now)
@@ -325,21 +301,6 @@ class PipelineCore:
         oldest = min((f.sent_version for f in self._in_flight.values()), default=self._version)
         for v in [v for v in self._prunes if v <= oldest]:
             del self._prunes[v]
-
-    def _trim(self, req: _Request, tokens: list[int]) -> tuple[list[int], int, str]:
-        """Cut `tokens` after EOS and at max_new_tokens; the kept tokens, how many were cut, why."""
-        eos = self.scenario.decoding.eos_token_id
-        kept = tokens
-        reason = ""
-        if eos is not None and eos in kept:
-            kept = kept[: kept.index(eos) + 1]
-            reason = FinishReason.EOS
-        room = req.max_new_tokens - len(req.output)
-        if len(kept) >= room:
-            if len(kept) > room or not reason:
-                reason = FinishReason.MAX_NEW_TOKENS
-            kept = kept[:room]
-        return kept, len(tokens) - len(kept), reason
 
     def _target_row(self, ev: SegmentReturned, i: int) -> object:
         if self.scenario.decoding.temperature > 0:
@@ -359,19 +320,15 @@ class PipelineCore:
 
     # ---- rounds, drafting, sending ---------------------------------------------------------------
 
-    def _begin_round(self, req: _Request, root_token: int, now: float) -> list[Command]:
-        req.round += 1
-        req.targets = {}
-        req.round_steps = req.round_sent = req.round_emitted = 0
-        req.round_t_start_s = now
+    def _begin_round(self, req: RequestState, root_token: int, now: float) -> list[Command]:
+        req.start_round(now)
         counter = pol.CountingDrafter(self.drafter)
         drafted = pol.initial_tree(self.scenario, counter, np.array(req.context), root_token, self._next_node)
         self._next_node = drafted.next_id
         req.tree = drafted.tree
-        req.n_sent = 0
         return self._after_draft(req, counter, drafted.sizes)
 
-    def _expand(self, req: _Request) -> list[Command]:
+    def _expand(self, req: RequestState) -> list[Command]:
         assert req.tree is not None
         counter = pol.CountingDrafter(self.drafter)
         drafted = pol.expand(self.scenario, counter, np.array(req.context), req.tree, self._next_node)
@@ -381,7 +338,7 @@ class PipelineCore:
         req.tree = drafted.tree
         return self._after_draft(req, counter, drafted.sizes)
 
-    def _after_draft(self, req: _Request, counter: pol.CountingDrafter, sizes: list[int]) -> list[Command]:
+    def _after_draft(self, req: RequestState, counter: pol.CountingDrafter, sizes: list[int]) -> list[Command]:
         assert req.tree is not None
         n_new = sum(sizes)
         pending = _PendingDraft(
@@ -394,7 +351,7 @@ class PipelineCore:
             return self._on_draft_done(DraftDone(draft_id))
         return [Draft(draft_id, req.request_id, counter.n_calls, counter.n_rows, n_new)]
 
-    def _tree_segment(self, req: _Request, ids: IntArray) -> Segment:
+    def _tree_segment(self, req: RequestState, ids: IntArray) -> Segment:
         tree = req.tree
         assert tree is not None
         idx = np.searchsorted(tree.ids, ids)
@@ -426,15 +383,10 @@ class PipelineCore:
 
     # ---- ends -----------------------------------------------------------------------------------
 
-    def _finish(self, req: _Request, reason: str, now: float) -> list[Command]:
+    def _finish(self, req: RequestState, reason: str, now: float) -> list[Command]:
         req.finish_reason = reason
         req.tree = None
-        self.records.requests.append(
-            RequestRecord(
-                self.run_id, self.source, req.request_id, len(req.prompt), len(req.output), reason,
-                req.t_arrival_s, req.t_start_s, req.t_first_token_s, now,
-            )  # fmt: skip
-        )
+        self._rec.request(req, now)
         return [FinishRequest(req.request_id, reason)] + self._maybe_finish_drain(now)
 
     def _maybe_finish_drain(self, now: float) -> list[Command]:
@@ -442,41 +394,3 @@ class PipelineCore:
             return []  # stale segments still drain through the stages
         self._active = None
         return self._maybe_start(now)
-
-    def _end_round(self, req: _Request, now: float) -> None:
-        self.records.rounds.append(
-            RoundRecord(
-                self.run_id, self.source, req.request_id, req.round, req.round_steps,
-                req.round_sent, req.round_emitted, req.round_t_start_s, now,
-            )  # fmt: skip
-        )
-
-    # ---- records --------------------------------------------------------------------------------
-
-    def _step(
-        self, req: _Request, fl: _InFlight | None, segment_id: int, now: float, outcome: StepOutcome,
-        *, n_verified: int = -1, n_accepted: int = 0, n_emitted: int = 0, bonus: int = -1,
-        reroot_offset: int = -1, n_pruned: int = 0, n_expanded: int = 0, n_trimmed: int = 0,
-    ) -> None:  # fmt: skip
-        if n_verified < 0:
-            assert fl is not None
-            n_verified = len(fl.sent_ids)
-        self.records.steps.append(
-            StepRecord(
-                self.run_id, self.source, req.request_id, req.round if fl is None else fl.round,
-                req.step, segment_id, n_verified, n_accepted, n_emitted, bonus, str(outcome),
-                reroot_offset, n_pruned, n_expanded, n_trimmed, now,
-            )  # fmt: skip
-        )
-
-    def _record_nodes(self, req: _Request, tree: DraftTree, verified: np.ndarray, verdict: Verdict) -> None:
-        accepted = np.zeros(len(tree), dtype=bool)
-        accepted[verdict.accepted] = True
-        for i in np.flatnonzero(verified)[1:]:
-            self.records.nodes.append(
-                NodeRecord(
-                    self.run_id, self.source, req.request_id, req.round, req.step,
-                    int(tree.ids[i]), int(tree.depths[i]), float(tree.scores[i]),
-                    bool(accepted[tree.parents[i]]), bool(accepted[i]),
-                )  # fmt: skip
-            )
