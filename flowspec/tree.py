@@ -141,6 +141,17 @@ def descendant_mask(parents: IntArray, node: int) -> np.ndarray:
     return out
 
 
+def _checked(tokens: IntArray, logp: FloatArray, n: int, k: int) -> tuple[IntArray, FloatArray]:
+    """A drafter's answer as arrays, after checking the protocol: [n, k], distinct rows, log-probs <= 0."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    logp = np.asarray(logp, dtype=np.float64)
+    assert tokens.shape == (n, k) and logp.shape == (n, k), (tokens.shape, logp.shape, (n, k))
+    assert (logp <= 0).all(), "log-probs must be <= 0"
+    for row in tokens:
+        assert len(set(row.tolist())) == k, f"duplicate proposals {row.tolist()}"
+    return tokens, logp
+
+
 def grow(
     drafter: Drafter,
     context: IntArray,
@@ -183,13 +194,7 @@ def grow(
                 scores=np.array(scores),
             )
             cand_tokens, cand_logp = drafter.propose(context, pool, frontier, topk)
-            cand_tokens = np.asarray(cand_tokens, dtype=np.int64)  # [f, k]
-            cand_logp = np.asarray(cand_logp, dtype=np.float64)  # [f, k]
-            assert cand_tokens.shape == (len(frontier), topk), cand_tokens.shape
-            assert cand_logp.shape == cand_tokens.shape
-            assert (cand_logp <= 0).all(), "log-probs must be <= 0"
-            for row in cand_tokens:
-                assert len(set(row.tolist())) == topk, f"duplicate proposals {row.tolist()}"
+            cand_tokens, cand_logp = _checked(cand_tokens, cand_logp, len(frontier), topk)  # [f, k]
             first = len(tokens)
             cand_scores = pool.scores[frontier][:, None] + cand_logp  # [f, k]
             tokens.extend(cand_tokens.ravel().tolist())
@@ -242,9 +247,8 @@ def grow_layer(
     depths = tree.depths
     frontier = np.flatnonzero(depths == depths.max())
     cand_tokens, cand_logp = drafter.propose(context, tree, frontier, width)
-    cand_tokens = np.asarray(cand_tokens, dtype=np.int64)  # [f, width]
-    cand_scores = tree.scores[frontier][:, None] + np.asarray(cand_logp, dtype=np.float64)
-    assert cand_tokens.shape == (len(frontier), width), cand_tokens.shape
+    cand_tokens, cand_logp = _checked(cand_tokens, cand_logp, len(frontier), width)  # [f, width]
+    cand_scores = tree.scores[frontier][:, None] + cand_logp
     best = np.argsort(-cand_scores.ravel(), kind="stable")[:width]
     parents = np.repeat(frontier, width)[best]
     return (
