@@ -103,9 +103,82 @@ class DecodingConfig(Section):
 class PipelineConfig(Section):
     n_stages: int = 4
     """Verification stages V1..VN holding target layers; the draft node D0 is extra."""
+    layers: tuple[int, ...] = ()
+    """Target layers per stage, V1 first; empty means an equal split of model.n_layers."""
 
     def _check(self) -> None:
         _at_least(self, "n_stages", 1)
+        if self.layers and len(self.layers) != self.n_stages:
+            raise ScenarioError(f"layers must list {self.n_stages} stages (n_stages), got {len(self.layers)}")
+        if any(n < 1 for n in self.layers):
+            raise ScenarioError(f"layers must all be >= 1, got {list(self.layers)}")
+
+
+class Arrivals(StrEnum):
+    SINGLE = "single"  # requests back to back, each arriving when the previous one finished
+    POISSON = "poisson"  # exponential inter-arrival times at rate_per_s
+    TRACE = "trace"  # arrival times (and lengths) from a CSV file
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkloadConfig(Section):
+    arrivals: Arrivals = Arrivals.SINGLE
+    """How requests arrive: single, poisson or trace."""
+    n_requests: int = 1
+    """Requests to serve (single, poisson)."""
+    rate_per_s: float = 0.05
+    """Mean arrivals per second (poisson): sparse requests are the regime FlowSpec targets."""
+    prompt_tokens: int = 128
+    """Prompt length of every request (single, poisson)."""
+    trace: str | None = None
+    """CSV with columns t_arrival_s, prompt_tokens, max_new_tokens (trace), relative to the scenario."""
+
+    def _check(self) -> None:
+        _at_least(self, "n_requests", 1)
+        _at_least(self, "prompt_tokens", 1)
+        if not self.rate_per_s > 0:
+            raise ScenarioError(f"rate_per_s must be > 0, got {self.rate_per_s!r}")
+        if self.arrivals is Arrivals.TRACE and not self.trace:
+            raise ScenarioError("trace must name a CSV file when arrivals is trace")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DevicesConfig(Section):
+    draft: str = "cpu-epyc-2c/smollm2-135m"
+    """Profile of the draft node D0 (drafter + target LM head): a folder under profiles/ or a path."""
+    stage: str = "cpu-epyc-2c/smollm2-135m"
+    """Profile of every verification stage, unless per_stage lists them one by one."""
+    per_stage: tuple[str, ...] = ()
+    """One profile per verification stage (V1 first), for heterogeneous pipelines."""
+    slowdown: float = 1.0
+    """Multiplies every compute time: a board this much slower than its profile."""
+
+    def _check(self) -> None:
+        if not self.slowdown > 0:
+            raise ScenarioError(f"slowdown must be > 0, got {self.slowdown!r}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NetworkConfig(Section):
+    bandwidth_mbps: float = 1000.0
+    """Egress bandwidth of every device's link, in megabits per second."""
+    latency_ms: float = 0.1
+    """One-way propagation latency of every hop."""
+    overhead_ms: float = 0.05
+    """Per-message cost on the sender's link (framing, syscalls)."""
+
+    def _check(self) -> None:
+        if not self.bandwidth_mbps > 0:
+            raise ScenarioError(f"bandwidth_mbps must be > 0, got {self.bandwidth_mbps!r}")
+        _at_least(self, "latency_ms", 0.0)
+        _at_least(self, "overhead_ms", 0.0)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AcceptanceConfig(Section):
+    profile: str = "acceptance/eagle2-7b-chat-estimate.csv"
+    """Acceptance profile (P[target token is the child of rank r at depth d]) for the synthetic
+    drafter/target pair of the simulator: a file under profiles/ or a path."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -154,6 +227,8 @@ class PipeDecConfig(Section):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ModelConfig(Section):
+    n_layers: int = 30
+    """Target decoder layers (SmolLM2-135M: 30)."""
     hidden_size: int = 576
     """Width of the hidden states passed between stages (SmolLM2-135M: 576)."""
     vocab_size: int = 49152
@@ -162,6 +237,7 @@ class ModelConfig(Section):
     """Dtype of hidden states on the wire: float32, float16 or bfloat16."""
 
     def _check(self) -> None:
+        _at_least(self, "n_layers", 1)
         _at_least(self, "hidden_size", 1)
         _at_least(self, "vocab_size", 1)
         if self.dtype not in DTYPE_BYTES:
@@ -187,11 +263,37 @@ class Scenario(Section):
     expansion: ExpansionConfig = field(default_factory=ExpansionConfig)
     pipedec: PipeDecConfig = field(default_factory=PipeDecConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    acceptance: AcceptanceConfig = field(default_factory=AcceptanceConfig)
 
     def _check(self) -> None:
         if not self.name:
             raise ScenarioError("name must not be empty")
         _at_least(self, "seed", 0)  # numpy's SeedSequence rejects negative seeds
+        n_stages, n_layers = self.pipeline.n_stages, self.model.n_layers
+        if n_stages > n_layers:
+            raise ScenarioError(f"pipeline.n_stages must be <= model.n_layers = {n_layers}, got {n_stages}")
+        if self.pipeline.layers and sum(self.pipeline.layers) != n_layers:
+            raise ScenarioError(
+                f"pipeline.layers must sum to model.n_layers = {n_layers}, got {sum(self.pipeline.layers)}"
+            )
+        per_stage = self.devices.per_stage
+        if per_stage and len(per_stage) != n_stages:
+            raise ScenarioError(f"devices.per_stage must list {n_stages} profiles (pipeline.n_stages), got {len(per_stage)}")
+
+    @property
+    def stage_layers(self) -> tuple[int, ...]:
+        """Layers held by V1..VN: pipeline.layers, or an equal split (larger stages last)."""
+        if self.pipeline.layers:
+            return self.pipeline.layers
+        base, extra = divmod(self.model.n_layers, self.pipeline.n_stages)
+        return (base,) * (self.pipeline.n_stages - extra) + (base + 1,) * extra
+
+    @property
+    def stage_profiles(self) -> tuple[str, ...]:
+        return self.devices.per_stage or (self.devices.stage,) * self.pipeline.n_stages
 
 
 def apply_overrides(

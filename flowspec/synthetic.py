@@ -142,20 +142,38 @@ class GroundTruth:
 
 
 class OracleDrafter:
-    """Top-k proposals that contain the target's greedy token with probability `hit_rate`.
+    """Top-k proposals that contain the target's greedy token with a chosen probability and rank.
 
-    The rank of the target's token among the k proposals follows `rank_weights` (rank 0 = best);
-    the other proposals are random distinct tokens, and log-probs are random but descending. The
-    same context always gets the same proposals, as from a real (deterministic) draft model.
+    `rank_table[d - 1, r]` is the probability that the target's token is the drafter's rank-r
+    proposal for a child at depth d (last column: none of the k proposals); depths beyond the table
+    reuse its last row. With a table, log-probs are calibrated — log P(rank r) at that depth, with
+    a little hash noise so that trees are not all alike — so a tree's cumulative scores estimate
+    the probability that a path is accepted, which is what EAGLE-2's re-ranking relies on. The
+    shorthand `hit_rate` + `rank_weights` builds a one-row table and draws random descending
+    log-probs instead. The same context and depth always get the same proposals, as from a
+    deterministic draft model.
     """
 
     def __init__(
-        self, truth: GroundTruth, *, hit_rate: float, rank_weights: tuple[float, ...] = (1.0,), seed: int = 0
+        self,
+        truth: GroundTruth,
+        *,
+        hit_rate: float | None = None,
+        rank_weights: tuple[float, ...] = (1.0,),
+        rank_table: np.ndarray | None = None,
+        seed: int = 0,
     ) -> None:
         self.truth = truth
-        self.hit_rate = hit_rate
-        self.rank_weights = np.asarray(rank_weights, dtype=np.float64) / sum(rank_weights)
         self.seed = seed
+        self.calibrated = rank_table is not None
+        if rank_table is None:
+            assert hit_rate is not None, "give rank_table or hit_rate"
+            weights = np.asarray(rank_weights, dtype=np.float64)
+            rank_table = np.append(hit_rate * weights / weights.sum(), 1.0 - hit_rate)[None, :]
+        table = np.asarray(rank_table, dtype=np.float64)
+        assert table.ndim == 2 and np.allclose(table.sum(axis=1), 1.0), "rows must sum to 1"
+        self.rank_table = table
+        self._cdf = np.cumsum(table[:, :-1], axis=1)  # [depths, ranks]; beyond the last: none
         self._ctx: list[int] = []
         self._ctx_key = 0
 
@@ -176,19 +194,60 @@ class OracleDrafter:
         assert k < vocab, "the drafter needs a token outside its proposals"
         tokens = np.zeros((len(frontier), k), dtype=np.int64)
         logp = np.zeros((len(frontier), k))
-        cdf = np.cumsum(self.rank_weights)
+        depths = pool.depths
         for r, node in enumerate(frontier):
             path = pool.path(int(node))
             key = self.truth.key(pool.tokens[path], base, len(context))
             target = self.truth.next_after(key)
-            # Hash-derived uniforms: cheap, and a pure function of (seed, context).
-            u = [_mix(key ^ _mix(self.seed * 7919 + i)) / 2.0**64 for i in range(k + 3)]
+            row_idx = min(int(depths[node]), len(self.rank_table) - 1)  # child depth - 1
+            # Hash-derived uniforms: cheap, and a pure function of (seed, context, depth).
+            salt = _mix(self.seed * 7919 + row_idx)
+            u = [_mix(key ^ salt ^ _mix(i)) / 2.0**64 for i in range(k + 3)]
             offset = int(u[0] * (vocab - 1))
             row = [(target + 1 + (offset + i) % (vocab - 1)) % vocab for i in range(k)]
-            if u[1] < self.hit_rate:
-                rank = min(int(np.searchsorted(cdf, u[2], side="right")), k - 1)
+            rank = int(np.searchsorted(self._cdf[row_idx], u[1], side="right"))
+            if rank < k:
                 row[rank] = target
             tokens[r] = row
-            weights = np.sort(np.array(u[3:]) + 1e-3)[::-1]
-            logp[r] = np.log(weights / (weights.sum() + 1.0))
+            if self.calibrated:
+                probs = np.maximum(self.rank_table[row_idx, :k], 1e-6)
+                probs = np.pad(probs, (0, k - len(probs)), constant_values=1e-6)
+                noise = 0.05 * (np.array(u[3:]) - 0.5)
+                logp[r] = np.minimum(np.log(probs) + noise, 0.0)
+            else:
+                weights = np.sort(np.array(u[3:]) + 1e-3)[::-1]
+                logp[r] = np.log(weights / (weights.sum() + 1.0))
         return tokens, logp
+
+
+class ContextOracle:
+    """The synthetic target's greedy token for segment rows, found through the rows' parent chains.
+
+    A backend without hidden states (the simulator) registers each segment as it is sent: a row's
+    context is its parent's context plus its own token, and a round root's (parent -1) is the
+    committed sequence before it. `argmax` then answers for returned rows.
+    """
+
+    def __init__(self, truth: GroundTruth) -> None:
+        self.truth = truth
+        self._keys: dict[int, int] = {}
+
+    def register(self, node_ids: IntArray, tokens: IntArray, parent_ids: IntArray, positions: IntArray, committed: list[int]) -> None:
+        for node, token, parent, position in zip(node_ids.tolist(), tokens.tolist(), parent_ids.tolist(), positions.tolist()):
+            if parent >= 0:
+                base = self._keys[parent]
+            else:
+                assert position == len(committed), "a round's root sits at the committed length"
+                base = self.truth.key(committed)
+            self._keys[node] = self.truth.key([token], base, position)
+
+    def argmax(self, node_ids: IntArray) -> IntArray:
+        return np.array([self.truth.next_after(self._keys[n]) for n in node_ids.tolist()], dtype=np.int64)
+
+    def after(self, tokens: list[int]) -> int:
+        """The greedy token after a plain sequence (a prompt)."""
+        return self.truth.next_after(self.truth.key(tokens))
+
+    def forget(self) -> None:
+        """Drop every registered row (a request ended)."""
+        self._keys.clear()

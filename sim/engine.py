@@ -1,0 +1,256 @@
+"""The SimPy backend: devices, links and the draft node as timed processes around one PipelineCore.
+
+Theory of operation
+-------------------
+The simulator charges time; the core decides. Processes:
+
+- D0 (`_draft_node`): takes events from its inbox one at a time, charges their cost (the target's
+  LM head over a returned segment), feeds the core and executes its commands. A `Draft` command
+  keeps D0 busy for the drafting time before `DraftDone` goes back into the core, so verification,
+  pruning and drafting are serialized on D0 as on the real device.
+- Stages (`_stage`): a FIFO inbox each, a `StageLedger` each, and the ledger protocol the runtime
+  stage workers follow: wait for the prunes a segment reflects, sync, admit, forward (timed by the
+  platform at the ledger's KV length), sync and admit again, send the survivors on. A running
+  forward is never cancelled, because the runtime cannot cancel one either; it is pruned after.
+- Links (`_send`): each device's egress link is a capacity-1 resource; a message holds it for its
+  send time, then travels the latency. Delivery between two devices is FIFO, as in ZeroMQ.
+- The workload (`_arrivals`): requests arrive at their times, or — closed loop — when the previous
+  one finished.
+
+Target outputs come from a synthetic target (`ContextOracle`) and drafts from an `OracleDrafter`
+calibrated by the scenario's acceptance profile; both are injectable. A process failure ends the run
+with the scenario name and simulated time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import simpy
+
+from flowspec.config import Policy, Scenario
+from flowspec.kv import StageLedger
+from flowspec.messages import (
+    BroadcastPrune,
+    Command,
+    Draft,
+    DraftDone,
+    Event,
+    FinishRequest,
+    Prune,
+    RequestArrived,
+    Segment,
+    SegmentKind,
+    SegmentReturned,
+    SendSegment,
+    payload_nbytes,
+)
+from flowspec.pipeline import PipelineCore
+from flowspec.records import LinkTransfer, RunRecords, StageSpan
+from flowspec.synthetic import ContextOracle
+from flowspec.tree import Drafter
+from sim.platform import Platform
+from sim.workload import Request
+
+
+class SimulationError(RuntimeError):
+    """A simulated process failed; the message names the scenario and the simulated time."""
+
+
+@dataclass(slots=True)
+class SimResult:
+    scenario: Scenario
+    outputs: dict[int, list[int]]
+    records: RunRecords
+    sim_time_s: float
+
+    def frames(self) -> dict:
+        return self.records.frames()
+
+
+@dataclass(slots=True, eq=False)
+class _Stage:
+    rank: int
+    ledger: StageLedger = field(default_factory=StageLedger)
+    inbox: simpy.Store | None = None
+    prune_arrived: simpy.Event | None = None
+
+
+class SimEngine:
+    def __init__(
+        self,
+        scenario: Scenario,
+        platform: Platform,
+        drafter: Drafter,
+        target: ContextOracle,
+        requests: list[Request],
+        *,
+        run_id: str = "sim",
+    ) -> None:
+        self.scenario = scenario
+        self.platform = platform
+        self.target = target
+        self.requests = requests
+        self.run_id = run_id
+        self.env = simpy.Environment()
+        self.core = PipelineCore(scenario, drafter, np.random.default_rng(scenario.seed), run_id=run_id, source="sim")
+        n_stages = 1 if scenario.policy is Policy.SINGLE_SD else scenario.pipeline.n_stages
+        self.stages = [_Stage(rank, inbox=simpy.Store(self.env)) for rank in range(1, n_stages + 1)]
+        self.egress = [simpy.Resource(self.env, capacity=1) for _ in range(n_stages + 1)]
+        self.d0_inbox = simpy.Store(self.env)
+        self.finished: dict[int, simpy.Event] = {r.request_id: self.env.event() for r in requests}
+        self.prompts = {r.request_id: list(r.prompt) for r in requests}
+        self.spans: list[StageSpan] = []
+        self.transfers: list[LinkTransfer] = []
+        model = scenario.model
+        self._row_bytes = (model.hidden_size, model.dtype_bytes)
+
+    # ---- running --------------------------------------------------------------------------------
+
+    def run(self) -> SimResult:
+        procs = [self.env.process(self._draft_node()), self.env.process(self._arrivals())]
+        procs += [self.env.process(self._stage(s)) for s in self.stages]
+        try:
+            self.env.run()
+        except SimulationError:
+            raise
+        except Exception as e:  # a process failed: say where and when
+            raise SimulationError(f"scenario {self.scenario.name!r} failed at t={self.env.now:.6f} s: {e!r}") from e
+        if not self.core.idle or not all(ev.triggered for ev in self.finished.values()):
+            raise SimulationError(
+                f"scenario {self.scenario.name!r} stalled at t={self.env.now:.6f} s with work left"
+            )
+        records = self.core.records
+        records.stage_spans = self.spans
+        records.link_transfers = self.transfers
+        return SimResult(self.scenario, self.core.outputs, records, self.env.now)
+
+    def _arrivals(self):
+        previous = None
+        for req in self.requests:
+            if req.t_arrival_s is None:
+                assert previous is not None, "the first request needs an arrival time"
+                yield self.finished[previous]
+            else:
+                yield self.env.timeout(max(0.0, req.t_arrival_s - self.env.now))
+            event = RequestArrived(req.request_id, req.prompt, req.max_new_tokens)
+            self.d0_inbox.put((event, 0.0, len(req.prompt)))
+            previous = req.request_id
+
+    # ---- the draft node -------------------------------------------------------------------------
+
+    def _draft_node(self):
+        env = self.env
+        while True:
+            event, cost_ms, n_tokens = yield self.d0_inbox.get()
+            if cost_ms > 0:
+                yield from self._busy(0, -1, -1, "verify", n_tokens, 0, cost_ms)
+            cmds = self.core.handle(event, now=env.now)
+            while cmds:
+                draft = self._execute(cmds)
+                if draft is None:
+                    break
+                kv_len = len(self.prompts[draft.request_id]) + len(self.core.outputs[draft.request_id])
+                cost_ms = self.platform.draft_ms(draft.n_calls, draft.n_rows, kv_len)
+                yield from self._busy(0, draft.request_id, -1, "draft", draft.n_rows, kv_len, cost_ms)
+                cmds = self.core.handle(DraftDone(draft.draft_id), now=env.now)
+
+    def _busy(self, rank: int, request_id: int, segment_id: int, kind: str, n_tokens: int, kv_len: int, cost_ms: float):
+        t0 = self.env.now
+        yield self.env.timeout(cost_ms / 1000.0)
+        self.spans.append(StageSpan(self.run_id, "sim", request_id, rank, segment_id, kind, n_tokens, kv_len, t0, self.env.now))
+
+    def _execute(self, cmds: list[Command]) -> Draft | None:
+        """Start every send; return the Draft command (at most one), which D0 must work through."""
+        draft = None
+        for cmd in cmds:
+            if isinstance(cmd, SendSegment):
+                seg = cmd.segment
+                if seg.reset:  # a new request: every earlier segment has drained
+                    self.target.forget()
+                if seg.kind is SegmentKind.TREE:
+                    output = self.core.outputs[seg.request_id]
+                    self.target.register(seg.node_ids, seg.tokens, seg.parent_ids, seg.positions,
+                                         self.prompts[seg.request_id] + output[:-1])  # fmt: skip
+                nbytes = self._nbytes(len(seg), first_hop=True)
+                self._send(0, 1, "segment", nbytes, lambda seg=seg: self.stages[0].inbox.put(seg))
+            elif isinstance(cmd, BroadcastPrune):
+                for stage in self.stages:
+                    self._send(0, stage.rank, "prune", cmd.prune.nbytes,
+                               lambda s=stage, p=cmd.prune: self._prune_arrives(s, p))  # fmt: skip
+            elif isinstance(cmd, Draft):
+                assert draft is None
+                draft = cmd
+            elif isinstance(cmd, FinishRequest):
+                self.finished[cmd.request_id].succeed()
+        return draft
+
+    # ---- stages ---------------------------------------------------------------------------------
+
+    def _prune_arrives(self, stage: _Stage, prune: Prune) -> None:
+        stage.ledger.receive(prune)
+        if stage.prune_arrived is not None and not stage.prune_arrived.triggered:
+            stage.prune_arrived.succeed()
+
+    def _stage(self, stage: _Stage):
+        env, ledger = self.env, stage.ledger
+        last = stage.rank == len(self.stages)
+        while True:
+            seg: Segment = yield stage.inbox.get()
+            while not ledger.ready(seg):
+                stage.prune_arrived = env.event()
+                yield stage.prune_arrived
+            if seg.reset:
+                ledger.reset()
+            ledger.sync()
+            seg, _ = ledger.admit(seg)
+            if len(seg):
+                kv_len = ledger.kv_len
+                ledger.append(seg)
+                cost_ms = self.platform.stage_ms(stage.rank, len(seg), kv_len)
+                yield from self._busy(stage.rank, seg.request_id, seg.segment_id, str(seg.kind), len(seg), kv_len, cost_ms)
+                ledger.sync()  # prunes that arrived during the forward
+                seg, _ = ledger.admit(seg)
+            nbytes = self._nbytes(len(seg), first_hop=False)
+            if last:
+                self._send(stage.rank, 0, "segment", nbytes, lambda s=seg: self._returned(s))
+            else:
+                nxt = self.stages[stage.rank]
+                self._send(stage.rank, nxt.rank, "segment", nbytes, lambda s=seg, n=nxt: n.inbox.put(s))
+
+    def _returned(self, seg: Segment) -> None:
+        if seg.kind is SegmentKind.PREFILL:
+            # Only the last prompt chunk's last row goes through the LM head.
+            argmax = np.full(len(seg), -1, dtype=np.int64)
+            if seg.final:
+                argmax[-1] = self.target.after(self.prompts[seg.request_id])
+            n_rows = 1 if seg.final else 0
+        else:
+            argmax = self.target.argmax(seg.node_ids)
+            n_rows = len(seg)
+        event = SegmentReturned(seg.segment_id, seg.node_ids, seg.version, argmax=argmax)
+        self.d0_inbox.put((event, self.platform.verify_ms(n_rows) if n_rows else 0.0, n_rows))
+
+    # ---- links ----------------------------------------------------------------------------------
+
+    def _nbytes(self, n_rows: int, first_hop: bool) -> int:
+        hidden, dtype_bytes = self._row_bytes
+        return payload_nbytes(n_rows, hidden_size=hidden, dtype_bytes=dtype_bytes, first_hop=first_hop)
+
+    def _send(self, src: int, dst: int, kind: str, nbytes: int, deliver: Callable[[], object]) -> None:
+        self.env.process(self._transfer(src, dst, kind, nbytes, deliver))
+
+    def _transfer(self, src: int, dst: int, kind: str, nbytes: int, deliver: Callable[[], object]):
+        with self.egress[src].request() as slot:
+            yield slot
+            t0 = self.env.now
+            yield self.env.timeout(self.platform.send_ms(src, nbytes) / 1000.0)
+        latency_s = self.platform.latency_ms(src, dst) / 1000.0
+        if latency_s > 0:
+            yield self.env.timeout(latency_s)
+        self.transfers.append(LinkTransfer(self.run_id, "sim", src, dst, kind, nbytes, t0, self.env.now))
+        deliver()
