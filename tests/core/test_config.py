@@ -230,10 +230,11 @@ def test_tiny_yaml_loads():
     """scenarios/tiny.yaml is the small preset: 3 stages, a 64-token model, a 24-node tree."""
     s = load_scenario(TINY)
     assert (s.name, s.policy, s.seed, s.pipeline.n_stages) == ("tiny", Policy.FLOWSPEC, 0, 3)
-    assert s.decoding == DecodingConfig(temperature=0.0, max_new_tokens=48, eos_token_id=0)
+    assert s.decoding == DecodingConfig(temperature=0.0, max_new_tokens=48, eos_token_id=None)
     assert s.tree == TreeConfig(total=24, topk=4, depth=3, segment_size=8)
     assert (s.expansion.total, s.expansion.topk, s.expansion.depth, s.pipedec.width) == (16, 4, 3, 4)
-    assert s.model == ModelConfig(hidden_size=64, vocab_size=64, dtype="float32")
+    assert s.model == ModelConfig(n_layers=30, hidden_size=576, vocab_size=49152, dtype="float32")
+    assert s.stage_layers == (10, 10, 10) and s.stage_profiles == ("cpu-epyc-2c/smollm2-135m",) * 3
     assert load_scenario(TINY, ["tree.topk=8"]).tree.topk == 8
 
 
