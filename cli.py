@@ -10,6 +10,7 @@ on stderr, no traceback; click's own usage errors share code 2).
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -45,8 +46,15 @@ def scenario_arguments(command: F) -> F:
     return click.argument("scenario", type=click.Path(dir_okay=False, path_type=Path))(command)
 
 
+def _input_errors() -> tuple[type[Exception], ...]:
+    """Errors that mean bad input (scenario, profile, trace file): exit 2, no traceback."""
+    from sim.costs import ProfileError  # lazily: `flowspec check` needs no simulator
+
+    return (ScenarioError, ProfileError)
+
+
 def reports_scenario_errors(command: F) -> F:
-    """Turn a ScenarioError anywhere in `command` into `error: ...` on stderr and exit code 2."""
+    """Turn bad input anywhere in `command` into `error: ...` on stderr and exit code 2."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -55,6 +63,11 @@ def reports_scenario_errors(command: F) -> F:
         except ScenarioError as e:
             click.echo(f"error: {e}", err=True)
             raise SystemExit(EXIT_BAD_SCENARIO) from None
+        except Exception as e:
+            if isinstance(e, _input_errors()):
+                click.echo(f"error: {e}", err=True)
+                raise SystemExit(EXIT_BAD_SCENARIO) from None
+            raise
 
     return wrapper  # type: ignore[return-value]
 
@@ -75,6 +88,135 @@ def check(scenario: Path, overrides: tuple[str, ...]) -> None:
     loads back to the same scenario.
     """
     click.echo(dump_scenario(load_scenario(scenario, overrides)), nl=False)
+
+
+def _policies(names: tuple[str, ...], default: str) -> list[Any]:
+    from flowspec.config import Policy
+
+    if not names:
+        return [Policy(default)]
+    if "all" in names:
+        return list(Policy)
+    known = ", ".join(p.value for p in Policy)
+    out = []
+    for name in names:
+        try:
+            out.append(Policy(name))
+        except ValueError:
+            raise click.BadParameter(f"unknown policy {name!r} (known: {known}, all)", param_hint="--policy") from None
+    return out
+
+
+policy_option = click.option(
+    "--policy",
+    "policies",
+    multiple=True,
+    metavar="NAME",
+    help="Policy to run, repeatable, or 'all'; default: the scenario's policy.",
+)
+
+
+@main.command()
+@scenario_arguments
+@policy_option
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder [runs/<scenario name>].")
+@click.option("--plots/--no-plots", default=True, help="Write PNG plots and the trace.")
+@reports_scenario_errors
+def simulate(scenario: Path, overrides: tuple[str, ...], policies: tuple[str, ...], out: Path | None, plots: bool) -> None:
+    """Simulate SCENARIO for one or more policies and compare them.
+
+    Prints a table (tokens/s, speed-ups, accepted tokens per step, TTFT, TPOT) and per-stage
+    utilization; writes the resolved scenario, record frames (parquet) per policy, a Chrome/Perfetto
+    trace and PNG plots into the output folder. Results of policies that finished are written even
+    if a later one fails.
+    """
+    import report
+    from sim.outputs import simulate_and_save
+
+    sc = load_scenario(scenario, overrides)
+    chosen = _policies(policies, sc.policy)
+    folder = out or Path("runs") / sc.name
+    click.echo(f"simulating {sc.name} ({', '.join(map(str, chosen))}) into {folder}/", err=True)
+    done, error = simulate_and_save(sc, chosen, folder, base_dir=scenario.parent, echo=click.echo)
+    if done:
+        report.write_comparison(done, folder, plots=plots, echo=click.echo)
+    if error is not None:
+        raise error
+
+
+@main.command()
+@scenario_arguments
+@policy_option
+@click.option("--grid", "grids", multiple=True, required=True, metavar="KEY=V1,V2,...",
+              help="A scenario key and the values to sweep (repeatable: the grid is their product).")
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Worker processes.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder [runs/<scenario name>-sweep].")
+@reports_scenario_errors
+def sweep(scenario: Path, overrides: tuple[str, ...], policies: tuple[str, ...], grids: tuple[str, ...],
+          workers: int, out: Path | None) -> None:  # fmt: skip
+    """Simulate a grid of scenario variants in parallel; write one frame and a plot.
+
+    Example: flowspec sweep scenarios/bandwidth.yaml --grid network.bandwidth_mbps=125,250,500,1000
+    --policy flowspec --policy chunk-pp
+    """
+    import report
+    from sim.outputs import sweep_and_save
+    from tqdm import tqdm
+
+    grid: dict[str, list[str]] = {}
+    for item in grids:
+        key, sep, values = item.partition("=")
+        if not sep or not key or not values:
+            raise click.BadParameter(f"expected KEY=V1,V2,..., got {item!r}", param_hint="--grid")
+        grid[key.strip()] = [v.strip() for v in values.split(",") if v.strip()]
+    sc = load_scenario(scenario, overrides)
+    chosen = _policies(policies, sc.policy)
+    folder = out or Path("runs") / f"{sc.name}-sweep"
+    with tqdm(total=0, unit="run", desc="sweep", file=sys.stderr) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        frame = sweep_and_save(sc, grid, chosen, folder, workers=workers, source=str(scenario), progress=progress)
+    keys = list(grid)
+    shown = frame[keys + ["policy", "tokens_per_s", "accepted_per_step", "ttft_s", "tpot_s"]]
+    click.echo(report.format_table(shown))
+    if len(keys) == 1:
+        plot = report.plot_sweep(frame, keys[0], path=folder / "sweep.png")
+    else:
+        plot = report.plot_sweep(frame, keys[0], path=folder / "sweep.png", y_key=keys[1])
+    click.echo(f"\nwrote {folder}/sweep.csv, sweep.parquet, {plot.name}")
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks: print a table and write a CSV; speeds are measured side by side in one run."""
+
+
+@bench.command("sim")
+@click.argument("scenario", type=click.Path(dir_okay=False, path_type=Path), default="scenarios/sparse-edge.yaml")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one scenario value.")
+@policy_option
+@click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True, help="Runs per policy (the best counts).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("runs/bench-sim.csv"), show_default=True)
+@click.option("--profile", is_flag=True, help="Also print where the simulator's time goes (cProfile).")
+@reports_scenario_errors
+def bench_sim(scenario: Path, overrides: tuple[str, ...], policies: tuple[str, ...], repeat: int, out: Path,
+              profile: bool) -> None:  # fmt: skip
+    """Simulated output tokens per wall-clock second, per policy (simulator speed)."""
+    import report
+    from sim.outputs import bench_policies
+
+    sc = load_scenario(scenario, overrides)
+    chosen = _policies(policies, sc.policy) if policies else _policies(("all",), sc.policy)
+    frame, hot = bench_policies(sc, chosen, repeat=repeat, base_dir=scenario.parent, profile=profile)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out, index=False)
+    click.echo(report.format_table(frame))
+    if hot:
+        click.echo("\nwhere the time goes (last run of each policy, by own time):\n" + hot)
+    click.echo(f"\nwrote {out}")
 
 
 if __name__ == "__main__":

@@ -376,3 +376,38 @@ def plot_sweep(frame: pd.DataFrame, x: str, y: str = "tokens_per_s", hue: str | 
         ax.set_title(f"{label}: {y}" if label != "" else y, loc="left", fontweight="bold")
         fig.colorbar(image, ax=ax, label=y)
     return _save(fig, path)
+
+
+def utilization_table(frames_by_policy: Mapping[str, Frames]) -> pd.DataFrame:
+    """Busy fraction per device (columns D0, V1, ...) per policy (rows)."""
+    rows = {}
+    for policy, frames in frames_by_policy.items():
+        util = metrics.stage_utilization(_frame(frames, "stage_spans"))
+        rows[policy] = {_device(int(s)): float(f) for s, f in zip(util["stage"], util["busy_fraction"])}
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table = table.reindex(columns=sorted(table.columns, key=lambda c: (c != "D0", len(c), c)))
+    return table.rename_axis("policy").reset_index()
+
+
+def write_comparison(frames_by_policy: Mapping[str, Frames], folder: str | Path, *, plots: bool = True,
+                     echo=print) -> pd.DataFrame:  # fmt: skip
+    """Print and save the comparison of finished policies; with `plots`, the trace and PNGs too."""
+    folder = Path(folder)
+    summaries = {p: metrics.summary(f) for p, f in frames_by_policy.items()}
+    table = summary_table(summaries)
+    table.to_csv(folder / "summary.csv", index=False)
+    util = utilization_table(frames_by_policy)
+    util.to_csv(folder / "utilization.csv", index=False)
+    echo(format_table(table))
+    echo("\nbusy fraction per device")
+    echo(format_table(util))
+    if plots:
+        written = [
+            write_chrome_trace(frames_by_policy, folder / "trace.json"),
+            plot_gantt(frames_by_policy, folder / "gantt.png"),
+            plot_utilization(frames_by_policy, folder / "utilization.png"),
+            plot_speedup(table, folder / "speedup.png",
+                         baseline="chunk-pp" if "chunk-pp" in frames_by_policy else next(iter(frames_by_policy))),
+        ]  # fmt: skip
+        echo(f"\nwrote {folder}/: frames per policy, summary.csv, " + ", ".join(p.name for p in written))
+    return table

@@ -22,7 +22,9 @@ def test_version_and_help():
     assert result.stdout == f"flowspec, version {version('flowspec')}\n"
     result = runner.invoke(cli.main, ["--help"])
     assert result.exit_code == 0
-    assert "check  Validate a scenario and print it resolved." in result.stdout
+    assert "check     Validate a scenario and print it resolved." in result.stdout
+    for command in ("simulate", "sweep", "bench"):
+        assert f"  {command}  " in result.stdout
 
 
 def test_check_prints_resolved_scenario():

@@ -216,7 +216,8 @@ def test_link_bytes_sums_per_link_and_kind() -> None:
 def test_summary_of_a_small_run() -> None:
     """Headline numbers of REQUESTS + STEPS + three rounds.
 
-    tokens/s: (5 + 1) / (max finish 3.0 - min start 0.5) = 2.4. TTFT (1.0 + 0.25) / 2 = 0.625.
+    tokens/s: (5 + 1) / ((3.0 - 0.5) + (1.25 - 1.0)) = 6 / 2.75, the summed service times;
+    decode: (4 + 0) / ((3.0 - 1.0) + (1.25 - 1.25)) = 2.0. TTFT (1.0 + 0.25) / 2 = 0.625.
     TPOT: only request 0 has one (0.5). Accepted per step 2.75, per round 11/3 (tests above).
     Rounds: (0,0), (0,1), (1,0) -> 3. Verifying steps: 4.
     """
@@ -225,7 +226,8 @@ def test_summary_of_a_small_run() -> None:
     row = summary(records.frames()).iloc[0]
     assert row["n_requests"] == 2
     assert row["n_output_tokens"] == 6
-    assert row["tokens_per_s"] == pytest.approx(2.4)
+    assert row["tokens_per_s"] == pytest.approx(6 / 2.75)
+    assert row["decode_tokens_per_s"] == pytest.approx(2.0)
     assert row["ttft_s"] == pytest.approx(0.625)
     assert row["tpot_s"] == pytest.approx(0.5)
     assert row["accepted_per_step"] == pytest.approx(2.75)

@@ -1,0 +1,208 @@
+"""The SimPy engine with constant costs: exact timelines written out by hand, and closed forms."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flowspec.config import DecodingConfig, ExpansionConfig, PipelineConfig, Policy, Scenario, TreeConfig
+from flowspec.synthetic import ContextOracle, GroundTruth, HashLM, OracleDrafter
+from sim.engine import SimEngine
+from sim.platform import ConstantPlatform
+from sim.workload import Request
+
+
+class ScriptedTarget:
+    """The target's greedy token after a context, from a table (99 for contexts not in it)."""
+
+    def __init__(self, table: dict[tuple[int, ...], int]) -> None:
+        self.table = table
+        self.context: dict[int, tuple[int, ...]] = {}
+
+    def register(self, node_ids, tokens, parent_ids, positions, committed) -> None:
+        for node, token, parent in zip(node_ids.tolist(), tokens.tolist(), parent_ids.tolist()):
+            base = self.context[parent] if parent >= 0 else tuple(committed)
+            self.context[node] = base + (token,)
+
+    def argmax(self, node_ids) -> np.ndarray:
+        return np.array([self.table.get(self.context[n], 99) for n in node_ids.tolist()], dtype=np.int64)
+
+    def after(self, tokens) -> int:
+        return self.table.get(tuple(tokens), 99)
+
+    def forget(self) -> None:
+        self.context.clear()
+
+
+class PathDrafter:
+    """Proposals by the frontier node's token path, root first (see tests/core/test_pipeline.py)."""
+
+    table = {
+        (10,): ([11, 12], [-0.1, -1.0]),
+        (10, 11): ([13, 14], [-0.2, -2.0]),
+        (10, 12): ([15, 16], [-0.5, -0.6]),
+        (12,): ([15, 17], [-0.5, -0.7]),
+    }
+
+    def propose(self, context, pool, frontier, k):
+        rows = [self.table.get(tuple(pool.tokens[pool.path(int(i))].tolist()), ([20, 21], [-0.1, -0.2])) for i in frontier]
+        return np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
+
+
+def spans(result) -> list[tuple]:
+    f = result.frames()["stage_spans"].sort_values(["t_start_s", "stage"], kind="stable")
+    return [(int(r.stage), r.kind, int(r.n_tokens), int(r.kv_len), round(r.t_start_s, 6), round(r.t_end_s, 6))
+            for r in f.itertuples()]  # fmt: skip
+
+
+def transfers(result) -> list[tuple]:
+    f = result.frames()["link_transfers"].sort_values(["t_send_s", "src", "dst", "kind"], kind="stable")
+    return [(int(r.src), int(r.dst), r.kind, round(r.t_send_s, 6), round(r.t_recv_s, 6)) for r in f.itertuples()]
+
+
+def test_ar_pp_exact_timeline() -> None:
+    """ar-pp over 3 stages: 10 ms per forward, 2 ms per hop, 1 ms of LM head on D0.
+
+    Prompt [3, 4]: prefill V1 2–12, V2 14–24, V3 26–36, D0 38–39 (first token), then each token
+    goes round the ring: V1 41–51, V2 53–63, V3 65–75, D0 77–78 (second token); V1 80–90,
+    V2 92–102, V3 104–114, D0 116–117 (third token, max_new_tokens = 3). Every hop is 2 ms.
+    """
+    scenario = Scenario(policy=Policy.AR_PP, pipeline=PipelineConfig(n_stages=3),
+                        decoding=DecodingConfig(max_new_tokens=3), model={"n_layers": 6})  # fmt: skip
+    target = ScriptedTarget({(3, 4): 7, (3, 4, 7): 8, (3, 4, 7, 8): 9})
+    platform = ConstantPlatform(stage_ms_each=10, verify_ms_each=1, latency_ms_each=2)
+    result = SimEngine(scenario, platform, PathDrafter(), target, [Request(0, 0.0, (3, 4), 3)]).run()
+    assert result.outputs == {0: [7, 8, 9]}
+    assert spans(result) == [
+        (1, "prefill", 2, 0, 0.002, 0.012), (2, "prefill", 2, 0, 0.014, 0.024), (3, "prefill", 2, 0, 0.026, 0.036),
+        (0, "verify", 1, 0, 0.038, 0.039),
+        (1, "tree", 1, 2, 0.041, 0.051), (2, "tree", 1, 2, 0.053, 0.063), (3, "tree", 1, 2, 0.065, 0.075),
+        (0, "verify", 1, 0, 0.077, 0.078),
+        (1, "tree", 1, 3, 0.080, 0.090), (2, "tree", 1, 3, 0.092, 0.102), (3, "tree", 1, 3, 0.104, 0.114),
+        (0, "verify", 1, 0, 0.116, 0.117),
+    ]  # fmt: skip
+    hops = [(0, 1), (1, 2), (2, 3), (3, 0)]
+    starts = [0.0, 0.039, 0.078]
+    expected = []
+    for t in starts:
+        for (src, dst), dt in zip(hops, (0.0, 0.012, 0.024, 0.036)):
+            expected.append((src, dst, "segment", round(t + dt, 6), round(t + dt + 0.002, 6)))
+    for t in (0.078, 0.117):  # each verification's prune (a round exit) goes to all three stages
+        expected += [(0, k, "prune", t, round(t + 0.002, 6)) for k in (1, 2, 3)]
+    assert transfers(result) == sorted(expected, key=lambda r: (r[3], r[0], r[1], r[2]))
+
+
+def test_flowspec_first_steps_exact_timeline() -> None:
+    """flowspec on 2 stages: the tree, re-root and expansion of tests/core/test_pipeline.py, timed.
+
+    Costs: forward 10 ms, hop 2 ms, LM head 1 ms, 1 ms per drafter call. Prefill: V1 2–12,
+    V2 14–24, D0 head 26–27 (token 10), drafting 2 calls 27–29; segments [10], [11, 13], [12, 15]
+    reach V1 at 31: V1 runs them 31–41, 41–51, 51–61; V2 43–53 and 53–63. D0 verifies [10] at
+    55–56 (target 12: re-root two segments ahead), broadcasts prune v1 (stages get it at 58),
+    drafts 56–57 and sends [17], which V1 gets at 59 but runs 61–71 (busy with [12, 15] until 61).
+    V2's [11, 13] finishes at 63 and is pruned empty; [12, 15] runs on V2 63–73, reaches D0 at
+    75, is verified 75–76 (12 → 15 accepted, bonus 18 outside the tree; 4 tokens: done), and the
+    exit prune reaches the stages at 78, in the middle of V2's forward of [17] (73–83), which
+    then goes back empty.
+    """
+    scenario = Scenario(
+        policy=Policy.FLOWSPEC, pipeline=PipelineConfig(n_stages=2), decoding=DecodingConfig(max_new_tokens=4),
+        tree=TreeConfig(total=4, topk=2, depth=1, segment_size=2), expansion=ExpansionConfig(total=2, topk=2, depth=0),
+        model={"n_layers": 4},
+    )  # fmt: skip
+    target = ScriptedTarget({(1, 2, 3): 10, (1, 2, 3, 10): 12, (1, 2, 3, 10, 12): 15, (1, 2, 3, 10, 12, 15): 18})
+    platform = ConstantPlatform(stage_ms_each=10, verify_ms_each=1, draft_ms_per_call=1, latency_ms_each=2)
+    result = SimEngine(scenario, platform, PathDrafter(), target, [Request(0, 0.0, (1, 2, 3), 4)]).run()
+    assert result.outputs == {0: [10, 12, 15, 18]}
+    assert spans(result) == [
+        (1, "prefill", 3, 0, 0.002, 0.012), (2, "prefill", 3, 0, 0.014, 0.024),
+        (0, "verify", 1, 0, 0.026, 0.027), (0, "draft", 3, 4, 0.027, 0.029),
+        (1, "tree", 1, 3, 0.031, 0.041), (1, "tree", 2, 4, 0.041, 0.051), (2, "tree", 1, 3, 0.043, 0.053),
+        (1, "tree", 2, 6, 0.051, 0.061), (2, "tree", 2, 4, 0.053, 0.063),
+        (0, "verify", 1, 0, 0.055, 0.056), (0, "draft", 1, 5, 0.056, 0.057),
+        (1, "tree", 1, 6, 0.061, 0.071), (2, "tree", 2, 4, 0.063, 0.073), (2, "tree", 1, 6, 0.073, 0.083),
+        (0, "verify", 2, 0, 0.075, 0.076),
+    ]  # fmt: skip
+    assert transfers(result) == [
+        (0, 1, "segment", 0.0, 0.002), (1, 2, "segment", 0.012, 0.014), (2, 0, "segment", 0.024, 0.026),
+        (0, 1, "segment", 0.029, 0.031), (0, 1, "segment", 0.029, 0.031), (0, 1, "segment", 0.029, 0.031),
+        (1, 2, "segment", 0.041, 0.043), (1, 2, "segment", 0.051, 0.053), (2, 0, "segment", 0.053, 0.055),
+        (0, 1, "prune", 0.056, 0.058), (0, 2, "prune", 0.056, 0.058), (0, 1, "segment", 0.057, 0.059),
+        (1, 2, "segment", 0.061, 0.063), (2, 0, "segment", 0.063, 0.065),
+        (1, 2, "segment", 0.071, 0.073), (2, 0, "segment", 0.073, 0.075),
+        (0, 1, "prune", 0.076, 0.078), (0, 2, "prune", 0.076, 0.078),
+        (2, 0, "segment", 0.083, 0.085),
+    ]  # fmt: skip
+    steps = result.frames()["steps"]
+    assert steps.outcome.tolist() == ["prefill", "continue", "empty", "finish", "empty"]
+    assert steps.reroot_offset.tolist()[1] == 2
+
+
+def _decode_rate(result) -> float:
+    req = result.frames()["requests"].iloc[0]
+    return (req.n_output_tokens - 1) / (req.t_finish_s - req.t_first_token_s)
+
+
+@pytest.mark.parametrize("n_stages, stage_ms, link_ms, verify_ms", [(3, 10.0, 2.0, 1.0), (5, 4.0, 0.5, 0.0)])
+def test_ar_pp_rate_is_one_over_a_ring_pass(n_stages: int, stage_ms: float, link_ms: float, verify_ms: float) -> None:
+    """ar-pp decodes 1 / (N forwards + N+1 hops + the LM head) tokens per second."""
+    scenario = Scenario(policy=Policy.AR_PP, pipeline=PipelineConfig(n_stages=n_stages),
+                        decoding=DecodingConfig(max_new_tokens=20), model={"n_layers": 10, "vocab_size": 50})  # fmt: skip
+    truth = GroundTruth(HashLM(50, 1))
+    platform = ConstantPlatform(stage_ms_each=stage_ms, verify_ms_each=verify_ms, latency_ms_each=link_ms)
+    result = SimEngine(scenario, platform, OracleDrafter(truth, hit_rate=0.5), ContextOracle(truth),
+                       [Request(0, 0.0, (1, 2), 20)]).run()  # fmt: skip
+    ring_s = (n_stages * stage_ms + (n_stages + 1) * link_ms + verify_ms) / 1000
+    assert _decode_rate(result) == pytest.approx(1 / ring_s, rel=1e-9)
+
+
+@pytest.mark.parametrize("n_stages", [2, 4])
+def test_chunk_pp_round_time_is_the_pipeline_fill(n_stages: int) -> None:
+    """chunk-pp sends N chunks at once; the last leaves VN after N + (N - 1) forwards.
+
+    Round time = drafting + (N+1) hops + (2N - 1) forwards + the LM head, with every chunk of the
+    same cost: every round (all end with an exit) takes exactly that long.
+    """
+    s, l, v, d = 10.0, 2.0, 1.0, 0.5
+    scenario = Scenario(policy=Policy.CHUNK_PP, pipeline=PipelineConfig(n_stages=n_stages),
+                        decoding=DecodingConfig(max_new_tokens=30), tree=TreeConfig(total=15, topk=3, depth=2),
+                        model={"n_layers": 8, "vocab_size": 50})  # fmt: skip
+    truth = GroundTruth(HashLM(50, 1))
+    drafter = OracleDrafter(truth, hit_rate=0.6, rank_weights=(2, 1, 1), seed=1)
+    platform = ConstantPlatform(stage_ms_each=s, verify_ms_each=v, draft_ms_per_call=d, latency_ms_each=l)
+    result = SimEngine(scenario, platform, drafter, ContextOracle(truth), [Request(0, 0.0, (1, 2), 30)]).run()
+    rounds = result.frames()["rounds"]
+    expected_s = (3 * d + (n_stages + 1) * l + (2 * n_stages - 1) * s + v) / 1000  # 3 drafter calls per tree
+    assert len(rounds) >= 3
+    assert (rounds.t_end_s - rounds.t_start_s).tolist() == pytest.approx([expected_s] * len(rounds), rel=1e-9)
+
+
+class StageLinksOnly(ConstantPlatform):
+    """Forwards cost nothing; only the N - 1 hops between stages take time (D0 sits with V1 and VN)."""
+
+    def latency_ms(self, src: int, dst: int) -> float:
+        return self.latency_ms_each if src > 0 and dst > 0 else 0.0
+
+
+@pytest.mark.parametrize("n_stages, k", [(3, 2), (4, 4), (5, 3)])
+def test_chain_saving_over_per_token_traversal(n_stages: int, k: int) -> None:
+    """A chain of k accepted drafts, one node per segment, saves (N−1)·t1·(k−1)/k per token.
+
+    Per-token traversal (ar-pp) pays the N−1 inter-stage hops for every token. The k one-node
+    segments of a chain travel the pipeline together, so a round of k tokens pays them once.
+    """
+    t1 = 3.0
+    platform = StageLinksOnly(stage_ms_each=0.0, latency_ms_each=t1)
+    truth = GroundTruth(HashLM(1000, 1))
+    per_token_s = {}
+    for policy in (Policy.AR_PP, Policy.FLOWSPEC_NOEXPAND):
+        scenario = Scenario(
+            policy=policy, pipeline=PipelineConfig(n_stages=n_stages), decoding=DecodingConfig(max_new_tokens=1 + 5 * k),
+            tree=TreeConfig(total=k - 1, topk=1, depth=max(k - 2, 0), segment_size=1), model={"n_layers": 8, "vocab_size": 1000},
+        )  # fmt: skip
+        drafter = OracleDrafter(truth, rank_table=np.array([[1.0, 0.0]]))  # every draft is the target's token
+        result = SimEngine(scenario, platform, drafter, ContextOracle(truth), [Request(0, 0.0, (1, 2), 1 + 5 * k)]).run()
+        assert result.outputs[0] == truth.greedy([1, 2], 1 + 5 * k, None)
+        per_token_s[policy] = 1 / _decode_rate(result)
+    saving_s = per_token_s[Policy.AR_PP] - per_token_s[Policy.FLOWSPEC_NOEXPAND]
+    assert saving_s == pytest.approx((n_stages - 1) * t1 / 1000 * (k - 1) / k, rel=1e-9)
