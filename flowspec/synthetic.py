@@ -176,6 +176,8 @@ class OracleDrafter:
         self._cdf = np.cumsum(table[:, :-1], axis=1)  # [depths, ranks]; beyond the last: none
         self._ctx: list[int] = []
         self._ctx_key = 0
+        self._stamp: tuple[int, int, int] | None = None
+        self._keys: dict[int, int] = {}
 
     def _context_key(self, context: IntArray) -> int:
         n = len(self._ctx)
@@ -186,37 +188,60 @@ class OracleDrafter:
         self._ctx.extend(tail)
         return self._ctx_key
 
+    def _node_keys(self, base: int, n_context: int, pool: DraftTree, frontier: IntArray) -> list[int]:
+        """Context keys of the frontier nodes, through a cache of their ancestors' keys.
+
+        Pools grow append-only within one drafting, so a node id keeps its key while the base
+        context and the root stay the same; anything else starts a new cache.
+        """
+        stamp = (base, int(pool.ids[0]), int(pool.tokens[0]))
+        if stamp != self._stamp:
+            self._stamp = stamp
+            self._keys = {int(pool.ids[0]): self.truth.key([int(pool.tokens[0])], base, n_context)}
+        keys = self._keys
+        out = []
+        for node in frontier.tolist():
+            node_id = int(pool.ids[node])
+            key = keys.get(node_id)
+            if key is None:
+                path = pool.path(node)
+                known = len(path) - 1
+                while int(pool.ids[path[known]]) not in keys:
+                    known -= 1
+                key = keys[int(pool.ids[path[known]])]
+                for i in path[known + 1 :].tolist():
+                    key = self.truth.key([int(pool.tokens[i])], key, int(pool.positions[i]))
+                    keys[int(pool.ids[i])] = key
+            out.append(key)
+        return out
+
     def propose(
         self, context: IntArray, pool: DraftTree, frontier: IntArray, k: int
     ) -> tuple[IntArray, np.ndarray]:
         base = self._context_key(context)
         vocab = self.truth.model.vocab_size
         assert k < vocab, "the drafter needs a token outside its proposals"
-        tokens = np.zeros((len(frontier), k), dtype=np.int64)
-        logp = np.zeros((len(frontier), k))
-        depths = pool.depths
-        for r, node in enumerate(frontier):
-            path = pool.path(int(node))
-            key = self.truth.key(pool.tokens[path], base, len(context))
-            target = self.truth.next_after(key)
-            row_idx = min(int(depths[node]), len(self.rank_table) - 1)  # child depth - 1
-            # Hash-derived uniforms: cheap, and a pure function of (seed, context, depth).
-            salt = _mix(self.seed * 7919 + row_idx)
-            u = [_mix(key ^ salt ^ _mix(i)) / 2.0**64 for i in range(k + 3)]
-            offset = int(u[0] * (vocab - 1))
-            row = [(target + 1 + (offset + i) % (vocab - 1)) % vocab for i in range(k)]
-            rank = int(np.searchsorted(self._cdf[row_idx], u[1], side="right"))
-            if rank < k:
-                row[rank] = target
-            tokens[r] = row
-            if self.calibrated:
-                probs = np.maximum(self.rank_table[row_idx, :k], 1e-6)
-                probs = np.pad(probs, (0, k - len(probs)), constant_values=1e-6)
-                noise = 0.05 * (np.array(u[3:]) - 0.5)
-                logp[r] = np.minimum(np.log(probs) + noise, 0.0)
-            else:
-                weights = np.sort(np.array(u[3:]) + 1e-3)[::-1]
-                logp[r] = np.log(weights / (weights.sum() + 1.0))
+        keys = self._node_keys(base, len(context), pool, frontier)
+        targets = np.array([self.truth.next_after(key) for key in keys], dtype=np.int64)  # [f]
+        rows = np.minimum(pool.depths[frontier], len(self.rank_table) - 1)  # [f] child depth - 1
+        # Hash-derived uniforms [f, k + 3]: cheap, and a pure function of (seed, context, depth).
+        salts = _mix_np((np.uint64(self.seed) * np.uint64(7919) + rows.astype(np.uint64)))
+        seeds = np.array(keys, dtype=np.uint64) ^ salts
+        u = _mix_np(seeds[:, None] ^ _mix_np(np.arange(k + 3, dtype=np.uint64))[None, :]) / 2.0**64
+        offsets = (u[:, 0] * (vocab - 1)).astype(np.int64)
+        tokens = (targets[:, None] + 1 + (offsets[:, None] + np.arange(k)) % (vocab - 1)) % vocab  # [f, k]
+        cdf = self._cdf[rows]  # [f, ranks]
+        ranks = (cdf <= u[:, 1:2]).sum(axis=1)  # searchsorted, right side, per row
+        hit = np.flatnonzero(ranks < k)
+        tokens[hit, ranks[hit]] = targets[hit]
+        if self.calibrated:
+            probs = np.full((len(frontier), k), 1e-6)
+            width = min(k, self.rank_table.shape[1] - 1)
+            probs[:, :width] = np.maximum(self.rank_table[rows, :width], 1e-6)
+            logp = np.minimum(np.log(probs) + 0.05 * (u[:, 3:] - 0.5), 0.0)
+        else:
+            weights = -np.sort(-(u[:, 3:] + 1e-3), axis=1)
+            logp = np.log(weights / (weights.sum(axis=1, keepdims=True) + 1.0))
         return tokens, logp
 
 
