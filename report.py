@@ -174,11 +174,11 @@ def write_chrome_trace(frames_by_policy: Mapping[str, Frames], path: str | Path)
                             "args": {"name": name}},
                            {"ph": "M", "pid": pid, "tid": tid, "name": "thread_sort_index",
                             "args": {"sort_index": tid}}]
-                for i in np.flatnonzero(lanes == lane):
-                    row = group.iloc[i]
-                    events.append({"ph": "X", "pid": pid, "tid": tid, "name": row["name"],
-                                   "cat": row["kind"], "ts": int(ts[i]),
-                                   "dur": int(end[i] - ts[i]), "args": row["args"]})
+                names, kinds, args = (group[c].tolist() for c in ("name", "kind", "args"))
+                for i in np.flatnonzero(lanes == lane).tolist():  # plain lists: iloc is slow
+                    events.append({"ph": "X", "pid": pid, "tid": tid, "name": names[i],
+                                   "cat": kinds[i], "ts": int(ts[i]),
+                                   "dur": int(end[i] - ts[i]), "args": args[i]})
     path = Path(path)
     path.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}), encoding="utf-8")
     return path
@@ -223,6 +223,17 @@ def _window(frames: Frames, timeline: pd.DataFrame, max_time_s: float | None,
     return float(timeline["t_start_s"].min()), float(timeline["t_end_s"].max()), "whole run"
 
 
+def _clipped(frames: Frames, max_time_s: float | None, max_rounds: int) -> Frames:
+    """Only the spans and transfers that can show in the Gantt window (long runs draw fast)."""
+    lo, hi, _ = _window(frames, pd.DataFrame({"t_start_s": [0.0], "t_end_s": [np.inf]}), max_time_s, max_rounds)
+    out = dict(frames)
+    for name, start, end in (("stage_spans", "t_start_s", "t_end_s"), ("link_transfers", "t_send_s", "t_recv_s")):
+        frame = _frame(frames, name)
+        if not frame.empty:
+            out[name] = frame[(frame[end] >= lo) & (frame[start] <= hi)]
+    return out
+
+
 def plot_gantt(frames_by_policy: Mapping[str, Frames], path: str | Path,
                max_time_s: float | None = None, max_rounds: int = 3) -> Path:
     """Gantt chart per policy: devices then links as rows, spans as bars coloured by kind.
@@ -233,7 +244,7 @@ def plot_gantt(frames_by_policy: Mapping[str, Frames], path: str | Path,
     """
     from matplotlib.patches import Patch
 
-    timelines = {p: _timeline(f) for p, f in frames_by_policy.items()}
+    timelines = {p: _timeline(_clipped(f, max_time_s, max_rounds)) for p, f in frames_by_policy.items()}
     heights = [0.9 + 0.28 * max(t["track"].nunique(), 2) for t in timelines.values()]
     fig, axes = _figure(len(timelines), 12.0, heights)
     kinds_seen: set[str] = set()

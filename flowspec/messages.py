@@ -105,6 +105,7 @@ class RequestArrived:
     request_id: int
     prompt: tuple[int, ...]
     max_new_tokens: int | None = None  # None: the scenario's decoding.max_new_tokens
+    t_arrival_s: float | None = None  # when the request arrived, if before D0 got to it; None: now
 
 
 @dataclass(frozen=True, slots=True, eq=False)

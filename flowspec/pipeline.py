@@ -119,7 +119,8 @@ class PipelineCore:
             return self._on_draft_done(event)
         if isinstance(event, RequestArrived):
             max_new = event.max_new_tokens or self.scenario.decoding.max_new_tokens
-            self._queue.append(RequestState(event.request_id, tuple(event.prompt), max_new, now))
+            t_arrival = now if event.t_arrival_s is None else event.t_arrival_s
+            self._queue.append(RequestState(event.request_id, tuple(event.prompt), max_new, t_arrival))
             return self._maybe_start(now)
         raise TypeError(f"not an event: {event!r}")
 

@@ -53,6 +53,7 @@ from flowspec.pipeline import PipelineCore
 from flowspec.records import LinkTransfer, RunRecords, StageSpan
 from flowspec.synthetic import ContextOracle
 from flowspec.tree import Drafter
+from sim.costs import ProfileError
 from sim.platform import Platform
 from sim.workload import Request
 
@@ -118,6 +119,9 @@ class SimEngine:
             self.env.run()
         except SimulationError:
             raise
+        except ProfileError as e:  # bad input met mid-run (a cost off the profile's grid): keep its kind
+            raise type(e)(f"{e} (scenario {self.scenario.name!r}, policy {self.scenario.policy}, "
+                          f"t={self.env.now:.6f} s)") from e  # fmt: skip
         except Exception as e:  # a process failed: say where and when
             raise SimulationError(f"scenario {self.scenario.name!r} failed at t={self.env.now:.6f} s: {e!r}") from e
         if not self.core.idle or not all(ev.triggered for ev in self.finished.values()):
@@ -137,7 +141,7 @@ class SimEngine:
                 yield self.finished[previous]
             else:
                 yield self.env.timeout(max(0.0, req.t_arrival_s - self.env.now))
-            event = RequestArrived(req.request_id, req.prompt, req.max_new_tokens)
+            event = RequestArrived(req.request_id, req.prompt, req.max_new_tokens, t_arrival_s=self.env.now)
             self.d0_inbox.put((event, 0.0, len(req.prompt)))
             previous = req.request_id
 

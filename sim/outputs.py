@@ -44,7 +44,7 @@ def simulate_and_save(
         try:
             result = simulate(with_policy(scenario, policy), base_dir=base_dir)
         except Exception as e:  # keep what is done; the caller reports and exits non-zero
-            echo(f"  {policy}: failed: {e}", err=True)
+            echo(f"  {policy}: failed", err=True)
             return done, e
         frames = result.frames()
         save_frames(frames, folder / str(policy))

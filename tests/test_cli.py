@@ -5,6 +5,7 @@ from __future__ import annotations
 from importlib.metadata import version
 from pathlib import Path
 
+import pandas as pd
 import yaml
 from click.testing import CliRunner
 
@@ -76,3 +77,65 @@ def test_other_failures_exit_1(monkeypatch):
     result = CliRunner().invoke(cli.main, ["check", str(TINY)])
     assert result.exit_code == 1
     assert isinstance(result.exception, RuntimeError)
+
+
+def test_simulate_writes_frames_table_trace_and_plots(tmp_path):
+    """`simulate` prints the comparison and leaves frames per policy, the trace and plots."""
+    out = tmp_path / "run"
+    result = CliRunner().invoke(
+        cli.main, ["simulate", str(TINY), "--policy", "flowspec", "--policy", "chunk-pp", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "flowspec" in result.stdout and "speedup_vs_chunk-pp" in result.stdout and "×" in result.stdout
+    for name in ("resolved.yaml", "summary.csv", "utilization.csv", "trace.json", "gantt.png",
+                 "utilization.png", "speedup.png", "flowspec/steps.parquet", "chunk-pp/stage_spans.parquet"):
+        assert (out / name).is_file(), name
+    assert load_scenario(out / "resolved.yaml") == load_scenario(TINY)
+
+
+def test_simulate_bad_profile_exits_2_naming_the_file(tmp_path):
+    """A scenario naming a missing device profile is bad input: exit 2, the path in the message."""
+    result = CliRunner().invoke(cli.main, ["simulate", str(TINY), "--set", "devices.stage=no-such/board",
+                                           "--out", str(tmp_path / "x"), "--no-plots"])  # fmt: skip
+    assert result.exit_code == 2
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("error: ") and "no-such/board: profile folder missing" in last
+
+
+def test_simulate_keeps_finished_policies_when_a_later_one_fails(tmp_path):
+    """serial sends the whole 151-node tree at once, beyond the profile's 128-token grid: it fails
+    after flowspec finished, whose frames and summary are still written; the exit code is 2."""
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli.main, [
+        "simulate", str(TINY), "--policy", "flowspec", "--policy", "serial", "--out", str(out), "--no-plots",
+        "--set", "tree.total=150", "--set", "tree.topk=10", "--set", "tree.depth=6", "--set", "tree.segment_size=16",
+    ])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "n_tokens" in result.stderr and "stage_forward.csv" in result.stderr
+    assert (out / "flowspec" / "steps.parquet").is_file() and not (out / "serial").exists()
+    assert "flowspec" in (out / "summary.csv").read_text()
+
+
+def test_bench_sim_prints_and_writes_rates(tmp_path):
+    """`bench sim` reports simulated tokens per wall-clock second per policy, in a table and a CSV."""
+    out = tmp_path / "bench.csv"
+    result = CliRunner().invoke(cli.main, ["bench", "sim", str(TINY), "--policy", "flowspec", "--policy", "ar-pp",
+                                           "--repeat", "1", "--out", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    frame = pd.read_csv(out)
+    assert frame.policy.tolist() == ["flowspec", "ar-pp"]
+    assert (frame.sim_tokens_per_wall_s > 0).all() and (frame.n_tokens == 48).all()
+
+
+def test_sweep_writes_frame_and_plot(tmp_path):
+    """`sweep` over one key writes sweep.csv with a row per value and policy, and a line plot."""
+    out = tmp_path / "sweep"
+    result = CliRunner().invoke(cli.main, ["sweep", str(TINY), "--grid", "network.bandwidth_mbps=100,1000",
+                                           "--policy", "flowspec", "--workers", "1", "--out", str(out),
+                                           "--set", "decoding.max_new_tokens=16"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    frame = pd.read_csv(out / "sweep.csv")
+    assert frame["network.bandwidth_mbps"].tolist() == [100, 1000]
+    assert (out / "sweep.png").is_file()
+    bad = CliRunner().invoke(cli.main, ["sweep", str(TINY), "--grid", "tree.topk"])
+    assert bad.exit_code == 2 and "expected KEY=V1,V2" in bad.stderr
