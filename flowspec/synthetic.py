@@ -141,6 +141,31 @@ class GroundTruth:
         return out
 
 
+class PrefixKeys:
+    """Context keys of a sequence that mostly grows: extends from the longest prefix seen last time.
+
+    Decoding asks for the key of (prompt + committed tokens) over and over as it grows by a few
+    tokens per step; rehashing it from the start would make a run quadratic in its length.
+    """
+
+    def __init__(self, truth: GroundTruth) -> None:
+        self.truth = truth
+        self._tokens: list[int] = []
+        self._keys: list[int] = [0]  # _keys[i]: key of _tokens[:i]
+
+    def key(self, tokens: IntArray | list[int]) -> int:
+        tokens = [int(t) for t in tokens]
+        n = min(len(tokens), len(self._tokens))
+        same = n
+        if tokens[:n] != self._tokens[:n]:
+            same = next(i for i in range(n) if tokens[i] != self._tokens[i])
+        del self._tokens[same:], self._keys[same + 1 :]
+        for i in range(same, len(tokens)):
+            self._keys.append(self.truth.key([tokens[i]], self._keys[i], i))
+            self._tokens.append(tokens[i])
+        return self._keys[len(tokens)]
+
+
 class OracleDrafter:
     """Top-k proposals that contain the target's greedy token with a chosen probability and rank.
 
@@ -174,19 +199,12 @@ class OracleDrafter:
         assert table.ndim == 2 and np.allclose(table.sum(axis=1), 1.0), "rows must sum to 1"
         self.rank_table = table
         self._cdf = np.cumsum(table[:, :-1], axis=1)  # [depths, ranks]; beyond the last: none
-        self._ctx: list[int] = []
-        self._ctx_key = 0
+        self._prefix = PrefixKeys(truth)
         self._stamp: tuple[int, int, int] | None = None
         self._keys: dict[int, int] = {}
 
     def _context_key(self, context: IntArray) -> int:
-        n = len(self._ctx)
-        if len(context) < n or list(context[:n]) != self._ctx:
-            self._ctx, self._ctx_key, n = [], 0, 0  # a new request
-        tail = [int(t) for t in context[n:]]
-        self._ctx_key = self.truth.key(tail, self._ctx_key, n)
-        self._ctx.extend(tail)
-        return self._ctx_key
+        return self._prefix.key(context)
 
     def _node_keys(self, base: int, n_context: int, pool: DraftTree, frontier: IntArray) -> list[int]:
         """Context keys of the frontier nodes, through a cache of their ancestors' keys.
@@ -256,6 +274,7 @@ class ContextOracle:
     def __init__(self, truth: GroundTruth) -> None:
         self.truth = truth
         self._keys: dict[int, int] = {}
+        self._prefix = PrefixKeys(truth)
 
     def register(self, node_ids: IntArray, tokens: IntArray, parent_ids: IntArray, positions: IntArray, committed: list[int]) -> None:
         for node, token, parent, position in zip(node_ids.tolist(), tokens.tolist(), parent_ids.tolist(), positions.tolist()):
@@ -263,7 +282,7 @@ class ContextOracle:
                 base = self._keys[parent]
             else:
                 assert position == len(committed), "a round's root sits at the committed length"
-                base = self.truth.key(committed)
+                base = self._prefix.key(committed)
             self._keys[node] = self.truth.key([token], base, position)
 
     def argmax(self, node_ids: IntArray) -> IntArray:
@@ -271,7 +290,7 @@ class ContextOracle:
 
     def after(self, tokens: list[int]) -> int:
         """The greedy token after a plain sequence (a prompt)."""
-        return self.truth.next_after(self.truth.key(tokens))
+        return self.truth.next_after(self._prefix.key(tokens))
 
     def forget(self) -> None:
         """Drop every registered row (a request ended)."""

@@ -12,8 +12,9 @@ The simulator charges time; the core decides. Processes:
   stage workers follow: wait for the prunes a segment reflects, sync, admit, forward (timed by the
   platform at the ledger's KV length), sync and admit again, send the survivors on. A running
   forward is never cancelled, because the runtime cannot cancel one either; it is pruned after.
-- Links (`_send`): each device's egress link is a capacity-1 resource; a message holds it for its
-  send time, then travels the latency. Delivery between two devices is FIFO, as in ZeroMQ.
+- Links (`_send`): each device has one egress link that carries one message at a time, in order;
+  a message holds it for its send time, then travels the latency. Delivery between two devices
+  is FIFO, as in ZeroMQ.
 - The workload (`_arrivals`): requests arrive at their times, or — closed loop — when the previous
   one finished.
 
@@ -101,7 +102,7 @@ class SimEngine:
         self.core = PipelineCore(scenario, drafter, np.random.default_rng(scenario.seed), run_id=run_id, source="sim")
         n_stages = 1 if scenario.policy is Policy.SINGLE_SD else scenario.pipeline.n_stages
         self.stages = [_Stage(rank, inbox=simpy.Store(self.env)) for rank in range(1, n_stages + 1)]
-        self.egress = [simpy.Resource(self.env, capacity=1) for _ in range(n_stages + 1)]
+        self._link_free = [0.0] * (n_stages + 1)  # when each device's egress link falls free
         self.d0_inbox = simpy.Store(self.env)
         self.finished: dict[int, simpy.Event] = {r.request_id: self.env.event() for r in requests}
         self.prompts = {r.request_id: list(r.prompt) for r in requests}
@@ -246,15 +247,14 @@ class SimEngine:
         return payload_nbytes(n_rows, hidden_size=hidden, dtype_bytes=dtype_bytes, first_hop=first_hop)
 
     def _send(self, src: int, dst: int, kind: str, nbytes: int, deliver: Callable[[], object]) -> None:
-        self.env.process(self._transfer(src, dst, kind, nbytes, deliver))
+        """Queue a message on the sender's link; `deliver` runs when it reaches `dst`.
 
-    def _transfer(self, src: int, dst: int, kind: str, nbytes: int, deliver: Callable[[], object]):
-        with self.egress[src].request() as slot:
-            yield slot
-            t0 = self.env.now
-            yield self.env.timeout(self.platform.send_ms(src, nbytes) / 1000.0)
-        latency_s = self.platform.latency_ms(src, dst) / 1000.0
-        if latency_s > 0:
-            yield self.env.timeout(latency_s)
-        self.transfers.append(LinkTransfer(self.run_id, "sim", src, dst, kind, nbytes, t0, self.env.now))
-        deliver()
+        A FIFO link with one message on the wire at a time is fully described by when it next
+        falls free, so a send is arithmetic plus one timeout — no process, no resource queue.
+        """
+        now = self.env.now
+        t_send = max(now, self._link_free[src])
+        self._link_free[src] = t_send + self.platform.send_ms(src, nbytes) / 1000.0
+        t_recv = self._link_free[src] + self.platform.latency_ms(src, dst) / 1000.0
+        self.transfers.append(LinkTransfer(self.run_id, "sim", src, dst, kind, nbytes, t_send, t_recv))
+        self.env.timeout(t_recv - now).callbacks.append(lambda _event: deliver())
