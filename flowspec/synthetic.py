@@ -141,6 +141,22 @@ class GroundTruth:
         return out
 
 
+class TableDrafter:
+    """Scripted proposals: `table[path]` = (tokens, log-probs) for the frontier node whose token path
+    from the root is `path`; other paths get `default`. Tests force accept patterns with it."""
+
+    def __init__(self, table: dict[tuple[int, ...], tuple[list[int], list[float]]],
+                 default: tuple[list[int], list[float]]) -> None:  # fmt: skip
+        self.table = table
+        self.default = default
+
+    def propose(
+        self, context: IntArray, pool: DraftTree, frontier: IntArray, k: int
+    ) -> tuple[IntArray, np.ndarray]:
+        rows = [self.table.get(tuple(pool.tokens[pool.path(int(i))].tolist()), self.default) for i in frontier]
+        return np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
+
+
 class PrefixKeys:
     """Context keys of a sequence that mostly grows: extends from the longest prefix seen last time.
 

@@ -22,22 +22,20 @@ from flowspec.messages import (
     SendSegment,
 )
 from flowspec.pipeline import PipelineCore, ProtocolError
-from flowspec.synthetic import GroundTruth, HashLM, OracleDrafter
+from flowspec.synthetic import TableDrafter, GroundTruth, HashLM, OracleDrafter
 
 
-class PathDrafter:
-    """Proposals looked up by the frontier node's token path (root first); a default otherwise."""
+# Proposals by the frontier node's token path, root first.
+PATH_TABLE = {
+    (10,): ([11, 12], [-0.1, -1.0]),
+    (10, 11): ([13, 14], [-0.2, -2.0]),
+    (10, 12): ([15, 16], [-0.5, -0.6]),
+    (12,): ([15, 17], [-0.5, -0.7]),
+}
 
-    table = {
-        (10,): ([11, 12], [-0.1, -1.0]),
-        (10, 11): ([13, 14], [-0.2, -2.0]),
-        (10, 12): ([15, 16], [-0.5, -0.6]),
-        (12,): ([15, 17], [-0.5, -0.7]),
-    }
 
-    def propose(self, context, pool, frontier, k):
-        rows = [self.table.get(tuple(pool.tokens[pool.path(int(i))].tolist()), ([20, 21], [-0.1, -0.2])) for i in frontier]
-        return np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
+def PathDrafter() -> TableDrafter:
+    return TableDrafter(PATH_TABLE, default=([20, 21], [-0.1, -0.2]))
 
 
 def literal_core() -> PipelineCore:

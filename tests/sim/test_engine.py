@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from flowspec.config import DecodingConfig, ExpansionConfig, PipelineConfig, Policy, Scenario, TreeConfig
-from flowspec.synthetic import ContextOracle, GroundTruth, HashLM, OracleDrafter
+from flowspec.synthetic import TableDrafter, ContextOracle, GroundTruth, HashLM, OracleDrafter
 from sim.engine import SimEngine
 from sim.platform import ConstantPlatform
 from sim.workload import Request
@@ -34,19 +34,17 @@ class ScriptedTarget:
         self.context.clear()
 
 
-class PathDrafter:
-    """Proposals by the frontier node's token path, root first (see tests/core/test_pipeline.py)."""
+# Proposals by the frontier node's token path, root first.
+PATH_TABLE = {
+    (10,): ([11, 12], [-0.1, -1.0]),
+    (10, 11): ([13, 14], [-0.2, -2.0]),
+    (10, 12): ([15, 16], [-0.5, -0.6]),
+    (12,): ([15, 17], [-0.5, -0.7]),
+}
 
-    table = {
-        (10,): ([11, 12], [-0.1, -1.0]),
-        (10, 11): ([13, 14], [-0.2, -2.0]),
-        (10, 12): ([15, 16], [-0.5, -0.6]),
-        (12,): ([15, 17], [-0.5, -0.7]),
-    }
 
-    def propose(self, context, pool, frontier, k):
-        rows = [self.table.get(tuple(pool.tokens[pool.path(int(i))].tolist()), ([20, 21], [-0.1, -0.2])) for i in frontier]
-        return np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
+def PathDrafter() -> TableDrafter:
+    return TableDrafter(PATH_TABLE, default=([20, 21], [-0.1, -0.2]))
 
 
 def spans(result) -> list[tuple]:
