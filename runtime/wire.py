@@ -1,0 +1,194 @@
+"""Wire format of the ZeroMQ runtime: one JSON header frame, then one raw frame per array.
+
+Theory of operation
+-------------------
+A message is a list of frames. Frame 0 is a small UTF-8 JSON header:
+
+    {"v": 1, "type": "segment", "sender": 2, "fields": {...},
+     "arrays": [{"name": "node_ids", "dtype": "int32", "shape": [16]}, ...]}
+
+and frame i+1 holds array i's bytes, C-contiguous, little-endian, so a receiver can wrap them
+with `numpy.frombuffer` without a copy (pyzmq's `copy=False` frames expose the buffer protocol).
+bfloat16, which numpy lacks, travels as its raw 16-bit pattern and decodes to a uint16 array that
+torch can view back.
+
+Every message is validated on receipt against a schema per type: the protocol version, the fields
+and their types, the array names, dtypes, ranks and byte counts, and row counts that must agree.
+Anything wrong raises `ProtocolError` naming the sender and the field, never a numpy error later.
+Rule: this module knows bytes and numpy only; it never imports zmq or torch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from flowspec.messages import Prune, Segment, SegmentKind
+from flowspec.pipeline import ProtocolError
+
+PROTOCOL_VERSION = 1
+
+DTYPES: dict[str, np.dtype] = {
+    "int32": np.dtype("<i4"),
+    "int64": np.dtype("<i8"),
+    "float32": np.dtype("<f4"),
+    "float16": np.dtype("<f2"),
+    "bfloat16": np.dtype("<u2"),  # raw bits; the receiver views them as torch.bfloat16
+}
+
+# type -> (fields with their Python types, arrays: name -> (allowed dtypes, rank, optional))
+_ROW_ARRAYS = {name: (("int32", "int64"), 1, False) for name in ("node_ids", "tokens", "parent_ids", "positions")}
+SCHEMAS: dict[str, tuple[dict[str, type], dict[str, tuple[tuple[str, ...], int, bool]]]] = {
+    "segment": (
+        {"request_id": int, "round": int, "segment_id": int, "kind": str, "version": int, "reset": bool,
+         "final": bool},
+        {**_ROW_ARRAYS, "hidden": (("float32", "float16", "bfloat16"), 2, True)},
+    ),
+    "prune": (
+        {"request_id": int, "round": int, "version": int, "n_accepted": int, "round_exit": bool},
+        {"keep_ids": (("int32", "int64"), 1, False)},
+    ),
+    "error": ({"message": str}, {}),
+    "stop": ({}, {}),
+}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Message:
+    type: str
+    sender: int
+    fields: dict[str, object]
+    arrays: dict[str, np.ndarray]  # bfloat16 arrives as uint16 (see `dtypes`)
+    dtypes: dict[str, str]  # the dtype names as sent
+
+
+def encode(type_: str, sender: int, fields: dict[str, object], arrays: dict[str, np.ndarray] | None = None,
+           dtypes: dict[str, str] | None = None) -> list[bytes | memoryview]:  # fmt: skip
+    """Frames for one message; `dtypes` names arrays whose dtype numpy cannot (bfloat16 as uint16)."""
+    arrays = arrays or {}
+    dtypes = dtypes or {}
+    described = []
+    buffers: list[bytes | memoryview] = []
+    for name, array in arrays.items():
+        dtype = dtypes.get(name, array.dtype.name)
+        if dtype not in DTYPES:
+            raise ValueError(f"{type_}.{name}: dtype {dtype} cannot travel (known: {', '.join(DTYPES)})")
+        data = np.ascontiguousarray(array, dtype=DTYPES[dtype])
+        described.append({"name": name, "dtype": dtype, "shape": list(data.shape)})
+        buffers.append(memoryview(data.reshape(-1).view(np.uint8)))
+    header = {"v": PROTOCOL_VERSION, "type": type_, "sender": sender, "fields": fields, "arrays": described}
+    return [json.dumps(header, separators=(",", ":")).encode(), *buffers]
+
+
+def decode(frames: Sequence[bytes | memoryview], sender_hint: str = "?") -> Message:
+    """Validate and decode one message; `sender_hint` names the peer until the header does."""
+    who = f"message from {sender_hint}"
+    if not frames:
+        raise ProtocolError(f"{who}: no frames")
+    try:
+        header = json.loads(bytes(frames[0]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProtocolError(f"{who}: header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(f"{who}: header must be a JSON object")
+    sender = header.get("sender")
+    if isinstance(sender, int) and not isinstance(sender, bool) and sender >= 0:
+        who = f"message from rank {sender}"
+    if header.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(f"{who}: field v: protocol version {header.get('v')!r}, expected {PROTOCOL_VERSION}")
+    type_ = header.get("type")
+    if type_ not in SCHEMAS:
+        raise ProtocolError(f"{who}: field type: unknown message type {type_!r} (known: {', '.join(SCHEMAS)})")
+    who = f"{type_} {who}"
+    if not isinstance(sender, int) or isinstance(sender, bool) or sender < 0:
+        raise ProtocolError(f"{who}: field sender must be a rank >= 0, got {sender!r}")
+    field_types, array_specs = SCHEMAS[type_]
+    fields = header.get("fields")
+    if not isinstance(fields, dict):
+        raise ProtocolError(f"{who}: field fields must be an object")
+    for name, kind in field_types.items():
+        value = fields.get(name)
+        ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+        if not ok:
+            raise ProtocolError(f"{who}: field {name} must be {kind.__name__}, got {value!r}")
+    extra = set(fields) - set(field_types)
+    if extra:
+        raise ProtocolError(f"{who}: unknown field(s) {', '.join(sorted(extra))}")
+    described = header.get("arrays")
+    if not isinstance(described, list) or len(described) != len(frames) - 1:
+        raise ProtocolError(f"{who}: field arrays: {len(frames) - 1} data frames for "
+                            f"{len(described) if isinstance(described, list) else '?'} described arrays")  # fmt: skip
+    arrays: dict[str, np.ndarray] = {}
+    dtypes: dict[str, str] = {}
+    for spec, frame in zip(described, frames[1:]):
+        name = spec.get("name") if isinstance(spec, dict) else None
+        if name not in array_specs or name in arrays:
+            raise ProtocolError(f"{who}: array {name!r} is unknown or repeated")
+        allowed, rank, _ = array_specs[name]
+        dtype, shape = spec.get("dtype"), spec.get("shape")
+        if dtype not in allowed:
+            raise ProtocolError(f"{who}: array {name}: dtype {dtype!r} not in {', '.join(allowed)}")
+        if not (isinstance(shape, list) and len(shape) == rank and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise ProtocolError(f"{who}: array {name}: shape {shape!r} must be {rank} sizes >= 0")
+        expected = int(np.prod(shape)) * DTYPES[dtype].itemsize
+        nbytes = memoryview(frame).nbytes
+        if nbytes != expected:
+            raise ProtocolError(f"{who}: array {name}: {nbytes} bytes for shape {shape} {dtype} (expected {expected})")
+        arrays[name] = np.frombuffer(frame, dtype=DTYPES[dtype]).reshape(shape)
+        dtypes[name] = dtype
+    missing = [n for n, (_, _, optional) in array_specs.items() if not optional and n not in arrays]
+    if missing:
+        raise ProtocolError(f"{who}: missing array(s) {', '.join(missing)}")
+    rows = {n: len(a) for n, a in arrays.items()}
+    if len(set(rows.values())) > 1 and type_ == "segment":
+        raise ProtocolError(f"{who}: arrays disagree on the row count: {rows}")
+    return Message(type_, sender, fields, arrays, dtypes)
+
+
+# ---- the core's payloads --------------------------------------------------------------------------
+
+
+def encode_segment(seg: Segment, sender: int, hidden: np.ndarray | None = None,
+                   hidden_dtype: str | None = None) -> list[bytes | memoryview]:  # fmt: skip
+    """A segment and, after the first hop, its hidden states [L, H]."""
+    arrays = {"node_ids": seg.node_ids, "tokens": seg.tokens, "parent_ids": seg.parent_ids, "positions": seg.positions}
+    dtypes = {name: "int32" for name in arrays}
+    if hidden is not None:
+        arrays["hidden"] = hidden
+        dtypes["hidden"] = hidden_dtype or hidden.dtype.name
+    fields = {"request_id": seg.request_id, "round": seg.round, "segment_id": seg.segment_id, "kind": str(seg.kind),
+              "version": seg.version, "reset": seg.reset, "final": seg.final}  # fmt: skip
+    return encode("segment", sender, fields, arrays, dtypes)
+
+
+def to_segment(msg: Message) -> Segment:
+    f, a = msg.fields, msg.arrays
+    try:
+        kind = SegmentKind(f["kind"])
+    except ValueError:
+        raise ProtocolError(f"segment message from rank {msg.sender}: field kind: unknown {f['kind']!r}") from None
+    return Segment(
+        request_id=f["request_id"], round=f["round"], segment_id=f["segment_id"], kind=kind,
+        node_ids=a["node_ids"].astype(np.int64), tokens=a["tokens"].astype(np.int64),
+        parent_ids=a["parent_ids"].astype(np.int64), positions=a["positions"].astype(np.int64),
+        version=f["version"], reset=f["reset"], final=f["final"],
+    )  # type: ignore[arg-type]  # fmt: skip
+
+
+def encode_prune(prune: Prune, sender: int = 0) -> list[bytes | memoryview]:
+    fields = {"request_id": prune.request_id, "round": prune.round, "version": prune.version,
+              "n_accepted": prune.n_accepted, "round_exit": prune.round_exit}  # fmt: skip
+    return encode("prune", sender, fields, {"keep_ids": prune.keep_ids}, {"keep_ids": "int32"})
+
+
+def to_prune(msg: Message) -> Prune:
+    f = msg.fields
+    keep = msg.arrays["keep_ids"].astype(np.int64)
+    if not 1 <= f["n_accepted"] <= len(keep):  # type: ignore[operator]
+        raise ProtocolError(f"prune message from rank {msg.sender}: field n_accepted: {f['n_accepted']} "
+                            f"outside 1..{len(keep)} (the keep list)")  # fmt: skip
+    return Prune(request_id=f["request_id"], round=f["round"], version=f["version"], keep_ids=keep,
+                 n_accepted=f["n_accepted"], round_exit=f["round_exit"])  # type: ignore[arg-type]  # fmt: skip
