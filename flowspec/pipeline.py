@@ -48,7 +48,7 @@ from flowspec.messages import (
 from flowspec.order import prefill_chunks
 from flowspec.records import RunRecords, StepOutcome
 from flowspec.request import Recorder, RequestState
-from flowspec.tree import Drafter, DraftTree, IntArray, descendant_mask, reroot
+from flowspec.tree import Drafter, IntArray, descendant_mask, reroot
 from flowspec.verify import verify_greedy, verify_sampled
 
 

@@ -25,10 +25,8 @@ with the scenario name and simulated time.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import simpy
@@ -40,7 +38,6 @@ from flowspec.messages import (
     Command,
     Draft,
     DraftDone,
-    Event,
     FinishRequest,
     Prune,
     RequestArrived,
