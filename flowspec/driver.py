@@ -194,15 +194,14 @@ class InMemoryDriver:
         stage = self.stages[k]
         stage.ledger.receive(prune)
         if not stage.busy:
-            self._compact(stage)
+            self._compact(stage, stage.ledger.sync())
         self._stage_next(t, k)
 
     def _to_stage(self, t: float, k: int, seg: Segment, h: np.ndarray) -> None:
         self.stages[k].inbox.append((seg, h))
         self._stage_next(t, k)
 
-    def _compact(self, stage: _Stage) -> None:
-        slots = stage.ledger.sync()
+    def _compact(self, stage: _Stage, slots: np.ndarray | None) -> None:
         if slots is not None:
             stage.kv = stage.kv[slots]
 
@@ -214,14 +213,13 @@ class InMemoryDriver:
         if seg.reset:
             stage.ledger.reset()
             stage.kv = np.zeros((0, stage.n_layers), dtype=np.uint64)
-        self._compact(stage)
-        seg, rows = stage.ledger.admit(seg)
+        slots, seg, rows = stage.ledger.catch_up(seg)
+        self._compact(stage, slots)
         h = h[rows]
         if len(seg) == 0:  # emptied by pruning: pass the marker on, nothing to run
             self._stage_done(t, k, seg, h)
             return
-        tree_part = stage.ledger.attention(seg)  # [n, T + n]
-        visible = np.hstack([np.ones((len(seg), stage.ledger.committed_len), dtype=bool), tree_part])
+        visible = stage.ledger.visibility(seg)  # [n, kv_len + n]
         kv_len = stage.ledger.kv_len
         h_out, new_kv = self.model.forward_rows(h, seg.positions, stage.kv, visible, stage.first_layer)
         stage.kv = np.vstack([stage.kv, new_kv])
@@ -237,8 +235,8 @@ class InMemoryDriver:
     def _stage_done(self, t: float, k: int, seg: Segment, h: np.ndarray) -> None:
         stage = self.stages[k]
         stage.busy = False
-        self._compact(stage)  # prunes that arrived during the forward
-        seg, rows = stage.ledger.admit(seg)
+        slots, seg, rows = stage.ledger.catch_up(seg)  # prunes that arrived during the forward
+        self._compact(stage, slots)
         h = h[rows]
         nbytes = self._nbytes(len(seg), False)
         if k + 1 < len(self.stages):

@@ -10,10 +10,10 @@ and `StageLedger` mirrors that layout with node ids, without holding any tensor.
 worker asks the ledger what to do and applies it to its tensors:
 
 1. `receive(prune)` when a pruning message arrives (they arrive in version order);
-2. before a forward: `sync()` → KV slots to keep (apply with a gather), then `admit(segment)` →
-   rows of the segment to keep; `attention(segment)` → the tree mask; run the forward;
-   `append(segment)` records the new KV entries;
-3. after the forward: `sync()` and `admit()` again, because prunes may have arrived meanwhile; the
+2. before a forward: `catch_up(segment)` → KV slots to keep (apply with a gather) and the rows of
+   the segment to keep (`sync()` then `admit()`); `visibility(segment)` → what each row attends to;
+   run the forward; `append(segment)` records the new KV entries;
+3. after the forward: `catch_up()` again, because prunes may have arrived meanwhile; the
    surviving output rows are sent on.
 
 Invariants (tested): every prune is applied exactly once to the KV and exactly once to every
@@ -118,6 +118,20 @@ class StageLedger:
         for v in range(segment.version + 1, self.version + 1):
             rows = rows[keep_rows(segment.node_ids[rows], self._prunes[v].keep_ids)]
         return segment.select(rows, self.version), rows
+
+    def catch_up(self, segment: Segment) -> tuple[IntArray | None, Segment, IntArray]:
+        """`sync()` then `admit(segment)`: what a stage does before and after every forward.
+
+        Returns the KV slots to keep (None: unchanged), the pruned segment and its kept rows.
+        """
+        slots = self.sync()
+        admitted, rows = self.admit(segment)
+        return slots, admitted, rows
+
+    def visibility(self, segment: Segment) -> np.ndarray:
+        """[L, kv_len + L] bool over every KV slot and the rows: the committed prefix, then `attention`."""
+        prefix = np.ones((len(segment), self.committed_len), dtype=bool)
+        return np.hstack([prefix, self.attention(segment)])
 
     def attention(self, segment: Segment) -> np.ndarray:
         """[L, T + L] bool: which tree-region slots and segment rows each row attends to.

@@ -208,15 +208,13 @@ class SimEngine:
                 yield stage.prune_arrived
             if seg.reset:
                 ledger.reset()
-            ledger.sync()
-            seg, _ = ledger.admit(seg)
+            _, seg, _ = ledger.catch_up(seg)
             if len(seg):
                 kv_len = ledger.kv_len
                 ledger.append(seg)
                 cost_ms = self.platform.stage_ms(stage.rank, len(seg), kv_len)
                 yield from self._busy(stage.rank, seg.request_id, seg.segment_id, str(seg.kind), len(seg), kv_len, cost_ms)
-                ledger.sync()  # prunes that arrived during the forward
-                seg, _ = ledger.admit(seg)
+                _, seg, _ = ledger.catch_up(seg)  # prunes that arrived during the forward
             nbytes = self._nbytes(len(seg), first_hop=False)
             if last:
                 self._send(stage.rank, 0, "segment", nbytes, lambda s=seg: self._returned(s))

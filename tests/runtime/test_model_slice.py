@@ -34,12 +34,10 @@ def run(slices: list[LayerSlice], ledgers: list[StageLedger], seg: Segment) -> t
     """Push one segment through every stage the way a stage worker does (ledger protocol)."""
     x: torch.Tensor = torch.tensor(seg.tokens)
     for stage, ledger in zip(slices, ledgers):
-        slots = ledger.sync()
+        slots, seg_in, rows = ledger.catch_up(seg)
         if slots is not None:
             stage.keep(torch.tensor(slots))
-        seg_in, rows = ledger.admit(seg)
-        visible = np.hstack([np.ones((len(seg_in), ledger.committed_len), dtype=bool), ledger.attention(seg_in)])
-        x = stage(x[torch.tensor(rows)], torch.tensor(seg_in.positions), torch.tensor(visible))
+        x = stage(x[torch.tensor(rows)], torch.tensor(seg_in.positions), torch.tensor(ledger.visibility(seg_in)))
         ledger.append(seg_in)
         assert stage.kv_len == ledger.kv_len
     return x
