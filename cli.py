@@ -47,10 +47,20 @@ def scenario_arguments(command: F) -> F:
 
 
 def _input_errors() -> tuple[type[Exception], ...]:
-    """Errors that mean bad input (scenario, profile, trace file): exit 2, no traceback."""
-    from sim.costs import ProfileError  # lazily: `flowspec check` needs no simulator
+    """Errors that mean bad input (scenario, profile, trace file, model path): exit 2, no traceback."""
+    from runtime.models import ModelError  # lazily: `flowspec check` needs neither backend
+    from sim.costs import ProfileError
 
-    return (ScenarioError, ProfileError)
+    return (ScenarioError, ProfileError, ModelError)
+
+
+def _runtime_failures() -> tuple[type[Exception], ...]:
+    """A run that failed for a reason outside this process (a stage died, timed out, sent garbage):
+    one line naming the stage and exit code 1, no traceback of our own."""
+    from flowspec.pipeline import ProtocolError
+    from runtime.channel import RemoteError, StageTimeout
+
+    return (StageTimeout, RemoteError, ProtocolError)
 
 
 def reports_scenario_errors(command: F) -> F:
@@ -187,6 +197,70 @@ def sweep(scenario: Path, overrides: tuple[str, ...], policies: tuple[str, ...],
     else:
         plot = report.plot_sweep(frame, keys[0], path=folder / "sweep.png", y_key=keys[1])
     click.echo(f"\nwrote {folder}/sweep.csv, sweep.parquet, {plot.name}")
+
+
+@main.command()
+@scenario_arguments
+@policy_option
+@click.option("--prompt", help="One prompt (the chat template is applied for instruct models).")
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="JSONL, one request per line: prompt, messages/input (chat) or tokens; optional max_new_tokens.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder [runs/<scenario name>-runtime].")
+@click.option("--plots/--no-plots", default=True, help="Write PNG plots and the trace.")
+@click.option("--stream/--no-stream", default=True, help="Print the first policy's text as it is generated.")
+@reports_scenario_errors
+def run(scenario: Path, overrides: tuple[str, ...], policies: tuple[str, ...], prompt: str | None,
+        prompts_file: Path | None, out: Path | None, plots: bool, stream: bool) -> None:  # fmt: skip
+    """Run SCENARIO for real: D0 here, one process per stage over ZeroMQ.
+
+    Without runtime.hosts every stage runs on this machine over loopback (one torch thread each);
+    with them, D0 listens at hosts[0] and each board runs `flowspec stage SCENARIO --rank R`.
+    Prints the text, then per-policy metrics; writes the same record frames as `simulate`.
+    Prompts: --prompt, --prompts FILE.jsonl, or built-in ones (workload.n_requests of them).
+    """
+    import report
+    from runtime.outputs import run_and_save
+
+    if prompt is not None and prompts_file is not None:
+        raise click.BadParameter("give --prompt or --prompts, not both", param_hint="--prompt")
+    sc = load_scenario(scenario, overrides)
+    chosen = _policies(policies, sc.policy)
+    folder = out or Path("runs") / f"{sc.name}-runtime"
+    done, error, _ = run_and_save(sc, chosen, folder, base_dir=scenario.parent, prompt=prompt,
+                                  prompts_file=prompts_file, echo=click.echo, stream=stream)  # fmt: skip
+    if done:
+        report.write_comparison(done, folder, plots=plots, echo=click.echo)
+    if error is not None:
+        if isinstance(error, _runtime_failures()):
+            click.echo(f"error: {error}", err=True)
+            raise SystemExit(1)
+        raise error
+
+
+@main.command()
+@scenario_arguments
+@click.option("--rank", type=click.IntRange(min=1), required=True, help="This board's stage, 1..pipeline.n_stages.")
+@reports_scenario_errors
+def stage(scenario: Path, overrides: tuple[str, ...], rank: int) -> None:
+    """Serve one pipeline stage of SCENARIO on this board (testbed mode).
+
+    Listens on runtime.base_port + RANK and reports to D0 at runtime.hosts[0]; run
+    `flowspec run SCENARIO` on the draft node and this command on each stage's board.
+    """
+    from runtime.models import resolve_model
+    from runtime.stage import run_stage, testbed_plan
+
+    sc = load_scenario(scenario, overrides)
+    if not sc.runtime.hosts:
+        raise ScenarioError(f"{scenario}: runtime.hosts must list the testbed (D0 first) for `flowspec stage`")
+    if rank > sc.pipeline.n_stages:
+        raise ScenarioError(f"{scenario}: --rank {rank} but pipeline.n_stages is {sc.pipeline.n_stages}")
+    model_dir = resolve_model(sc.runtime.model, base_dir=scenario.parent, echo=lambda m: click.echo(m, err=True))
+    from runtime.launcher import with_model_shapes
+
+    sc = with_model_shapes(sc, model_dir)  # the real model's layer count decides the split
+    click.echo(f"stage {rank}: listening on port {sc.runtime.base_port + rank}, D0 at {sc.runtime.hosts[0]}", err=True)
+    raise SystemExit(run_stage(testbed_plan(sc, rank), model_dir, sc.runtime.torch_threads))
 
 
 @main.group()

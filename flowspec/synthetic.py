@@ -311,3 +311,47 @@ class ContextOracle:
     def forget(self) -> None:
         """Drop every registered row (a request ended)."""
         self._keys.clear()
+
+
+class ReferenceDrafter:
+    """Scripted proposals around known target outputs, for tests on real models.
+
+    `references` are full sequences the target produces greedily (prompt + output). For a frontier
+    node whose sequence (context + path) is a prefix of a reference, the reference's next token is
+    proposed at rank `ranks[d]` for a child at depth d + 1 (depths beyond the list reuse its last
+    entry; -1: not proposed at all), between deterministic filler tokens; any other node gets
+    fillers only. Log-probs by rank are `logp` (descending), so where the true token ranks also
+    decides which segment it travels in. This forces accept patterns: `[-1]` rejects at depth 0,
+    `[0, 0, -1]` accepts two then rejects, `[1]` rejects a branch and accepts its sibling, and
+    `[0]` accepts every drafted token to the leaves.
+    """
+
+    def __init__(self, references: list[list[int]], ranks: list[int], vocab_size: int,
+                 logp: tuple[float, ...] = (-0.1, -0.7, -1.2, -1.6, -2.0, -2.3, -2.6, -2.9)) -> None:  # fmt: skip
+        self.references = [np.asarray(r, dtype=np.int64) for r in references]
+        self.ranks = ranks
+        self.vocab_size = vocab_size
+        self.logp = np.asarray(logp)
+
+    def _truth(self, seq: IntArray) -> int | None:
+        for ref in self.references:
+            if len(ref) > len(seq) and (ref[: len(seq)] == seq).all():
+                return int(ref[len(seq)])
+        return None
+
+    def propose(
+        self, context: IntArray, pool: DraftTree, frontier: IntArray, k: int
+    ) -> tuple[IntArray, np.ndarray]:
+        assert k <= len(self.logp) and k < self.vocab_size
+        tokens = np.empty((len(frontier), k), dtype=np.int64)
+        for row, node in enumerate(frontier.tolist()):
+            seq = np.concatenate([np.asarray(context, dtype=np.int64), pool.tokens[pool.path(node)]])
+            truth = self._truth(seq)
+            rank = self.ranks[min(int(pool.depths[node]), len(self.ranks) - 1)]
+            fillers = [t for t in ((int(seq[-1]) * 31 + 7 + 13 * j) % self.vocab_size for j in range(3 * k + 3))
+                       if t != truth]  # fmt: skip
+            fillers = list(dict.fromkeys(fillers))[:k]
+            if truth is not None and 0 <= rank < k:
+                fillers.insert(rank, truth)
+            tokens[row] = fillers[:k]
+        return tokens, np.tile(self.logp[:k], (len(frontier), 1))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
@@ -92,3 +93,17 @@ class LayerSlice(nn.Module):
 
     def reset(self) -> None:
         self.cache = DynamicCache()
+
+
+def hidden_to_wire(h: torch.Tensor, dtype: str) -> np.ndarray:
+    """Hidden states [L, H] as the numpy array that travels (`dtype` names the wire dtype)."""
+    if dtype == "bfloat16":  # numpy has no bfloat16: send the raw bits
+        return h.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return h.to(getattr(torch, dtype)).numpy()
+
+
+def hidden_from_wire(array: np.ndarray, dtype: str) -> torch.Tensor:
+    """The received array as fp32 hidden states (a copy: received frames are read-only)."""
+    if dtype == "bfloat16":
+        return torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16).float()
+    return torch.from_numpy(array.astype(np.float32, copy=True))

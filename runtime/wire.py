@@ -53,6 +53,15 @@ SCHEMAS: dict[str, tuple[dict[str, type], dict[str, tuple[tuple[str, ...], int, 
     ),
     "error": ({"message": str}, {}),
     "stop": ({}, {}),
+    # control: a stage says hello once bound, D0 answers with where to send, the stage says ready
+    # once its layers are loaded; both sides heartbeat while idle; after each run D0 sends flush and
+    # every stage answers with a report of its spans.
+    "hello": ({"address": str, "first_layer": int, "n_layers": int}, {}),
+    "peers": ({"next": str, "clock_s": float}, {}),
+    "ready": ({}, {}),
+    "heartbeat": ({}, {}),
+    "flush": ({}, {}),  # a run ended: report its spans, then forget it (KV, ledger, spans)
+    "report": ({"spans": list}, {}),
 }  # fmt: skip
 
 

@@ -1,0 +1,322 @@
+"""The draft node D0: the scheduling core, the drafter, the target's LM head, and a ZeroMQ loop.
+
+Theory of operation
+-------------------
+D0 is the coordinator. `connect` waits for every stage's `hello` (checking that each holds the
+layers this scenario gives it), tells each where to send its results, and waits until all are
+`ready`. `serve` then runs one policy's requests: it feeds `PipelineCore.handle` with arrivals,
+returned segments and finished drafts, and carries out the commands it gets back —
+
+- `SendSegment`: token ids to V1 (V1 embeds them);
+- `BroadcastPrune`: the pruning message to every stage;
+- `Draft`: the drafter already ran inside `handle` (it is real here), so `DraftDone` follows at
+  once; its measured time becomes a "draft" span;
+- `EmitTokens`: streamed to `on_tokens` (the CLI prints the text as it grows).
+
+A segment coming back from VN holds post-norm hidden states; D0 applies the LM head (argmax at
+T = 0, the softmax at T > 0) and hands the result to the core, which verifies, prunes and expands.
+After the last request, `flush` collects every stage's spans and leaves the stages clean for the
+next run. No decision is made here: the core decides, this module moves bytes and runs the head.
+
+Liveness: every wait is a poll with a timeout. A stage silent for `runtime.timeout_s` raises
+`StageTimeout` naming it; a stage that reports an error raises `RemoteError` with its traceback;
+`check_peers` (the launcher's watch over its child processes) runs on every loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from flowspec.config import Arrivals, Scenario
+from flowspec.messages import (
+    BroadcastPrune,
+    Command,
+    Draft,
+    DraftDone,
+    EmitTokens,
+    Event,
+    FinishRequest,
+    RequestArrived,
+    SegmentReturned,
+    SendSegment,
+)
+from flowspec.pipeline import PipelineCore, ProtocolError
+from flowspec.records import RunRecords, StageSpan
+from flowspec.tree import Drafter, DraftTree, IntArray
+from runtime import wire
+from runtime.channel import Endpoint, RemoteError, StageTimeout
+from runtime.model_slice import hidden_from_wire
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    prompt: tuple[int, ...]
+    max_new_tokens: int | None = None  # None: the scenario's decoding.max_new_tokens
+
+
+@dataclass(slots=True)
+class RunResult:
+    outputs: dict[int, list[int]]
+    records: RunRecords
+    wall_s: float
+
+    def frames(self):
+        return self.records.frames()
+
+
+class TimedDrafter:
+    """Measures the time spent in `propose`, so D0 can record its drafting as spans."""
+
+    def __init__(self, inner: Drafter) -> None:
+        self.inner = inner
+        self.elapsed_s = 0.0
+
+    def propose(self, context: IntArray, pool: DraftTree, frontier: IntArray, k: int) -> tuple[IntArray, np.ndarray]:
+        t = time.perf_counter()
+        try:
+            return self.inner.propose(context, pool, frontier, k)
+        finally:
+            self.elapsed_s += time.perf_counter() - t
+
+
+def _no_check() -> None:
+    pass
+
+
+class DraftNode:
+    def __init__(
+        self,
+        scenario: Scenario,
+        endpoint: Endpoint,
+        lm_head: torch.Tensor,  # [V, H] the target's output embedding
+        layer_ranges: list[tuple[int, int]],
+        *,
+        check_peers: Callable[[], None] = _no_check,
+    ) -> None:
+        self.scenario = scenario
+        self.endpoint = endpoint
+        self.lm_head = lm_head
+        self.layer_ranges = layer_ranges
+        self.n_stages = len(layer_ranges)
+        self.check_peers = check_peers
+        self.addresses: dict[int, str] = {}
+        self.last_seen: dict[int, float] = {}
+        self._last_heartbeat = 0.0
+        self._reports: dict[int, list] = {}
+
+    # ---- start-up -------------------------------------------------------------------------------
+
+    def connect(self) -> None:
+        rt = self.scenario.runtime
+        deadline = time.monotonic() + rt.startup_timeout_s
+        self._await("hello", deadline, "say hello")
+        for rank in range(1, self.n_stages + 1):
+            self.endpoint.connect(rank, self.addresses[rank])
+        for rank in range(1, self.n_stages + 1):
+            nxt = self.addresses.get(rank + 1, "")
+            self.endpoint.send(rank, wire.encode("peers", 0, {"next": nxt, "clock_s": time.monotonic()}))
+        self._await("ready", deadline, "load its layers")
+
+    def _await(self, kind: str, deadline: float, what: str) -> dict[int, wire.Message]:
+        got: dict[int, wire.Message] = {}
+        while len(got) < self.n_stages:
+            msg = self.endpoint.recv(min(0.25, max(0.0, deadline - time.monotonic())))
+            if msg is not None:
+                self._control(msg)
+                if msg.type == kind:
+                    got[msg.sender] = msg
+                    if kind == "hello":
+                        self._hello(msg)
+            self.check_peers()
+            if time.monotonic() > deadline and len(got) < self.n_stages:
+                missing = [r for r in range(1, self.n_stages + 1) if r not in got]
+                raise StageTimeout(f"stage(s) {', '.join(map(str, missing))} did not {what} within "
+                                   f"{self.scenario.runtime.startup_timeout_s:g} s (runtime.startup_timeout_s)")  # fmt: skip
+        return got
+
+    def _hello(self, msg: wire.Message) -> None:
+        rank = msg.sender
+        if not 1 <= rank <= self.n_stages:
+            raise ProtocolError(f"hello message from rank {rank}: field sender: this run has stages 1..{self.n_stages}")
+        first, last = self.layer_ranges[rank - 1]
+        got = (msg.fields["first_layer"], msg.fields["n_layers"])
+        if got != (first, last - first):
+            raise ProtocolError(f"hello message from rank {rank}: field first_layer/n_layers: holds {got[1]} layers "
+                                f"from {got[0]}, this scenario gives it {last - first} from {first}")  # fmt: skip
+        self.addresses[rank] = str(msg.fields["address"])
+
+    def _control(self, msg: wire.Message) -> None:
+        """Bookkeeping every message gets: liveness, and failures reported by a stage."""
+        self.last_seen[msg.sender] = time.monotonic()
+        if msg.type == "error":
+            raise RemoteError(f"stage {msg.sender} failed:\n{msg.fields['message']}")
+        if msg.type == "report":
+            self._reports[msg.sender] = list(msg.fields["spans"])  # type: ignore[arg-type]
+
+    # ---- one run --------------------------------------------------------------------------------
+
+    def serve(
+        self,
+        scenario: Scenario,
+        drafter: Drafter,
+        requests: list[Request],
+        *,
+        run_id: str = "run",
+        on_tokens: Callable[[int, tuple[int, ...]], None] | None = None,
+    ) -> RunResult:
+        """Serve `requests` (ids are list positions) with `scenario.policy`; every stage ends clean."""
+        timed = TimedDrafter(drafter)
+        core = PipelineCore(scenario, timed, np.random.default_rng(scenario.seed), run_id=run_id, source="runtime")
+        self.run_id = run_id
+        self.temperature = scenario.decoding.temperature
+        self.core = core
+        self.timed = timed
+        self.spans: list[StageSpan] = []
+        self.t0 = time.monotonic()
+        arrivals = self._arrivals(scenario, len(requests))
+        pending = deque(range(len(requests)))
+        closed_loop = arrivals is None
+        events: deque[Event] = deque()
+        finished: set[int] = set()
+        heartbeat_s = scenario.runtime.timeout_s / 4
+        for rank in self.last_seen:
+            self.last_seen[rank] = time.monotonic()
+
+        def arrive(rid: int) -> None:
+            req = requests[rid]
+            t_arrival = None if closed_loop else float(arrivals[rid])
+            events.append(RequestArrived(rid, req.prompt, req.max_new_tokens, t_arrival))
+
+        if closed_loop and pending:
+            arrive(pending.popleft())
+        while len(finished) < len(requests) or not core.idle:  # segments of a finished request still return
+            now = self.now()
+            while not closed_loop and pending and arrivals[pending[0]] <= now:
+                arrive(pending.popleft())
+            while events:
+                for cmd in self._handle(events.popleft()):
+                    if isinstance(cmd, Draft):
+                        events.appendleft(DraftDone(cmd.draft_id))
+                    elif isinstance(cmd, EmitTokens):
+                        if on_tokens is not None:
+                            on_tokens(cmd.request_id, cmd.tokens)
+                    elif isinstance(cmd, FinishRequest):
+                        finished.add(cmd.request_id)
+                        if closed_loop and pending:
+                            arrive(pending.popleft())
+            if len(finished) == len(requests) and core.idle:
+                break
+            wait = heartbeat_s
+            if not closed_loop and pending:
+                wait = min(wait, max(0.0, arrivals[pending[0]] - self.now()))
+            msg = self.endpoint.recv(wait)
+            while msg is not None:
+                event = self._on_message(msg)
+                if event is not None:
+                    events.append(event)
+                    break  # handle returns in arrival order, between them the commands they cause
+                msg = self.endpoint.recv(0.0)
+            self._keep_alive(heartbeat_s)
+        wall_s = self.now()
+        self._flush()
+        records = core.records
+        records.stage_spans = sorted(self.spans, key=lambda s: (s.t_start_s, s.stage))
+        return RunResult(core.outputs, records, wall_s)
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+    def _arrivals(self, scenario: Scenario, n: int) -> np.ndarray | None:
+        wl = scenario.workload
+        if wl.arrivals is Arrivals.SINGLE:
+            return None  # closed loop: each request arrives when the previous one finished
+        if wl.arrivals is Arrivals.POISSON:
+            gaps = np.random.default_rng(scenario.seed + 1).exponential(1.0 / wl.rate_per_s, size=n)
+            return np.concatenate([[0.0], np.cumsum(gaps)[:-1]])
+        raise ProtocolError("workload.arrivals: the runtime serves single or poisson arrivals, not trace")
+
+    def _handle(self, event: Event) -> list[Command]:
+        before = self.timed.elapsed_s
+        t = self.now()
+        cmds = self.core.handle(event, now=t)
+        drafted = self.timed.elapsed_s - before
+        if drafted > 0:
+            self.spans.append(StageSpan(self.run_id, "runtime", -1, 0, -1, "draft", 0, 0, t, t + drafted))
+        for cmd in cmds:
+            if isinstance(cmd, SendSegment):
+                self.endpoint.send(1, wire.encode_segment(cmd.segment, 0))
+            elif isinstance(cmd, BroadcastPrune):
+                frames = wire.encode_prune(cmd.prune)
+                for rank in range(1, self.n_stages + 1):
+                    self.endpoint.send(rank, frames)
+        return cmds
+
+    def _on_message(self, msg: wire.Message) -> Event | None:
+        self._control(msg)
+        if msg.type in ("heartbeat", "ready"):
+            return None
+        if msg.type != "segment" or msg.sender != self.n_stages:
+            raise ProtocolError(f"{msg.type} message from rank {msg.sender}: D0 expects segments from "
+                                f"stage {self.n_stages} only while serving")  # fmt: skip
+        seg = wire.to_segment(msg)
+        hidden = msg.arrays.get("hidden")
+        if hidden is None:
+            raise ProtocolError(f"segment message from rank {msg.sender}: field hidden: missing")
+        t = self.now()
+        h = hidden_from_wire(hidden, msg.dtypes["hidden"])
+        temperature = self.temperature
+        with torch.inference_mode():
+            logits = h @ self.lm_head.T  # [L, V]
+            if temperature > 0:
+                probs = torch.softmax(logits.double() / temperature, dim=-1).numpy()
+                argmax = None
+            else:
+                argmax, probs = logits.argmax(dim=-1).numpy(), None
+        if len(seg):
+            self.spans.append(StageSpan(self.run_id, "runtime", seg.request_id, 0, seg.segment_id, "verify",
+                                        len(seg), 0, t, self.now()))  # fmt: skip
+        return SegmentReturned(seg.segment_id, seg.node_ids, seg.version, argmax=argmax, probs=probs)
+
+    def _keep_alive(self, heartbeat_s: float) -> None:
+        now = time.monotonic()
+        if now - self._last_heartbeat > heartbeat_s:
+            self.endpoint.send_all(wire.encode("heartbeat", 0, {}))
+            self._last_heartbeat = now
+        timeout = self.scenario.runtime.timeout_s
+        for rank, seen in self.last_seen.items():
+            if now - seen > timeout:
+                raise StageTimeout(f"stage {rank} ({self.addresses.get(rank, '?')}) silent for {now - seen:.1f} s "
+                                   f"(runtime.timeout_s = {timeout:g})")  # fmt: skip
+        self.check_peers()
+
+    def _flush(self) -> None:
+        self._reports = {}
+        self.endpoint.send_all(wire.encode("flush", 0, {}))
+        deadline = time.monotonic() + self.scenario.runtime.timeout_s
+        while len(self._reports) < self.n_stages:
+            msg = self.endpoint.recv(min(0.25, self.scenario.runtime.timeout_s))
+            if msg is not None:
+                self._control(msg)
+                if msg.type not in ("report", "heartbeat"):
+                    raise ProtocolError(f"{msg.type} message from rank {msg.sender}: expected a report after flush")
+            self.check_peers()
+            if time.monotonic() > deadline:
+                missing = [r for r in range(1, self.n_stages + 1) if r not in self._reports]
+                raise StageTimeout(f"stage(s) {', '.join(map(str, missing))} did not report within "
+                                   f"{self.scenario.runtime.timeout_s:g} s")  # fmt: skip
+        for rank, rows in sorted(self._reports.items()):
+            for request_id, segment_id, kind, n_tokens, kv_len, t_start, t_end in rows:
+                self.spans.append(StageSpan(self.run_id, "runtime", request_id, rank, segment_id, kind, n_tokens,
+                                            kv_len, t_start - self.t0, t_end - self.t0))  # fmt: skip
+
+    def stop(self) -> None:
+        try:
+            self.endpoint.send_all(wire.encode("stop", 0, {}))
+        except Exception:  # closing down after a failure: best effort
+            pass

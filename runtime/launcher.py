@@ -1,0 +1,244 @@
+"""Starting a run: the target, the drafter, stage processes on loopback or a testbed, cleanup.
+
+Theory of operation
+-------------------
+`Target.load` resolves the scenario's model (see `runtime.models`), reads its shapes into the
+scenario (the runtime's `model` section is the real model's, whatever the file said) and keeps
+what D0 needs: the LM head, the embedding, the tokenizer and the EOS id.
+
+`Cluster` is a context manager for a loopback run: it binds D0's inbox in this process,
+starts one `python -m runtime.stage` child per stage (one torch thread each, logs in a temporary
+folder), and connects. Leaving the block — normally, by an exception, or by Ctrl-C — stops the
+children, waits briefly, then terminates and finally kills whatever is left, so no process
+outlives the run. While serving, D0 polls the children: one that exits is reported by rank with
+its exit status and the tail of its log. With `runtime.hosts` set it is a testbed instead: D0
+listens at hosts[0]:base_port and each board runs `flowspec stage SCENARIO --rank R`.
+
+One cluster serves several policies in turn (stages are policy-agnostic); single-sd needs a
+one-stage cluster of its own. `run_policies` yields each policy's result as soon as it exists,
+so a caller can write it before the next one starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flowspec.config import DrafterKind, Policy, Scenario, ScenarioError, dump_scenario, scenario_from_dict, scenario_to_dict
+from flowspec.tree import Drafter
+from runtime.channel import Endpoint, RemoteError
+from runtime.draft_node import DraftNode, Request, RunResult
+from runtime.models import ModelError, load_model, load_tokenizer, resolve_model
+from runtime.stage import layer_ranges
+
+Echo = Callable[[str], None]
+LOG_TAIL_LINES = 25
+
+
+def _quiet(message: str) -> None:
+    del message
+
+
+@dataclass
+class Target:
+    scenario: Scenario  # with the real model's shapes and EOS
+    model_dir: Path
+    lm_head: Any  # torch.Tensor [V, H]
+    embed: Any  # torch.Tensor [V, H]
+    tokenizer: Any  # None for models without one
+    model: Any  # the full model, for drafters that reuse it; dropped by callers that do not
+
+    @classmethod
+    def load(cls, scenario: Scenario, *, base_dir: Path | None = None, echo: Echo = _quiet) -> Target:
+        model_dir = resolve_model(scenario.runtime.model, base_dir=base_dir, echo=echo)
+        model = load_model(model_dir)
+        head = model.get_output_embeddings().weight.detach()
+        embed = model.get_input_embeddings().weight.detach()
+        return cls(with_model_shapes(scenario, model_dir), model_dir, head, embed, load_tokenizer(model_dir), model)
+
+
+def with_model_shapes(scenario: Scenario, model_dir: Path) -> Scenario:
+    """`scenario` with the model section (and EOS) of the model in `model_dir`, validated again."""
+    from transformers import AutoConfig, GenerationConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    data = scenario_to_dict(scenario)
+    data["model"].update(n_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
+                         vocab_size=config.vocab_size)  # fmt: skip
+    eos = scenario.decoding.eos_token_id
+    if eos is None and scenario.runtime.stop_at_eos:
+        try:
+            eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+        except OSError:  # no generation_config.json
+            eos = None
+        eos = eos if eos is not None else config.eos_token_id
+        eos = eos[0] if isinstance(eos, list) else eos
+    data["decoding"]["eos_token_id"] = eos
+    try:
+        return scenario_from_dict(data, f"{scenario.name} with model {model_dir.name}")
+    except ScenarioError as e:
+        raise ScenarioError(f"{e} (the model has {config.num_hidden_layers} layers)") from None
+
+
+def make_drafter(scenario: Scenario, target: Target, *, base_dir: Path | None = None) -> Drafter:
+    """The drafter the scenario names (runtime.drafter)."""
+    from flowspec.lookup import PromptLookupDrafter
+
+    rt = scenario.runtime
+    if rt.drafter is DrafterKind.NGRAM:
+        return PromptLookupDrafter(scenario.model.vocab_size, max_n=rt.ngram_max)
+    assert rt.draft_model is not None
+    path = resolve_model(rt.draft_model, base_dir=base_dir) if rt.drafter is DrafterKind.LM else None
+    if rt.drafter is DrafterKind.LM:
+        from runtime.drafters import CausalLMDrafter
+
+        return CausalLMDrafter(load_model(path))
+    raise ModelError("runtime.drafter: eagle heads are not loadable yet (issue 6); use ngram or lm")
+
+
+def stage_scenario(scenario: Scenario, policy: Policy) -> Scenario:
+    """The scenario a policy's cluster runs: single-sd is one stage holding every layer."""
+    scenario = dataclasses.replace(scenario, policy=policy)
+    if policy is Policy.SINGLE_SD:
+        scenario = dataclasses.replace(scenario, pipeline=dataclasses.replace(scenario.pipeline, n_stages=1, layers=()))
+    return scenario
+
+
+class Cluster:
+    """D0 in this process and its stages: child processes on loopback, or (with runtime.hosts) the
+    testbed's `flowspec stage` processes, which connect to D0 themselves. See the module docstring."""
+
+    def __init__(self, scenario: Scenario, target: Target, *, echo: Echo = _quiet) -> None:
+        self.scenario = scenario
+        self.target = target
+        self.echo = echo
+        self.ranges = layer_ranges(scenario)
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.logs: dict[int, Path] = {}
+        self.node: DraftNode | None = None
+        self.endpoint: Endpoint | None = None
+        self.folder: Path | None = None
+
+    def __enter__(self) -> Cluster:
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _start(self) -> None:
+        rt = self.scenario.runtime
+        if rt.hosts:
+            self.endpoint = Endpoint(0, rt.hosts[0], rt.base_port, bind_host="0.0.0.0")
+            self.echo(f"D0 listening at {self.endpoint.address}; start each stage on its board with "
+                      f"`flowspec stage SCENARIO --rank R` (R = 1..{len(self.ranges)})")  # fmt: skip
+            self.node = DraftNode(self.scenario, self.endpoint, self.target.lm_head, self.ranges)
+            self.node.connect()
+            self.echo("stages ready")
+            return
+        self.folder = Path(tempfile.mkdtemp(prefix="flowspec-stages-"))
+        spec = self.folder / "scenario.yaml"
+        spec.write_text(dump_scenario(self.scenario))
+        self.endpoint = Endpoint(0)
+        n = len(self.ranges)
+        self.echo(f"starting {n} stage process(es) on loopback ({self.target.model_dir.name})")
+        for rank in range(1, n + 1):
+            log = self.folder / f"stage{rank}.log"
+            self.logs[rank] = log
+            cmd = [sys.executable, "-m", "runtime.stage", str(spec), "--rank", str(rank), "--d0",
+                   self.endpoint.address, "--model-dir", str(self.target.model_dir)]  # fmt: skip
+            with open(log, "wb") as out:
+                self.procs[rank] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.node = DraftNode(self.scenario, self.endpoint, self.target.lm_head, self.ranges, check_peers=self.check)
+        t = time.monotonic()
+        self.node.connect()
+        self.echo(f"stages ready in {time.monotonic() - t:.1f} s")
+
+    def check(self) -> None:
+        """Raise if a stage process has exited (it should live until we stop it)."""
+        for rank, proc in self.procs.items():
+            code = proc.poll()
+            if code is not None:
+                raise RemoteError(f"stage {rank} (pid {proc.pid}) exited with {_status(code)}{self._tail(rank)}")
+
+    def _tail(self, rank: int) -> str:
+        try:
+            lines = self.logs[rank].read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+        except OSError:
+            return ""
+        return ("; its log ends:\n  " + "\n  ".join(lines)) if lines else ""
+
+    def serve(self, scenario: Scenario, drafter: Drafter, requests: list[Request], **kwargs: Any) -> RunResult:
+        assert self.node is not None
+        return self.node.serve(scenario, drafter, requests, **kwargs)
+
+    def close(self) -> None:
+        if self.node is not None:
+            self.node.stop()
+        deadline = time.monotonic() + 3.0
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=2.0)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self.endpoint is not None:
+            self.endpoint.close()
+            self.endpoint = None
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
+
+
+def _status(code: int) -> str:
+    if code < 0:
+        try:
+            return f"signal {-code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
+
+
+def run_policies(
+    scenario: Scenario,
+    target: Target,
+    policies: Sequence[Policy],
+    requests: list[Request],
+    *,
+    drafter: Callable[[Scenario], Drafter],
+    echo: Echo = _quiet,
+    on_tokens: Callable[[Policy, int, tuple[int, ...]], None] | None = None,
+) -> Iterator[tuple[Policy, RunResult]]:
+    """Each policy's result on loopback, as soon as it exists (pipelined policies share a cluster)."""
+    groups: list[list[Policy]] = [[p for p in policies if p is not Policy.SINGLE_SD],
+                                  [p for p in policies if p is Policy.SINGLE_SD]]  # fmt: skip
+    for group in groups:
+        if not group:
+            continue
+        base = stage_scenario(scenario, group[0])
+        if group[0] is Policy.SINGLE_SD and scenario.runtime.hosts:
+            raise ScenarioError("policy single-sd runs on one device: leave runtime.hosts empty (loopback) for it")
+        with Cluster(base, target, echo=echo) as cluster:
+            for policy in group:
+                sc = stage_scenario(scenario, policy)
+                tokens_cb = None if on_tokens is None else (lambda rid, toks, p=policy: on_tokens(p, rid, toks))
+                result = cluster.serve(sc, drafter(sc), requests, run_id=f"{sc.name}/{policy}", on_tokens=tokens_cb)
+                yield policy, result

@@ -1,0 +1,105 @@
+"""Runtime runs that leave files behind, as the simulator's do: frames per policy, written at once.
+
+`run_and_save` loads the target, builds the requests, runs every policy on real processes and
+writes each policy's record frames (the simulator's tables, with `source = runtime`) the moment it
+finishes, so a failure later — a stage killed, a timeout — loses nothing already computed. The
+first policy's text is streamed as it is generated; every later policy's tokens are compared with
+it, since at T = 0 every lossless policy must produce the same output.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from flowspec.config import Policy, Scenario, dump_scenario
+from runtime.draft_node import Request, RunResult
+from runtime.launcher import Target, make_drafter, run_policies
+from runtime.prompts import requests_for
+
+Echo = Callable[..., None]
+
+
+class TextStream:
+    """Prints one request's text as its tokens arrive (decoding the whole output each time keeps
+    multi-byte characters and merges right)."""
+
+    def __init__(self, tokenizer, write: Callable[[str], None]) -> None:
+        self.tokenizer = tokenizer
+        self.write = write
+        self.tokens: dict[int, list[int]] = {}
+        self.shown: dict[int, str] = {}
+        self.current: int | None = None
+
+    def __call__(self, request_id: int, tokens: tuple[int, ...]) -> None:
+        if self.tokenizer is None:
+            return
+        if request_id != self.current:
+            self.write(f"\n--- request {request_id} ---\n")
+            self.current = request_id
+        out = self.tokens.setdefault(request_id, [])
+        out.extend(tokens)
+        text = self.tokenizer.decode(out, skip_special_tokens=True)
+        shown = self.shown.get(request_id, "")
+        if text.startswith(shown):
+            self.write(text[len(shown):])
+            self.shown[request_id] = text
+
+
+def run_and_save(
+    scenario: Scenario,
+    policies: Sequence[Policy],
+    folder: Path,
+    *,
+    base_dir: Path | None,
+    prompt: str | None,
+    prompts_file: Path | None,
+    echo: Echo,
+    stream: bool = True,
+) -> tuple[dict[str, dict[str, pd.DataFrame]], BaseException | None, dict[str, RunResult]]:
+    """Frames by policy for every policy that finished, the error that stopped the rest, results."""
+    target = Target.load(scenario, base_dir=base_dir, echo=lambda m: echo(m, err=True))
+    scenario = target.scenario
+    requests: list[Request] = requests_for(scenario, target.tokenizer, prompt=prompt, prompts_file=prompts_file)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "resolved.yaml").write_text(dump_scenario(scenario))
+    echo(f"{len(requests)} request(s), {scenario.decoding.max_new_tokens} new tokens at most, model "
+         f"{target.model_dir.name}, drafter {scenario.runtime.drafter}", err=True)  # fmt: skip
+    streamer = TextStream(target.tokenizer, lambda s: (sys.stdout.write(s), sys.stdout.flush())) if stream else None
+    first: list[Policy] = []
+
+    def on_tokens(policy: Policy, request_id: int, tokens: tuple[int, ...]) -> None:
+        if streamer is not None and policy is first[0]:
+            streamer(request_id, tokens)
+
+    done: dict[str, dict[str, pd.DataFrame]] = {}
+    results: dict[str, RunResult] = {}
+    reference: dict[int, list[int]] | None = None
+    try:
+        first.append(policies[0])
+        for policy, result in run_policies(scenario, target, policies, requests, echo=lambda m: echo(m, err=True),
+                                           drafter=lambda sc: make_drafter(sc, target, base_dir=base_dir),
+                                           on_tokens=on_tokens):  # fmt: skip
+            frames = result.frames()
+            out = folder / str(policy)
+            out.mkdir(parents=True, exist_ok=True)
+            for name, frame in frames.items():
+                frame.to_parquet(out / f"{name}.parquet", index=False)
+            done[str(policy)] = frames
+            results[str(policy)] = result
+            n_tokens = sum(len(v) for v in result.outputs.values())
+            if streamer is not None and policy is first[0]:
+                echo("", err=False)
+            same = ""
+            if reference is None:
+                reference = result.outputs
+            elif scenario.decoding.temperature == 0:
+                same = ", same tokens as " + str(first[0]) if result.outputs == reference else ", OUTPUT DIFFERS"
+            echo(f"  {policy}: {n_tokens} tokens in {result.wall_s:.2f} s ({n_tokens / result.wall_s:.1f} tok/s{same})",
+                 err=True)  # fmt: skip
+    except Exception as e:  # keep what is done; the caller reports and exits non-zero
+        return done, e, results
+    return done, None, results

@@ -1,0 +1,102 @@
+"""Prompts for runtime runs: built-in ones, `--prompt TEXT`, or a JSONL file; chat templates applied.
+
+A JSONL line is an object with one of: `prompt` (text), `messages` or `input` (a list of
+{"role", "content"} chat messages, the layout of OpenAI evals' sets), or `tokens` (token ids, for
+models without a tokenizer); `max_new_tokens` optionally overrides the scenario per request.
+Errors name the file, the line and the field.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flowspec.config import Scenario, ScenarioError
+from runtime.draft_node import Request
+
+# Written for this project (no dataset needed on a fresh machine): short instructions of the kinds
+# the paper's sets cover — chat, code, maths, summary, question answering, translation.
+BUILTIN_PROMPTS = (
+    "What is the capital of France, and what is it famous for?",
+    "Write a Python function that returns the factorial of n.",
+    "Give three tips for staying healthy.",
+    "Explain in two sentences why the sky is blue.",
+    "Summarise the plot of Romeo and Juliet in three sentences.",
+    "A train travels 120 km in 1.5 hours. What is its average speed? Show your steps.",
+    "List the planets of the solar system in order from the Sun.",
+    "Write a haiku about the sea.",
+)
+
+
+def encode(tokenizer: Any, item: str | list[dict[str, str]]) -> tuple[int, ...]:
+    """Token ids of a text or chat; instruct models get their chat template with the assistant cue."""
+    messages = [{"role": "user", "content": item}] if isinstance(item, str) else item
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return tuple(int(t) for t in ids)
+    text = "\n".join(m["content"] for m in messages)
+    return tuple(int(t) for t in tokenizer(text)["input_ids"])
+
+
+def requests_for(scenario: Scenario, tokenizer: Any, *, prompt: str | None = None,
+                 prompts_file: Path | None = None) -> list[Request]:  # fmt: skip
+    """The run's requests: `prompt`, else the file's, else the built-in prompts
+    (workload.n_requests of them; random token prompts of workload.prompt_tokens without a tokenizer)."""
+    if prompt is not None:
+        if tokenizer is None:
+            raise ScenarioError("--prompt needs a model with a tokenizer (use --prompts with token ids)")
+        return [Request(encode(tokenizer, prompt))]
+    if prompts_file is not None:
+        return read_jsonl(prompts_file, tokenizer)
+    n = scenario.workload.n_requests
+    if tokenizer is None:
+        rng = np.random.default_rng(scenario.seed)
+        vocab = scenario.model.vocab_size
+        return [Request(tuple(rng.integers(0, vocab, scenario.workload.prompt_tokens).tolist())) for _ in range(n)]
+    return [Request(encode(tokenizer, BUILTIN_PROMPTS[i % len(BUILTIN_PROMPTS)])) for i in range(n)]
+
+
+def read_jsonl(path: Path, tokenizer: Any) -> list[Request]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise ScenarioError(f"{path}: cannot read: {e.strerror or e}") from None
+    out = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ScenarioError(f"{where}: not JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise ScenarioError(f"{where}: each line must be a JSON object")
+        max_new = row.get("max_new_tokens")
+        if max_new is not None and (not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1):
+            raise ScenarioError(f"{where}: max_new_tokens must be an integer >= 1, got {max_new!r}")
+        if "tokens" in row:
+            tokens = row["tokens"]
+            if not (isinstance(tokens, list) and tokens and all(isinstance(t, int) and t >= 0 for t in tokens)):
+                raise ScenarioError(f"{where}: tokens must be a non-empty list of token ids")
+            out.append(Request(tuple(tokens), max_new))
+            continue
+        item = row.get("prompt", row.get("messages", row.get("input")))
+        if isinstance(item, str) and item:
+            pass
+        elif isinstance(item, list) and item and all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                     and isinstance(m.get("role"), str) for m in item):  # fmt: skip
+            pass
+        else:
+            raise ScenarioError(f"{where}: needs prompt (text), messages/input (chat messages) or tokens")
+        if tokenizer is None:
+            raise ScenarioError(f"{where}: text prompts need a model with a tokenizer (give tokens instead)")
+        out.append(Request(encode(tokenizer, item), max_new))
+    if not out:
+        raise ScenarioError(f"{path}: no prompts")
+    return out

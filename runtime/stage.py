@@ -1,0 +1,279 @@
+"""A verification stage process: its layers, its KV cache, its ledger, and a ZeroMQ loop.
+
+Theory of operation
+-------------------
+Start-up: bind the inbox, say `hello` to D0 (address and layer range), load the layers, wait for
+`peers` (where to send results; D0's clock, to report spans on one time axis), say `ready`.
+
+Loop: drain every waiting message — prunes go straight into the `StageLedger` and compact the KV,
+segments queue in arrival order — then run the first queued segment once the ledger has every
+prune it reflects. A forward follows the ledger protocol exactly as the in-memory driver does:
+catch up (sync, admit), forward under the ledger's visibility, append; then drain again and catch
+up once more, so prunes that arrived during the forward are applied before the surviving rows go
+on to the next stage (D0 after the last). A segment emptied by pruning travels on as an empty
+marker. Nothing is decided here; the ledger and the core decide.
+
+One set of stage processes serves several runs (policies) in turn: after each, D0 sends `flush`
+and the stage answers with a `report` of the run's spans and starts the next with an empty KV
+and a fresh ledger (prune versions restart at 1 with every run's core).
+
+Liveness: while idle the stage heartbeats to D0; if D0 is silent for `runtime.timeout_s` (it
+heartbeats too) the stage raises `StageTimeout`. Any failure is reported to D0 as an `error`
+message with the traceback, and the process exits non-zero; `stop` ends it cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from flowspec.config import Scenario, load_scenario
+from flowspec.kv import StageLedger
+from flowspec.messages import Segment
+from flowspec.pipeline import ProtocolError
+from runtime import wire
+from runtime.channel import Endpoint, RemoteError, StageTimeout
+
+
+@dataclass(frozen=True, slots=True)
+class StagePlan:
+    rank: int  # 1..N
+    n_stages: int
+    first_layer: int  # 0-based, inclusive
+    last_layer: int  # exclusive
+    d0_address: str
+    host: str  # the address peers reach this stage at
+    port: int  # 0: any free port
+    bind_host: str | None  # None: bind on `host`
+    timeout_s: float
+    startup_timeout_s: float
+    wire_dtype: str
+    watch_parent: bool  # exit if the launcher that started us goes away (loopback runs)
+
+
+def layer_ranges(scenario: Scenario) -> list[tuple[int, int]]:
+    """[first, last) of every stage's layers, V1 first."""
+    bounds = np.concatenate([[0], np.cumsum(scenario.stage_layers)]).tolist()
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def testbed_plan(scenario: Scenario, rank: int) -> StagePlan:
+    """Where stage `rank` listens and whom it reports to, from `runtime.hosts` and `base_port`."""
+    rt = scenario.runtime
+    first, last = layer_ranges(scenario)[rank - 1]
+    return StagePlan(rank, scenario.pipeline.n_stages, first, last, f"tcp://{rt.hosts[0]}:{rt.base_port}",
+                     rt.hosts[rank], rt.base_port + rank, "0.0.0.0", rt.timeout_s, rt.startup_timeout_s,
+                     scenario.model.dtype, watch_parent=False)  # fmt: skip
+
+
+class StageWorker:
+    def __init__(self, plan: StagePlan, model_dir: Path, threads: int = 1) -> None:
+        self.plan = plan
+        self.model_dir = model_dir
+        self.threads = threads
+        self.ledger = StageLedger()
+        self.queue: deque[tuple[Segment, np.ndarray | None]] = deque()
+        self.spans: list[list] = []
+        self.stopping = False
+        self.clock_offset_s = 0.0
+        self.last_from_d0 = time.monotonic()
+        self.last_to_d0 = 0.0
+        self._parent = os.getppid()
+        self.endpoint = Endpoint(plan.rank, plan.host, plan.port, plan.bind_host)
+        self.endpoint.connect(0, plan.d0_address)
+        self.next_rank = plan.rank + 1 if plan.rank < plan.n_stages else 0
+        self.slice = None
+
+    # ---- start-up -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        p = self.plan
+        self._to_d0(wire.encode("hello", p.rank, {"address": self.endpoint.address, "first_layer": p.first_layer,
+                                                 "n_layers": p.last_layer - p.first_layer}))  # fmt: skip
+        import torch
+
+        from runtime.model_slice import LayerSlice
+        from runtime.models import load_model
+
+        torch.set_num_threads(self.threads)
+        model = load_model(self.model_dir)
+        self.slice = LayerSlice.from_model(model, p.first_layer, p.last_layer)
+        del model
+        deadline = time.monotonic() + p.startup_timeout_s
+        while True:
+            msg = self.endpoint.recv(max(0.0, min(1.0, deadline - time.monotonic())))
+            if msg is not None and msg.type == "peers":
+                self.clock_offset_s = float(msg.fields["clock_s"]) - time.monotonic()  # type: ignore[arg-type]
+                if self.next_rank:
+                    self.endpoint.connect(self.next_rank, str(msg.fields["next"]))
+                break
+            if msg is not None and msg.type == "stop":
+                self.stopping = True
+                return
+            if time.monotonic() > deadline:
+                raise StageTimeout(f"stage {p.rank}: D0 did not send the peer list within {p.startup_timeout_s:g} s")
+            self._check_parent()
+        self.last_from_d0 = time.monotonic()
+        self._to_d0(wire.encode("ready", p.rank, {}))
+
+    # ---- loop -----------------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        heartbeat_s = self.plan.timeout_s / 4
+        while not self.stopping:
+            runnable = bool(self.queue) and self.ledger.ready(self.queue[0][0])
+            self._drain(0.0 if runnable else heartbeat_s)
+            if self.stopping:
+                break
+            if self.queue and self.ledger.ready(self.queue[0][0]):
+                self._run_one()
+            now = time.monotonic()
+            if now - self.last_to_d0 > heartbeat_s:
+                self._to_d0(wire.encode("heartbeat", self.plan.rank, {}))
+            if now - self.last_from_d0 > self.plan.timeout_s:
+                raise StageTimeout(f"stage {self.plan.rank}: no message from D0 for {now - self.last_from_d0:.1f} s "
+                                   f"(runtime.timeout_s = {self.plan.timeout_s:g})")  # fmt: skip
+            self._check_parent()
+
+    def _drain(self, timeout_s: float) -> None:
+        msg = self.endpoint.recv(timeout_s)
+        while msg is not None:
+            self._handle(msg)
+            msg = self.endpoint.recv(0.0)
+
+    def _handle(self, msg: wire.Message) -> None:
+        if msg.sender == 0:
+            self.last_from_d0 = time.monotonic()
+        if msg.type == "segment":
+            expected = self.plan.rank - 1
+            if msg.sender != expected:
+                raise ProtocolError(f"stage {self.plan.rank}: segment from rank {msg.sender}, expected rank {expected}")
+            hidden = msg.arrays.get("hidden")
+            if self.plan.rank > 1 and hidden is None:
+                raise ProtocolError(f"segment message from rank {msg.sender}: field hidden: missing after the first hop")
+            self.queue.append((wire.to_segment(msg), None if hidden is None else (hidden, msg.dtypes["hidden"])))
+        elif msg.type == "prune":
+            self.ledger.receive(wire.to_prune(msg))
+            self._compact(self.ledger.sync())
+        elif msg.type == "stop":
+            self.stopping = True
+        elif msg.type == "flush":
+            if self.queue:
+                raise ProtocolError(f"stage {self.plan.rank}: flush with {len(self.queue)} segment(s) still queued")
+            self._to_d0(wire.encode("report", self.plan.rank, {"spans": self.spans}))
+            self.spans = []
+            self.ledger = StageLedger()
+            self.slice.reset()
+        elif msg.type == "error":
+            raise RemoteError(f"stage {self.plan.rank}: rank {msg.sender} failed: {msg.fields['message']}")
+        elif msg.type != "heartbeat":
+            raise ProtocolError(f"{msg.type} message from rank {msg.sender}: not expected by stage {self.plan.rank}")
+
+    def _compact(self, slots: np.ndarray | None) -> None:
+        if slots is not None:
+            import torch
+
+            self.slice.keep(torch.from_numpy(np.ascontiguousarray(slots, dtype=np.int64)))
+
+    def _run_one(self) -> None:
+        import torch
+
+        from runtime.model_slice import hidden_from_wire, hidden_to_wire
+
+        seg, carried = self.queue.popleft()
+        if seg.reset:
+            self.ledger.reset()
+            self.slice.reset()
+        slots, seg, rows = self.ledger.catch_up(seg)
+        self._compact(slots)
+        t_start = time.monotonic()
+        kv_len = self.ledger.kv_len
+        if carried is None:
+            x = torch.from_numpy(np.ascontiguousarray(seg.tokens, dtype=np.int64))
+        else:
+            x = hidden_from_wire(carried[0][rows], carried[1])
+        if len(seg):
+            visible = torch.from_numpy(self.ledger.visibility(seg))
+            out = self.slice(x, torch.from_numpy(np.ascontiguousarray(seg.positions, dtype=np.int64)), visible)
+            self.ledger.append(seg)
+            assert self.slice.kv_len == self.ledger.kv_len, (self.slice.kv_len, self.ledger.kv_len)
+        else:  # emptied by pruning: pass the marker on
+            out = torch.zeros((0, self.slice.config.hidden_size))
+        t_end = time.monotonic()
+        if len(seg):
+            off = self.clock_offset_s
+            self.spans.append([seg.request_id, seg.segment_id, str(seg.kind), len(seg), kv_len, t_start + off, t_end + off])
+        self._drain(0.0)  # prunes that arrived during the forward
+        slots, seg, rows = self.ledger.catch_up(seg)
+        self._compact(slots)
+        out = out[torch.from_numpy(rows)]
+        frames = wire.encode_segment(seg, self.plan.rank, hidden_to_wire(out, self.plan.wire_dtype), self.plan.wire_dtype)
+        self.endpoint.send(self.next_rank, frames)
+        if self.next_rank == 0:
+            self.last_to_d0 = time.monotonic()
+
+    # ---- plumbing -------------------------------------------------------------------------------
+
+    def _to_d0(self, frames: list) -> None:
+        self.endpoint.send(0, frames)
+        self.last_to_d0 = time.monotonic()
+
+    def _check_parent(self) -> None:
+        if self.plan.watch_parent and os.getppid() != self._parent:
+            raise RemoteError(f"stage {self.plan.rank}: the launcher (pid {self._parent}) went away")
+
+    def report_failure(self, error: BaseException) -> None:
+        text = "".join(traceback.format_exception(error)).rstrip()
+        try:
+            self._to_d0(wire.encode("error", self.plan.rank, {"message": text}))
+        except Exception:  # the failure being reported may be the socket itself
+            pass
+
+    def close(self) -> None:
+        self.endpoint.close()
+
+
+def run_stage(plan: StagePlan, model_dir: Path, threads: int = 1) -> int:
+    """Serve until D0 says stop; the exit code (non-zero after a failure, which D0 is told about)."""
+    worker = StageWorker(plan, model_dir, threads)
+    try:
+        worker.start()
+        worker.serve()
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as e:
+        worker.report_failure(e)
+        print(f"stage {plan.rank} failed: {e}", file=sys.stderr)
+        traceback.print_exc()
+        return 1
+    finally:
+        worker.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of a loopback stage process (the launcher's children)."""
+    parser = argparse.ArgumentParser(prog="python -m runtime.stage")
+    parser.add_argument("scenario", type=Path, help="the resolved scenario the launcher wrote")
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--d0", required=True, help="D0's inbox address")
+    parser.add_argument("--model-dir", type=Path, required=True)
+    args = parser.parse_args(argv)
+    scenario = load_scenario(args.scenario)
+    first, last = layer_ranges(scenario)[args.rank - 1]
+    rt = scenario.runtime
+    plan = StagePlan(args.rank, scenario.pipeline.n_stages, first, last, args.d0, "127.0.0.1", 0, None,
+                     rt.timeout_s, rt.startup_timeout_s, scenario.model.dtype, watch_parent=True)  # fmt: skip
+    return run_stage(plan, args.model_dir, rt.torch_threads)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

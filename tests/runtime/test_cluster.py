@@ -1,0 +1,132 @@
+"""Real processes over ZeroMQ on loopback: every lossless policy equals `generate(do_sample=False)`.
+
+A tiny random Llama (built from a config, saved to a temporary folder) is split 3 and 5 ways. The
+drafter is scripted around the target's own greedy outputs, so each script forces one pattern —
+reject at depth 0, accept two then reject, reject a branch but accept its sibling, re-root into a
+segment still in flight, accept to a leaf — and the test checks from the records that the pattern
+really happened. Each test starts its stage processes and stops them before it returns.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from flowspec.config import Policy, scenario_from_dict
+from flowspec.synthetic import ReferenceDrafter
+from runtime.draft_node import Request
+from runtime.launcher import Cluster, Target, stage_scenario
+
+pytestmark = pytest.mark.runtime
+
+VOCAB = 97
+N_NEW = 20
+MIN_MARGIN = 1e-3  # top-1 minus top-2 logit on every reference position: no float near-ties
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[list[int]], list[list[int]]]:
+    """A saved tiny Llama, two prompts, and the target's greedy outputs for them."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=5,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         initializer_range=0.2)  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(folder)
+    prompts = [np.random.default_rng(i).integers(0, VOCAB, 12).tolist() for i in range(2)]
+    outputs = []
+    for prompt in prompts:
+        with torch.inference_mode():
+            full = model.generate(torch.tensor([prompt]), max_new_tokens=N_NEW, do_sample=False, eos_token_id=None,
+                                  pad_token_id=0)[0].tolist()  # fmt: skip
+            logits = model(torch.tensor([full])).logits[0, len(prompt) - 1 : -1]
+        top2 = logits.topk(2, dim=-1).values
+        margin = float((top2[:, 0] - top2[:, 1]).min())
+        assert margin > MIN_MARGIN, f"precondition: the target nearly ties (margin {margin:.2e}); pick another seed"
+        outputs.append(full[len(prompt) :])
+    return folder, prompts, outputs
+
+
+# (name, ranks of the true token by depth, segment size)
+SCRIPTS = [
+    ("reject at depth 0", [-1], 4),
+    ("accept 2 then reject", [0, 0, -1], 4),
+    ("reject a branch, accept its sibling", [1], 4),
+    ("re-root into a segment in flight", [1, 0], 2),
+    ("accept to a leaf", [0], 4),
+]
+
+
+def scenario(folder: Path, n_stages: int, segment_size: int):
+    return scenario_from_dict({
+        "pipeline": {"n_stages": n_stages},
+        "decoding": {"max_new_tokens": N_NEW},
+        "tree": {"total": 10, "topk": 3, "depth": 3, "segment_size": segment_size},
+        "expansion": {"total": 6, "topk": 3, "depth": 2},
+        "pipedec": {"width": 3},
+        "runtime": {"model": str(folder), "stop_at_eos": False, "timeout_s": 20},
+    })  # fmt: skip
+
+
+def check_pattern(name: str, policy: Policy, frames) -> None:
+    """The records show the script's pattern (for the policies where it can show)."""
+    steps, nodes = frames["steps"], frames["nodes"]
+    verified = nodes[nodes.parent_accepted]
+    if name == "reject at depth 0":
+        assert not nodes.accepted.any()
+    elif name == "accept 2 then reject" and policy is Policy.CHUNK_PP:
+        assert steps[steps.outcome == "exit"].n_accepted.max() == 3  # root + 2 drafts
+    elif name == "reject a branch, accept its sibling" and policy in (Policy.CHUNK_PP, Policy.SERIAL, Policy.SINGLE_SD):
+        assert verified.accepted.any() and (~verified.accepted).any()  # whole trees: siblings verified together
+    elif name == "re-root into a segment in flight" and policy is Policy.FLOWSPEC:
+        assert (steps.reroot_offset >= 1).any()
+    elif name == "accept to a leaf" and policy is Policy.CHUNK_PP:
+        assert steps[steps.outcome == "exit"].n_accepted.max() == 5  # root + depth + 1 drafts
+
+
+def run_scripts(cluster: Cluster, folder: Path, n_stages: int, policies: list[Policy], prompts, outputs) -> int:
+    """Every script under every policy on one running cluster; the number of runs."""
+    requests = [Request(tuple(p)) for p in prompts]
+    references = [p + o for p, o in zip(prompts, outputs)]
+    failures = []
+    runs = 0
+    for name, ranks, segment_size in SCRIPTS:
+        sc = Target.load(scenario(folder, n_stages, segment_size)).scenario
+        for policy in policies:
+            result = cluster.serve(stage_scenario(sc, policy), ReferenceDrafter(references, ranks, VOCAB), requests,
+                                   run_id=f"{name}/{policy}")  # fmt: skip
+            runs += 1
+            got = [result.outputs[i] for i in range(len(prompts))]
+            if got != outputs:
+                failures.append(f"{name} / {policy}: {got} != {outputs}")
+            frames = result.frames()
+            check_pattern(name, policy, frames)
+            assert set(frames["stage_spans"].stage) == set(range(cluster.node.n_stages + 1))
+    assert not failures, "\n".join(failures)
+    return runs
+
+
+@pytest.mark.parametrize("n_stages", [3, 5])
+def test_every_pipelined_policy_equals_generate(tiny, n_stages: int) -> None:
+    folder, prompts, outputs = tiny
+    policies = [p for p in Policy if p is not Policy.SINGLE_SD]
+    target = Target.load(scenario(folder, n_stages, 4))
+    with Cluster(stage_scenario(target.scenario, Policy.FLOWSPEC), target) as cluster:
+        procs = list(cluster.procs.values())
+        assert len(procs) == n_stages
+        runs = run_scripts(cluster, folder, n_stages, policies, prompts, outputs)
+    assert runs == len(SCRIPTS) * len(policies)
+    assert all(p.poll() == 0 for p in procs), [p.returncode for p in procs]  # stopped cleanly
+
+
+def test_single_device_policy_equals_generate(tiny) -> None:
+    folder, prompts, outputs = tiny
+    target = Target.load(scenario(folder, 3, 4))
+    with Cluster(stage_scenario(target.scenario, Policy.SINGLE_SD), target) as cluster:
+        assert len(cluster.procs) == 1
+        assert run_scripts(cluster, folder, 3, [Policy.SINGLE_SD], prompts, outputs) == len(SCRIPTS)
