@@ -293,5 +293,25 @@ def bench_sim(scenario: Path, overrides: tuple[str, ...], policies: tuple[str, .
     click.echo(f"\nwrote {out}")
 
 
+@bench.command("runtime")
+@click.argument("scenario", type=click.Path(dir_okay=False, path_type=Path), default="scenarios/loopback.yaml")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one scenario value.")
+@policy_option
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("runs/bench-runtime.csv"), show_default=True)
+@reports_scenario_errors
+def bench_runtime_command(scenario: Path, overrides: tuple[str, ...], policies: tuple[str, ...], out: Path) -> None:
+    """Real tokens/s per policy on loopback stages, beside single-process HF generate."""
+    import report
+    from runtime.bench import CAVEAT, bench_runtime
+
+    sc = load_scenario(scenario, overrides)
+    chosen = _policies(policies, sc.policy) if policies else _policies(("all",), sc.policy)
+    frame = bench_runtime(sc, chosen, base_dir=scenario.parent, echo=lambda m: click.echo(m, err=True))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out, index=False)
+    click.echo(report.format_table(frame))
+    click.echo(f"\nnote: {CAVEAT}\nwrote {out}")
+
+
 if __name__ == "__main__":
     main()

@@ -101,7 +101,7 @@ def make_drafter(scenario: Scenario, target: Target, *, base_dir: Path | None = 
     if rt.drafter is DrafterKind.LM:
         from runtime.drafters import CausalLMDrafter
 
-        return CausalLMDrafter(load_model(path))
+        return CausalLMDrafter(load_model(path), vocab_size=scenario.model.vocab_size)
     raise ModelError("runtime.drafter: eagle heads are not loadable yet (issue 6); use ngram or lm")
 
 

@@ -16,7 +16,9 @@ import pytest
 from flowspec.config import Policy, scenario_from_dict
 from flowspec.synthetic import ReferenceDrafter
 from runtime.draft_node import Request
+from runtime.drafters import CausalLMDrafter
 from runtime.launcher import Cluster, Target, make_drafter, stage_scenario
+from runtime.models import load_model
 
 pytestmark = pytest.mark.runtime
 
@@ -89,9 +91,18 @@ def test_every_pipelined_policy_equals_generate(tiny, n_stages: int) -> None:
         assert len(procs) == n_stages
         runs = run_scripts(cluster, tiny, n_stages, policies)
         lookup = make_drafter(target.scenario, target)  # the scenario's own drafter: prompt lookup
+        requests = [Request(tuple(p)) for p in tiny.prompts]
         for policy in (Policy.FLOWSPEC, Policy.PIPEDEC):
-            result = cluster.serve(stage_scenario(target.scenario, policy), lookup, [Request(tuple(p)) for p in tiny.prompts])
+            result = cluster.serve(stage_scenario(target.scenario, policy), lookup, requests)
             assert [result.outputs[0], result.outputs[1]] == tiny.outputs, policy
+        # a causal-LM drafter: the target drafting for itself ranks every true token first, and the
+        # root's best child is in every tree, so every round accepts at least one drafted token
+        self_draft = CausalLMDrafter(load_model(tiny.folder), vocab_size=tiny.vocab)
+        result = cluster.serve(stage_scenario(target.scenario, Policy.CHUNK_PP), self_draft, requests)
+        assert [result.outputs[0], result.outputs[1]] == tiny.outputs
+        steps = result.frames()["steps"]
+        exits = steps[steps.outcome == "exit"]
+        assert exits.n_accepted.min() >= 2 and exits.n_accepted.mean() > 2.5, exits.n_accepted.tolist()
     assert runs == len(SCRIPTS) * len(policies)
     assert all(p.poll() == 0 for p in procs), [p.returncode for p in procs]  # stopped cleanly
 
