@@ -13,6 +13,9 @@ returned segments and finished drafts, and carries out the commands it gets back
   once; its measured time becomes a "draft" span;
 - `EmitTokens`: streamed to `on_tokens` (the CLI prints the text as it grows).
 
+A drafter with an `observe` method (the EAGLE head) is shown every returned row's hidden states
+before the core sees the verdict, since it drafts from the target's features.
+
 A segment coming back from VN holds post-norm hidden states; D0 applies the LM head (argmax at
 T = 0, the softmax at T > 0) and hands the result to the core, which verifies, prunes and expands.
 After the last request, `flush` collects every stage's spans and leaves the stages clean for the
@@ -278,6 +281,9 @@ class DraftNode:
                 argmax = None
             else:
                 argmax, probs = logits.argmax(dim=-1).numpy(), None
+        observe = getattr(self.timed.inner, "observe", None)  # drafters that read the target's features
+        if observe is not None and len(seg):
+            observe(seg.request_id, seg.node_ids, seg.parent_ids, seg.tokens, seg.positions, h, seg.reset)
         if len(seg):
             self.spans.append(StageSpan(self.run_id, "runtime", seg.request_id, 0, seg.segment_id, "verify",
                                         len(seg), 0, t, self.now()))  # fmt: skip

@@ -37,7 +37,7 @@ from flowspec.config import DrafterKind, Policy, Scenario, ScenarioError, dump_s
 from flowspec.tree import Drafter
 from runtime.channel import Endpoint, RemoteError
 from runtime.draft_node import DraftNode, Request, RunResult
-from runtime.models import ModelError, load_model, load_tokenizer, resolve_model
+from runtime.models import load_model, load_tokenizer, resolve_model
 from runtime.stage import layer_ranges
 
 Echo = Callable[[str], None]
@@ -102,7 +102,11 @@ def make_drafter(scenario: Scenario, target: Target, *, base_dir: Path | None = 
         from runtime.drafters import CausalLMDrafter
 
         return CausalLMDrafter(load_model(path), vocab_size=scenario.model.vocab_size)
-    raise ModelError("runtime.drafter: eagle heads are not loadable yet (issue 6); use ngram or lm")
+    from runtime.eagle import EagleDrafter, load_eagle
+
+    folder = Path(rt.draft_model).expanduser()
+    folder = folder if folder.is_absolute() or base_dir is None else base_dir / folder
+    return EagleDrafter(load_eagle(folder, scenario.model.hidden_size), target.embed, target.lm_head)
 
 
 def stage_scenario(scenario: Scenario, policy: Policy) -> Scenario:

@@ -4,19 +4,26 @@ A tiny random Llama (built from a config, saved to a temporary folder) is split 
 drafter is scripted around the target's own greedy outputs, so each script forces one pattern —
 reject at depth 0, accept two then reject, reject a branch but accept its sibling, re-root into a
 segment still in flight, accept to a leaf — and the test checks from the records that the pattern
-really happened. Each test starts its stage processes and stops them before it returns.
+really happened. The real drafters (prompt lookup, a causal LM, an EAGLE head loaded from its
+checkpoint layout) run on the same processes. Each test starts its stage processes and stops them
+before it returns.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
+import dataclasses
 
-from flowspec.config import Policy, scenario_from_dict
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from flowspec.config import DrafterKind, Policy, scenario_from_dict
 from flowspec.synthetic import ReferenceDrafter
 from runtime.draft_node import Request
 from runtime.drafters import CausalLMDrafter
+from runtime.eagle import EagleHead, save_eagle
 from runtime.launcher import Cluster, Target, make_drafter, stage_scenario
 from runtime.models import load_model
 
@@ -83,28 +90,43 @@ def run_scripts(cluster: Cluster, tiny, n_stages: int, policies: list[Policy]) -
 
 
 @pytest.mark.parametrize("n_stages", [3, 5])
-def test_every_pipelined_policy_equals_generate(tiny, n_stages: int) -> None:
+def test_every_pipelined_policy_equals_generate(tiny, n_stages: int, tmp_path: Path) -> None:
     policies = [p for p in Policy if p is not Policy.SINGLE_SD]
     target = Target.load(scenario(tiny.folder, n_stages, 4, tiny.n_new))
     with Cluster(stage_scenario(target.scenario, Policy.FLOWSPEC), target) as cluster:
         procs = list(cluster.procs.values())
         assert len(procs) == n_stages
         runs = run_scripts(cluster, tiny, n_stages, policies)
-        lookup = make_drafter(target.scenario, target)  # the scenario's own drafter: prompt lookup
-        requests = [Request(tuple(p)) for p in tiny.prompts]
-        for policy in (Policy.FLOWSPEC, Policy.PIPEDEC):
-            result = cluster.serve(stage_scenario(target.scenario, policy), lookup, requests)
-            assert [result.outputs[0], result.outputs[1]] == tiny.outputs, policy
-        # a causal-LM drafter: the target drafting for itself ranks every true token first, and the
-        # root's best child is in every tree, so every round accepts at least one drafted token
-        self_draft = CausalLMDrafter(load_model(tiny.folder), vocab_size=tiny.vocab)
-        result = cluster.serve(stage_scenario(target.scenario, Policy.CHUNK_PP), self_draft, requests)
-        assert [result.outputs[0], result.outputs[1]] == tiny.outputs
-        steps = result.frames()["steps"]
-        exits = steps[steps.outcome == "exit"]
-        assert exits.n_accepted.min() >= 2 and exits.n_accepted.mean() > 2.5, exits.n_accepted.tolist()
+        if n_stages == 3:
+            run_real_drafters(cluster, target, tiny, tmp_path)
     assert runs == len(SCRIPTS) * len(policies)
     assert all(p.poll() == 0 for p in procs), [p.returncode for p in procs]  # stopped cleanly
+
+
+def run_real_drafters(cluster: Cluster, target: Target, tiny, tmp_path: Path) -> None:
+    """The drafters a scenario can name, on the running cluster: outputs still equal generate."""
+    lookup = make_drafter(target.scenario, target)  # the scenario's own drafter: prompt lookup
+    requests = [Request(tuple(p)) for p in tiny.prompts]
+    for policy in (Policy.FLOWSPEC, Policy.PIPEDEC):
+        result = cluster.serve(stage_scenario(target.scenario, policy), lookup, requests)
+        assert [result.outputs[0], result.outputs[1]] == tiny.outputs, policy
+    # a causal-LM drafter: the target drafting for itself ranks every true token first, and the
+    # root's best child is in every tree, so every round accepts at least one drafted token
+    self_draft = CausalLMDrafter(load_model(tiny.folder), vocab_size=tiny.vocab)
+    result = cluster.serve(stage_scenario(target.scenario, Policy.CHUNK_PP), self_draft, requests)
+    assert [result.outputs[0], result.outputs[1]] == tiny.outputs
+    steps = result.frames()["steps"]
+    exits = steps[steps.outcome == "exit"]
+    assert exits.n_accepted.min() >= 2 and exits.n_accepted.mean() > 2.5, exits.n_accepted.tolist()
+    # an EAGLE head (random weights: lossless whatever it proposes) loaded as the scenario names it
+    torch.manual_seed(2)
+    head = EagleHead(LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2))
+    save_eagle(head, tmp_path / "eagle")
+    eagle_sc = dataclasses.replace(target.scenario, runtime=dataclasses.replace(
+        target.scenario.runtime, drafter=DrafterKind.EAGLE, draft_model=str(tmp_path / "eagle")))  # fmt: skip
+    for policy in (Policy.FLOWSPEC, Policy.CHUNK_PP):
+        result = cluster.serve(stage_scenario(eagle_sc, policy), make_drafter(eagle_sc, target), requests)
+        assert [result.outputs[0], result.outputs[1]] == tiny.outputs, policy
 
 
 def test_single_device_policy_equals_generate(tiny) -> None:

@@ -1,0 +1,233 @@
+"""EAGLE-style draft heads: one decoder layer over [next-token embedding ; target feature].
+
+Theory of operation
+-------------------
+EAGLE drafts at the feature level. The target's last (post-norm) hidden state at position i, f_i,
+is what its LM head turns into token i+1. The head reads the pair (embedding of token t_{i+1},
+f_i), squeezes it through `fc` (2H → H), runs one Llama decoder layer (without the input norm,
+as in EAGLE) and predicts f̂_{i+1}; the target's own LM head turns that into a distribution over
+t_{i+2}. Embedding and LM head are the target's, frozen and reused, so a head for SmolLM2-135M has
+about 4M parameters of its own.
+
+Checkpoint layout (EAGLE's): a folder with `config.json` (a Llama config for the one layer) and
+`model.safetensors` or `pytorch_model.bin` holding `fc.weight` (`fc.bias` when trained with one)
+and `layers.0.*`; an `embed_tokens.weight` there is ignored in favour of the target's.
+
+`EagleDrafter` is the core's `Drafter`. Its draft KV cache has one row per position: the committed
+rows (t_i, f_{i-1}) with the target's true features, then the tree rows under a tree mask — the
+root (t_c, f_{c-1}) and every other node (token, f̂ of its parent). True features come from D0,
+which `observe`s every row the last stage returns (prompt rows by position, tree rows by node id);
+the committed chain is found by following parent ids from node to node.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+from flowspec.tree import DraftTree, FloatArray, IntArray
+from runtime.model_slice import LayerSlice
+from runtime.models import ModelError
+
+
+class EagleHead(nn.Module):
+    def __init__(self, config: LlamaConfig, *, bias: bool = True) -> None:
+        super().__init__()
+        config = LlamaConfig(**{**config.to_dict(), "num_hidden_layers": 1})
+        config._attn_implementation = "sdpa"
+        self.config = config
+        hidden = config.hidden_size
+        self.fc = nn.Linear(2 * hidden, hidden, bias=bias)
+        layer = LlamaDecoderLayer(config, layer_idx=0)
+        layer.input_layernorm = nn.Identity()  # EAGLE's first layer reads fc's output unnormalised
+        self.layers = nn.ModuleList([layer])
+
+    def slice(self) -> LayerSlice:
+        """A fresh cache-holding runner over this head's layer (shares the weights)."""
+        return LayerSlice(self.config, self.layers)
+
+    def fuse(self, embedded: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.cat([embedded, features], dim=-1))
+
+
+def load_eagle(folder: Path, hidden_size: int) -> EagleHead:
+    """An EAGLE checkpoint folder (see the module docstring); errors name the file and the key."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ModelError(f"runtime.draft_model: {folder} has no config.json (an EAGLE checkpoint folder)")
+    try:
+        config = LlamaConfig(**json.loads(config_path.read_text()))
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise ModelError(f"{config_path}: not a Llama config ({e})") from None
+    if config.hidden_size != hidden_size:
+        raise ModelError(f"{config_path}: hidden_size {config.hidden_size}, the target's is {hidden_size}")
+    weights = folder / "model.safetensors"
+    if weights.is_file():
+        from safetensors.torch import load_file
+
+        state = load_file(str(weights))
+    elif (folder / "pytorch_model.bin").is_file():
+        weights = folder / "pytorch_model.bin"
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    else:
+        raise ModelError(f"runtime.draft_model: {folder} has neither model.safetensors nor pytorch_model.bin")
+    state = {k.removeprefix("model."): v for k, v in state.items() if not k.endswith("embed_tokens.weight")}
+    head = EagleHead(config, bias="fc.bias" in state)
+    expected = {k for k in head.state_dict() if not k.endswith("rotary_emb.inv_freq")}
+    missing = sorted(expected - set(state))
+    unknown = sorted(set(state) - expected - {"layers.0.input_layernorm.weight"})
+    if missing or unknown:
+        raise ModelError(f"{weights}: missing {missing[:4]}, unknown {unknown[:4]} (not an EAGLE head for this target)")
+    if "layers.0.input_layernorm.weight" in state:  # trained with an input norm: keep it
+        head.layers[0].input_layernorm = type(head.layers[0].post_attention_layernorm)(
+            config.hidden_size, eps=config.rms_norm_eps)  # fmt: skip
+    head.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    return head.eval()
+
+
+def save_eagle(head: EagleHead, folder: Path, dtype: torch.dtype = torch.float16) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(dtype).contiguous() for k, v in head.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(head.config.to_dict(), indent=2, default=str))
+
+
+class FeatureStore:
+    """The target's true features for the committed sequence, from the rows D0 saw return."""
+
+    def __init__(self) -> None:
+        self.request_id = -1
+        self.prompt: dict[int, torch.Tensor] = {}  # position -> feature (prompt rows)
+        self.nodes: dict[int, torch.Tensor] = {}  # node id -> feature
+        self.child: dict[tuple[int, int], int] = {}  # (parent id, token) -> node id; parent -1 keyed by -1-position
+        self.chain: list[int] = []  # node id per committed position (-1: a prompt row)
+
+    def observe(self, request_id: int, node_ids: IntArray, parent_ids: IntArray, tokens: IntArray,
+                positions: IntArray, hidden: torch.Tensor, reset: bool) -> None:  # fmt: skip
+        if reset or request_id != self.request_id:
+            self.__init__()
+            self.request_id = request_id
+        for r, (node, parent, token, position) in enumerate(
+            zip(node_ids.tolist(), parent_ids.tolist(), tokens.tolist(), positions.tolist())
+        ):
+            if node < 0:
+                self.prompt[position] = hidden[r]
+                continue
+            self.nodes[node] = hidden[r]
+            self.child[(parent if parent >= 0 else -1 - position, token)] = node
+
+    def features(self, context: list[int], start: int = 0) -> torch.Tensor:
+        """[c - start, H] true features of committed `context` positions start.. (prompt rows, then
+        the accepted chain, found by parent ids)."""
+        for position in range(len(self.chain), len(context)):  # extend the chain first
+            if position in self.prompt:
+                self.chain.append(-1)
+                continue
+            prev = self.chain[position - 1] if position >= 1 else -1
+            node = self.child.get((prev, context[position]), -1) if prev >= 0 else -1
+            if node < 0:
+                node = self.child.get((-1 - position, context[position]), -1)
+            if node < 0:
+                raise KeyError(f"no returned row for committed position {position} (token {context[position]})")
+            self.chain.append(node)
+        rows = []
+        for position in range(start, len(context)):
+            node = self.chain[position]
+            rows.append(self.prompt[position] if node < 0 else self.nodes[node])
+        return torch.stack(rows)
+
+
+class EagleDrafter:
+    def __init__(self, head: EagleHead, embed: torch.Tensor, lm_head: torch.Tensor) -> None:
+        self.head = head
+        self.embed = embed
+        self.lm_head = lm_head
+        self.store = FeatureStore()
+        self.runner = head.slice()
+        self._context: list[int] = []  # committed tokens whose rows (t_i, f_{i-1}), i >= 1, are cached
+        self._stamp: tuple[int, int, int] | None = None
+        self._rows: dict[int, tuple[int, int]] = {}  # node id -> (token, position) run in the tree part
+        self._out: dict[int, torch.Tensor] = {}  # node id -> f̂
+
+    def observe(self, *args, **kwargs) -> None:
+        self.store.observe(*args, **kwargs)
+
+    @torch.inference_mode()
+    def _sync(self, context: list[int]) -> None:
+        same = 0
+        limit = min(len(context), len(self._context))
+        while same < limit and context[same] == self._context[same]:
+            same += 1
+        keep = max(same - 1, 0)  # rows exist for positions 1..len-1
+        if same < len(self._context) or self._rows or keep < self.runner.kv_len:
+            self.runner.keep(torch.arange(keep)) if keep else self.runner.reset()
+            self._context = self._context[: keep + 1] if keep else []
+            self._rows, self._out = {}, {}
+        first = max(len(self._context), 1)
+        if len(context) > first:
+            f = self.store.features(context, first - 1)[:-1]  # f_{first-1} .. f_{c-2}
+            n_old = self.runner.kv_len
+            n_new = len(context) - first
+            x = self.head.fuse(self.embed[torch.tensor(context[first:])], f)
+            visible = torch.ones(n_new, n_old + n_new, dtype=torch.bool)
+            visible[:, n_old:] = torch.tril(visible[:, n_old:])
+            self.runner(x, torch.arange(first, len(context)), visible)
+        self._context = list(context)
+
+    @torch.inference_mode()
+    def propose(self, context: IntArray, pool: DraftTree, frontier: IntArray, k: int) -> tuple[IntArray, FloatArray]:
+        ctx = [int(t) for t in context]
+        stamp = (len(ctx), int(pool.ids[0]), int(pool.tokens[0]))
+        if stamp != self._stamp or ctx != self._context:
+            self._sync(ctx)
+            self._drop_tree()
+            self._stamp = stamp
+        path_rows = sorted({int(i) for node in frontier.tolist() for i in pool.path(node).tolist()})
+        if any(self._rows.get(int(pool.ids[i]), key) != key
+               for i in path_rows for key in [(int(pool.tokens[i]), int(pool.positions[i]))]):  # fmt: skip
+            self._drop_tree()
+        needed = [i for i in path_rows if int(pool.ids[i]) not in self._rows]
+        depths = pool.depths
+        for depth in sorted({int(depths[i]) for i in needed}):  # parents' f̂ first
+            self._run(pool, np.array([i for i in needed if depths[i] == depth], dtype=np.int64), ctx)
+        f_hat = torch.stack([self._out[int(pool.ids[n])] for n in frontier.tolist()])
+        logp = torch.log_softmax(f_hat @ self.lm_head.T, dim=-1)
+        top = logp.topk(k, dim=-1)
+        return top.indices.numpy().astype(np.int64), top.values.double().numpy()
+
+    def _drop_tree(self) -> None:
+        if self._rows:
+            n = max(len(self._context) - 1, 0)
+            self.runner.keep(torch.arange(n)) if n else self.runner.reset()
+        self._rows, self._out = {}, {}
+
+    def _run(self, pool: DraftTree, rows: IntArray, ctx: list[int]) -> None:
+        features = []
+        for i in rows.tolist():
+            parent = int(pool.parents[i])
+            # the root reads the last committed token's true feature, other nodes their parent's f̂
+            features.append(self.store.features(ctx, len(ctx) - 1)[0] if parent < 0 else self._out[int(pool.ids[parent])])
+        x = self.head.fuse(self.embed[torch.from_numpy(pool.tokens[rows])], torch.stack(features))
+        n_ctx = max(len(ctx) - 1, 0)
+        kv_len = self.runner.kv_len
+        slot = {node: n_ctx + j for j, node in enumerate(self._rows)}
+        for j, i in enumerate(rows.tolist()):
+            slot[int(pool.ids[i])] = kv_len + j
+        visible = torch.zeros(len(rows), kv_len + len(rows), dtype=torch.bool)
+        visible[:, :n_ctx] = True
+        for r, i in enumerate(rows.tolist()):
+            for a in pool.path(i).tolist():
+                visible[r, slot[int(pool.ids[a])]] = True
+        out = self.runner(x, torch.from_numpy(pool.positions[rows]), visible)
+        for r, i in enumerate(rows.tolist()):
+            node = int(pool.ids[i])
+            self._rows[node] = (int(pool.tokens[i]), int(pool.positions[i]))
+            self._out[node] = out[r]

@@ -1,0 +1,93 @@
+"""EAGLE heads: the checkpoint layout round-trips, and the drafter's cached, tree-masked proposals
+equal a from-scratch forward over (token, feature) pairs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from flowspec.tree import DraftTree, root_only
+from runtime.eagle import EagleDrafter, EagleHead, load_eagle, save_eagle
+from runtime.models import ModelError, load_model
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def parts(tiny):
+    target = load_model(tiny.folder)
+    cfg = target.config
+    torch.manual_seed(1)
+    head = EagleHead(LlamaConfig(hidden_size=cfg.hidden_size, intermediate_size=128, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=cfg.vocab_size, max_position_embeddings=256))  # fmt: skip
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    seq = tiny.prompts[0] + tiny.outputs[0]
+    with torch.inference_mode():
+        features = target.model(torch.tensor([seq])).last_hidden_state[0]  # post-norm f_0 .. f_n
+    return target, head, seq, features
+
+
+def reference_f_hat(head: EagleHead, embed: torch.Tensor, tokens: list[int], features: torch.Tensor) -> torch.Tensor:
+    """f̂ of the last row of a plain causal pass over rows i = 1..n: (token i, feature i-1)."""
+    n = len(tokens)
+    runner = head.slice()
+    with torch.inference_mode():
+        x = head.fuse(embed[torch.tensor(tokens[1:])], features[: n - 1])
+        out = runner(x, torch.arange(1, n), torch.ones(n - 1, n - 1, dtype=torch.bool).tril())
+    return out[-1]
+
+
+def assert_top3(proposed: tuple[np.ndarray, np.ndarray], f_hat: torch.Tensor, lm_head: torch.Tensor) -> None:
+    """The drafter's top-3 tokens and log-probs are those of `f_hat` (to float tolerance)."""
+    top = torch.log_softmax(f_hat @ lm_head.T, dim=-1).topk(3)
+    assert proposed[0][0].tolist() == top.indices.tolist()
+    assert np.allclose(proposed[1][0], top.values.numpy(), atol=1e-5), (proposed[1][0], top.values)
+
+
+def test_checkpoint_round_trip_and_errors(parts, tmp_path: Path) -> None:
+    _, head, _, _ = parts
+    save_eagle(head, tmp_path / "head", dtype=torch.float32)
+    loaded = load_eagle(tmp_path / "head", hidden_size=64)
+    for (name, a), (_, b) in zip(head.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ModelError, match="hidden_size 64, the target's is 32"):
+        load_eagle(tmp_path / "head", hidden_size=32)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text(json.dumps(head.config.to_dict(), default=str))
+    with pytest.raises(ModelError, match="neither model.safetensors nor pytorch_model.bin"):
+        load_eagle(tmp_path / "bad", hidden_size=64)
+
+
+def test_proposals_equal_a_from_scratch_forward(parts, tiny) -> None:
+    target, head, seq, f = parts
+    embed, lm_head = target.get_input_embeddings().weight.detach(), target.get_output_embeddings().weight.detach()
+    drafter = EagleDrafter(head, embed, lm_head)
+    p = len(tiny.prompts[0])
+    prompt = np.array(seq[:p])
+    drafter.observe(0, np.full(p, -1), np.full(p, -1), prompt, np.arange(p), f[:p], True)
+
+    # the root (the first generated token) proposes from f_{p-1}
+    tree = root_only(seq[p], p, node_id=100)
+    f_root = reference_f_hat(head, embed, seq[: p + 1], f)
+    assert_top3(drafter.propose(prompt, tree, np.array([0]), 3), f_root, lm_head)
+
+    # a child reads the root's f̂, through the cached rows and the tree mask
+    child = DraftTree(ids=np.array([100, 101]), tokens=np.array(seq[p : p + 2]), parents=np.array([-1, 0]),
+                      positions=np.array([p, p + 1]), scores=np.array([0.0, -0.1]))  # fmt: skip
+    with torch.inference_mode():
+        mixed = torch.cat([f[:p], f_root[None]])  # true features, then the root's draft feature
+    proposed = drafter.propose(prompt, child, np.array([1]), 3)
+    assert_top3(proposed, reference_f_hat(head, embed, seq[: p + 2], mixed), lm_head)
+
+    # both were accepted: their true features arrive, the committed context grows by two
+    drafter.observe(0, np.array([100, 101]), np.array([-1, 100]), np.array(seq[p : p + 2]), np.array([p, p + 1]),
+                    f[p : p + 2], False)  # fmt: skip
+    context = np.array(seq[: p + 2])
+    proposed = drafter.propose(context, root_only(seq[p + 2], p + 2, node_id=102), np.array([0]), 3)
+    assert_top3(proposed, reference_f_hat(head, embed, seq[: p + 3], f), lm_head)
