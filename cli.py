@@ -263,6 +263,42 @@ def stage(scenario: Path, overrides: tuple[str, ...], rank: int) -> None:
     raise SystemExit(run_stage(testbed_plan(sc, rank), model_dir, sc.runtime.torch_threads))
 
 
+@main.command("train-draft")
+@click.option("--target", default="smollm2-135m-instruct", show_default=True,
+              help="Target model: smollm2-135m-instruct, a HF model directory or a .gguf file.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for the head.")
+@click.option("--prompts", "prompt_files", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="JSONL prompt files (repeatable); default: the built-in prompts.")
+@click.option("--minutes", type=click.FloatRange(min=0), default=10.0, show_default=True, help="Time budget of the fit.")
+@click.option("--steps", type=click.IntRange(min=1), help="Stop after this many optimiser steps.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Reuse the cached target answers and the last checkpoint in --out.")
+@reports_scenario_errors
+def train_draft_command(target: str, out: Path, prompt_files: tuple[Path, ...], minutes: float, steps: int | None,
+                        max_new_tokens: int, seed: int, resume: bool) -> None:  # fmt: skip
+    """Train an EAGLE-style draft head for TARGET; save EAGLE's checkpoint layout and a card."""
+    from runtime.models import load_model, load_tokenizer, resolve_model
+    from runtime.prompts import BUILTIN_PROMPTS, encode, read_jsonl
+    from runtime.train_draft import TrainConfig, train_draft
+
+    model_dir = resolve_model(target, echo=lambda m: click.echo(m, err=True))
+    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
+    if prompt_files:
+        prompts = [r.prompt for f in prompt_files for r in read_jsonl(f, tokenizer)]
+    elif tokenizer is not None:
+        prompts = [encode(tokenizer, text) for text in BUILTIN_PROMPTS]
+    else:
+        raise ScenarioError(f"--prompts: {model_dir} has no tokenizer, so give token-id prompts in a JSONL file")
+    config = TrainConfig(minutes=minutes, max_steps=steps, max_new_tokens=max_new_tokens, seed=seed)
+    eos = model.generation_config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    train_draft(model, prompts, out, config, eos=eos, resume=resume, echo=lambda m: click.echo(m, err=True),
+                target_name=str(target))  # fmt: skip
+    click.echo(f"wrote {out}/ (model.safetensors, config.json, card.json); use it with "
+               f"--set runtime.drafter=eagle --set runtime.draft_model={out}")
+
+
 @main.group()
 def bench() -> None:
     """Benchmarks: print a table and write a CSV; speeds are measured side by side in one run."""

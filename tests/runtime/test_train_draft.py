@@ -1,0 +1,48 @@
+"""`flowspec train-draft` on a tiny random target: it learns, its output loads in the runtime, and
+decoding with it stays lossless."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from flowspec.config import DrafterKind, Policy, scenario_from_dict
+from runtime.draft_node import Request
+from runtime.launcher import Cluster, Target, make_drafter, stage_scenario
+
+ROOT = Path(__file__).parents[2]
+
+
+def test_trained_head_learns_loads_and_decodes_losslessly(tiny, tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"tokens": np.random.default_rng(100 + i).integers(0, tiny.vocab, 12).tolist()})
+                               + "\n" for i in range(40)))  # fmt: skip
+    out = tmp_path / "head"
+    cmd = [sys.executable, "-m", "cli", "train-draft", "--target", str(tiny.folder), "--out", str(out),
+           "--prompts", str(prompts), "--steps", "150", "--max-new-tokens", "40"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    card = json.loads((out / "card.json").read_text())
+    assert card["steps"] == 150 and card["train_prompts"] == 32 and card["heldout_prompts"] == 8
+    top1 = card["heldout_top1_answer_tokens"]
+    assert top1["trained"] > top1["untrained"], top1
+
+    sc = scenario_from_dict({
+        "pipeline": {"n_stages": 3}, "decoding": {"max_new_tokens": tiny.n_new},
+        "tree": {"total": 10, "topk": 3, "depth": 3, "segment_size": 4},
+        "expansion": {"total": 6, "topk": 3, "depth": 2},
+        "runtime": {"model": str(tiny.folder), "stop_at_eos": False, "drafter": "eagle", "draft_model": str(out)},
+    })  # fmt: skip
+    target = Target.load(sc)
+    assert target.scenario.runtime.drafter is DrafterKind.EAGLE
+    requests = [Request(tuple(p)) for p in tiny.prompts]
+    with Cluster(stage_scenario(target.scenario, Policy.FLOWSPEC), target) as cluster:
+        for policy in (Policy.FLOWSPEC, Policy.SERIAL):
+            sc_policy = dataclasses.replace(target.scenario, policy=policy)
+            result = cluster.serve(stage_scenario(sc_policy, policy), make_drafter(sc_policy, target), requests)
+            assert [result.outputs[0], result.outputs[1]] == tiny.outputs, policy
