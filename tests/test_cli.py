@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from importlib.metadata import version
 from pathlib import Path
 
@@ -23,9 +25,9 @@ def test_version_and_help():
     assert result.stdout == f"flowspec, version {version('flowspec')}\n"
     result = runner.invoke(cli.main, ["--help"])
     assert result.exit_code == 0
-    assert "check     Validate a scenario and print it resolved." in result.stdout
-    for command in ("simulate", "sweep", "bench"):
-        assert f"  {command}  " in result.stdout
+    assert re.search(r"\n  check +Validate a scenario and print it resolved\.\n", result.stdout)
+    for command in ("simulate", "sweep", "bench", "run", "stage", "train-draft"):
+        assert re.search(rf"\n  {command} +[A-Z]", result.stdout), command
 
 
 def test_check_prints_resolved_scenario():
