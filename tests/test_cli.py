@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-
 from importlib.metadata import version
 from pathlib import Path
 
