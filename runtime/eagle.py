@@ -32,6 +32,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from flowspec.tree import DraftTree, FloatArray, IntArray
+from runtime.drafters import DraftKV, top_k
 from runtime.model_slice import LayerSlice
 from runtime.models import ModelError
 
@@ -151,83 +152,24 @@ class EagleDrafter:
         self.embed = embed
         self.lm_head = lm_head
         self.store = FeatureStore()
-        self.runner = head.slice()
-        self._context: list[int] = []  # committed tokens whose rows (t_i, f_{i-1}), i >= 1, are cached
-        self._stamp: tuple[int, int, int] | None = None
-        self._rows: dict[int, tuple[int, int]] = {}  # node id -> (token, position) run in the tree part
-        self._out: dict[int, torch.Tensor] = {}  # node id -> f̂
+        self.kv = DraftKV(head.slice(), offset=1)  # row i reads (t_i, f_{i-1}): position 0 has none
 
     def observe(self, *args, **kwargs) -> None:
         self.store.observe(*args, **kwargs)
 
     @torch.inference_mode()
-    def _sync(self, context: list[int]) -> None:
-        same = 0
-        limit = min(len(context), len(self._context))
-        while same < limit and context[same] == self._context[same]:
-            same += 1
-        keep = max(same - 1, 0)  # rows exist for positions 1..len-1
-        if same < len(self._context) or self._rows or keep < self.runner.kv_len:
-            self.runner.keep(torch.arange(keep)) if keep else self.runner.reset()
-            self._context = self._context[: keep + 1] if keep else []
-            self._rows, self._out = {}, {}
-        first = max(len(self._context), 1)
-        if len(context) > first:
-            f = self.store.features(context, first - 1)[:-1]  # f_{first-1} .. f_{c-2}
-            n_old = self.runner.kv_len
-            n_new = len(context) - first
-            x = self.head.fuse(self.embed[torch.tensor(context[first:])], f)
-            visible = torch.ones(n_new, n_old + n_new, dtype=torch.bool)
-            visible[:, n_old:] = torch.tril(visible[:, n_old:])
-            self.runner(x, torch.arange(first, len(context)), visible)
-        self._context = list(context)
-
-    @torch.inference_mode()
     def propose(self, context: IntArray, pool: DraftTree, frontier: IntArray, k: int) -> tuple[IntArray, FloatArray]:
         ctx = [int(t) for t in context]
-        stamp = (len(ctx), int(pool.ids[0]), int(pool.tokens[0]))
-        if stamp != self._stamp or ctx != self._context:
-            self._sync(ctx)
-            self._drop_tree()
-            self._stamp = stamp
-        path_rows = sorted({int(i) for node in frontier.tolist() for i in pool.path(node).tolist()})
-        if any(self._rows.get(int(pool.ids[i]), key) != key
-               for i in path_rows for key in [(int(pool.tokens[i]), int(pool.positions[i]))]):  # fmt: skip
-            self._drop_tree()
-        needed = [i for i in path_rows if int(pool.ids[i]) not in self._rows]
+        first = self.kv.begin(ctx, pool)
+        if first < len(ctx):
+            f = self.store.features(ctx, first - 1)[:-1]  # f_{first-1} .. f_{c-2}
+            self.kv.commit(self.head.fuse(self.embed[torch.tensor(ctx[first:])], f), first, ctx)
+        needed = self.kv.missing(pool, frontier)
         depths = pool.depths
         for depth in sorted({int(depths[i]) for i in needed}):  # parents' f̂ first
-            self._run(pool, np.array([i for i in needed if depths[i] == depth], dtype=np.int64), ctx)
-        f_hat = torch.stack([self._out[int(pool.ids[n])] for n in frontier.tolist()])
-        logp = torch.log_softmax(f_hat @ self.lm_head.T, dim=-1)
-        top = logp.topk(k, dim=-1)
-        return top.indices.numpy().astype(np.int64), top.values.double().numpy()
-
-    def _drop_tree(self) -> None:
-        if self._rows:
-            n = max(len(self._context) - 1, 0)
-            self.runner.keep(torch.arange(n)) if n else self.runner.reset()
-        self._rows, self._out = {}, {}
-
-    def _run(self, pool: DraftTree, rows: IntArray, ctx: list[int]) -> None:
-        features = []
-        for i in rows.tolist():
-            parent = int(pool.parents[i])
+            rows = np.array([i for i in needed if depths[i] == depth], dtype=np.int64)
             # the root reads the last committed token's true feature, other nodes their parent's f̂
-            features.append(self.store.features(ctx, len(ctx) - 1)[0] if parent < 0 else self._out[int(pool.ids[parent])])
-        x = self.head.fuse(self.embed[torch.from_numpy(pool.tokens[rows])], torch.stack(features))
-        n_ctx = max(len(ctx) - 1, 0)
-        kv_len = self.runner.kv_len
-        slot = {node: n_ctx + j for j, node in enumerate(self._rows)}
-        for j, i in enumerate(rows.tolist()):
-            slot[int(pool.ids[i])] = kv_len + j
-        visible = torch.zeros(len(rows), kv_len + len(rows), dtype=torch.bool)
-        visible[:, :n_ctx] = True
-        for r, i in enumerate(rows.tolist()):
-            for a in pool.path(i).tolist():
-                visible[r, slot[int(pool.ids[a])]] = True
-        out = self.runner(x, torch.from_numpy(pool.positions[rows]), visible)
-        for r, i in enumerate(rows.tolist()):
-            node = int(pool.ids[i])
-            self._rows[node] = (int(pool.tokens[i]), int(pool.positions[i]))
-            self._out[node] = out[r]
+            features = [self.store.features(ctx, len(ctx) - 1)[0] if pool.parents[i] < 0
+                        else self.kv.out[int(pool.ids[pool.parents[i]])] for i in rows.tolist()]  # fmt: skip
+            self.kv.run(pool, rows, self.head.fuse(self.embed[torch.from_numpy(pool.tokens[rows])], torch.stack(features)))
+        return top_k(torch.stack([self.kv.out[int(pool.ids[n])] for n in frontier.tolist()]), self.lm_head, k)

@@ -37,15 +37,10 @@ from flowspec.config import DrafterKind, Policy, Scenario, ScenarioError, dump_s
 from flowspec.tree import Drafter
 from runtime.channel import Endpoint, RemoteError
 from runtime.draft_node import DraftNode, Request, RunResult
-from runtime.models import load_model, load_tokenizer, resolve_model
+from runtime.models import Echo, quiet, load_model, load_tokenizer, resolve_model
 from runtime.stage import layer_ranges
 
-Echo = Callable[[str], None]
 LOG_TAIL_LINES = 25
-
-
-def _quiet(message: str) -> None:
-    del message
 
 
 @dataclass
@@ -58,7 +53,7 @@ class Target:
     model: Any  # the full model, for drafters that reuse it; dropped by callers that do not
 
     @classmethod
-    def load(cls, scenario: Scenario, *, base_dir: Path | None = None, echo: Echo = _quiet) -> Target:
+    def load(cls, scenario: Scenario, *, base_dir: Path | None = None, echo: Echo = quiet) -> Target:
         model_dir = resolve_model(scenario.runtime.model, base_dir=base_dir, echo=echo)
         model = load_model(model_dir)
         head = model.get_output_embeddings().weight.detach()
@@ -97,10 +92,10 @@ def make_drafter(scenario: Scenario, target: Target, *, base_dir: Path | None = 
     if rt.drafter is DrafterKind.NGRAM:
         return PromptLookupDrafter(scenario.model.vocab_size, max_n=rt.ngram_max)
     assert rt.draft_model is not None
-    path = resolve_model(rt.draft_model, base_dir=base_dir) if rt.drafter is DrafterKind.LM else None
     if rt.drafter is DrafterKind.LM:
         from runtime.drafters import CausalLMDrafter
 
+        path = resolve_model(rt.draft_model, base_dir=base_dir)
         return CausalLMDrafter(load_model(path), vocab_size=scenario.model.vocab_size)
     from runtime.eagle import EagleDrafter, load_eagle
 
@@ -121,7 +116,7 @@ class Cluster:
     """D0 in this process and its stages: child processes on loopback, or (with runtime.hosts) the
     testbed's `flowspec stage` processes, which connect to D0 themselves. See the module docstring."""
 
-    def __init__(self, scenario: Scenario, target: Target, *, echo: Echo = _quiet) -> None:
+    def __init__(self, scenario: Scenario, target: Target, *, echo: Echo = quiet) -> None:
         self.scenario = scenario
         self.target = target
         self.echo = echo
@@ -228,7 +223,7 @@ def run_policies(
     requests: list[Request],
     *,
     drafter: Callable[[Scenario], Drafter],
-    echo: Echo = _quiet,
+    echo: Echo = quiet,
     on_tokens: Callable[[Policy, int, tuple[int, ...]], None] | None = None,
 ) -> Iterator[tuple[Policy, RunResult]]:
     """Each policy's result on loopback, as soon as it exists (pipelined policies share a cluster)."""

@@ -45,11 +45,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FLOWSPEC_CACHE") or Path.home() / ".cache" / "flowspec")
 
 
-def _quiet(message: str) -> None:
+def quiet(message: str) -> None:
+    """An echo that says nothing (the default where no one listens)."""
     del message
 
 
-def resolve_model(spec: str, *, base_dir: Path | None = None, echo: Echo = _quiet) -> Path:
+def resolve_model(spec: str, *, base_dir: Path | None = None, echo: Echo = quiet) -> Path:
     """A local HF model directory for `spec` (see the module docstring); relative paths are taken
     from `base_dir` (the scenario's folder)."""
     if spec == DEFAULT_MODEL:

@@ -69,17 +69,16 @@ def run_and_save(
     echo(f"{len(requests)} request(s), {scenario.decoding.max_new_tokens} new tokens at most, model "
          f"{target.model_dir.name}, drafter {scenario.runtime.drafter}", err=True)  # fmt: skip
     streamer = TextStream(target.tokenizer, lambda s: (sys.stdout.write(s), sys.stdout.flush())) if stream else None
-    first: list[Policy] = []
+    first = policies[0]
 
     def on_tokens(policy: Policy, request_id: int, tokens: tuple[int, ...]) -> None:
-        if streamer is not None and policy is first[0]:
+        if streamer is not None and policy is first:
             streamer(request_id, tokens)
 
     done: dict[str, dict[str, pd.DataFrame]] = {}
     results: dict[str, RunResult] = {}
     reference: dict[int, list[int]] | None = None
     try:
-        first.append(policies[0])
         for policy, result in run_policies(scenario, target, policies, requests, echo=lambda m: echo(m, err=True),
                                            drafter=lambda sc: make_drafter(sc, target, base_dir=base_dir),
                                            on_tokens=on_tokens):  # fmt: skip
@@ -91,13 +90,13 @@ def run_and_save(
             done[str(policy)] = frames
             results[str(policy)] = result
             n_tokens = sum(len(v) for v in result.outputs.values())
-            if streamer is not None and policy is first[0]:
+            if streamer is not None and policy is first:
                 echo("", err=False)
             same = ""
             if reference is None:
                 reference = result.outputs
             elif scenario.decoding.temperature == 0:
-                same = ", same tokens as " + str(first[0]) if result.outputs == reference else ", OUTPUT DIFFERS"
+                same = ", same tokens as " + str(first) if result.outputs == reference else ", OUTPUT DIFFERS"
             echo(f"  {policy}: {n_tokens} tokens in {result.wall_s:.2f} s ({n_tokens / result.wall_s:.1f} tok/s{same})",
                  err=True)  # fmt: skip
     except Exception as e:  # keep what is done; the caller reports and exits non-zero

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from flowspec.config import Scenario, load_scenario
 from flowspec.kv import StageLedger
@@ -41,6 +42,8 @@ from flowspec.messages import Segment
 from flowspec.pipeline import ProtocolError
 from runtime import wire
 from runtime.channel import Endpoint, RemoteError, StageTimeout
+from runtime.model_slice import LayerSlice, hidden_from_wire, hidden_to_wire
+from runtime.models import load_model
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,11 +101,6 @@ class StageWorker:
         p = self.plan
         self._to_d0(wire.encode("hello", p.rank, {"address": self.endpoint.address, "first_layer": p.first_layer,
                                                  "n_layers": p.last_layer - p.first_layer}))  # fmt: skip
-        import torch
-
-        from runtime.model_slice import LayerSlice
-        from runtime.models import load_model
-
         torch.set_num_threads(self.threads)
         model = load_model(self.model_dir)
         self.slice = LayerSlice.from_model(model, p.first_layer, p.last_layer)
@@ -179,15 +177,9 @@ class StageWorker:
 
     def _compact(self, slots: np.ndarray | None) -> None:
         if slots is not None:
-            import torch
-
             self.slice.keep(torch.from_numpy(np.ascontiguousarray(slots, dtype=np.int64)))
 
     def _run_one(self) -> None:
-        import torch
-
-        from runtime.model_slice import hidden_from_wire, hidden_to_wire
-
         seg, carried = self.queue.popleft()
         if seg.reset:
             self.ledger.reset()
