@@ -268,33 +268,58 @@ def stage(scenario: Path, overrides: tuple[str, ...], rank: int) -> None:
               help="Target model: smollm2-135m-instruct, a HF model directory or a .gguf file.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for the head.")
 @click.option("--prompts", "prompt_files", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="JSONL prompt files (repeatable); default: the built-in prompts.")
+              help="JSONL prompt files (repeatable).")
+@click.option("--prompt-set", "prompt_sets", multiple=True, metavar="NAME|all",
+              help="Prompt sets shipped in PyPI wheels (repeatable; `all` for every set). Default without "
+                   "--prompts: all, plus the built-in prompts.")  # fmt: skip
+@click.option("--per-set", type=click.IntRange(min=1), default=75, show_default=True, help="Prompts per set.")
+@click.option("--exclude", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Benchmark JSONL files: drop training prompts that overlap their questions.")
+@click.option("--max-prompt-tokens", type=click.IntRange(min=1), default=320, show_default=True,
+              help="Skip longer prompts.")
 @click.option("--minutes", type=click.FloatRange(min=0), default=10.0, show_default=True, help="Time budget of the fit.")
-@click.option("--steps", type=click.IntRange(min=1), help="Stop after this many optimiser steps.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--steps", type=click.IntRange(min=0), help="Stop after this many optimiser steps.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=96, show_default=True)
+@click.option("--draft-vocab", type=click.IntRange(min=0), default=8192, show_default=True,
+              help="Draft over the N tokens the target predicts most often (0: the full vocabulary).")
+@click.option("--rollout", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Training-time rollout steps (the head learns to read its own predictions).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Reuse the cached target answers and the last checkpoint in --out.")
 @reports_scenario_errors
-def train_draft_command(target: str, out: Path, prompt_files: tuple[Path, ...], minutes: float, steps: int | None,
-                        max_new_tokens: int, seed: int, resume: bool) -> None:  # fmt: skip
+def train_draft_command(target: str, out: Path, prompt_files: tuple[Path, ...], prompt_sets: tuple[str, ...],
+                        per_set: int, exclude: tuple[Path, ...], max_prompt_tokens: int, minutes: float,
+                        steps: int | None, max_new_tokens: int, draft_vocab: int, rollout: int, seed: int,
+                        resume: bool) -> None:  # fmt: skip
     """Train an EAGLE-style draft head for TARGET; save EAGLE's checkpoint layout and a card."""
     from runtime.models import load_model, load_tokenizer, resolve_model
+    from runtime.prompt_sets import PROMPT_SETS, training_prompts
     from runtime.prompts import BUILTIN_PROMPTS, encode, read_jsonl
     from runtime.train_draft import TrainConfig, train_draft
 
-    model_dir = resolve_model(target, echo=lambda m: click.echo(m, err=True))
+    echo = lambda m: click.echo(m, err=True)  # noqa: E731
+    model_dir = resolve_model(target, echo=echo)
     model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
-    if prompt_files:
-        prompts = [r.prompt for f in prompt_files for r in read_jsonl(f, tokenizer)]
-    elif tokenizer is not None:
-        prompts = [encode(tokenizer, text) for text in BUILTIN_PROMPTS]
-    else:
-        raise ScenarioError(f"--prompts: {model_dir} has no tokenizer, so give token-id prompts in a JSONL file")
-    config = TrainConfig(minutes=minutes, max_steps=steps, max_new_tokens=max_new_tokens, seed=seed)
+    prompts = [r.prompt for f in prompt_files for r in read_jsonl(f, tokenizer)]
+    sources = ["file"] * len(prompts)
+    if prompt_sets or not prompt_files:
+        if tokenizer is None:
+            raise ScenarioError(f"--prompt-set: {model_dir} has no tokenizer, so give token-id prompts with --prompts")
+        names = list(PROMPT_SETS) if not prompt_sets or "all" in prompt_sets else list(prompt_sets)
+        pairs = training_prompts(names, per_set=per_set, seed=seed, exclude=list(exclude), echo=echo)
+        if not prompt_sets:
+            pairs += [("builtin", t) for t in BUILTIN_PROMPTS]
+        encoded = [(name, encode(tokenizer, text)) for name, text in pairs]
+        kept = [(name, ids) for name, ids in encoded if len(ids) <= max_prompt_tokens]
+        echo(f"{len(kept)} prompts from {len(names)} sets ({len(encoded) - len(kept)} over {max_prompt_tokens} tokens skipped)")
+        prompts += [ids for _, ids in kept]
+        sources += [name for name, _ in kept]
+    config = TrainConfig(minutes=minutes, max_steps=steps, max_new_tokens=max_new_tokens, draft_vocab=draft_vocab,
+                         rollout=rollout, seed=seed)  # fmt: skip
     eos = model.generation_config.eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos
-    train_draft(model, prompts, out, config, eos=eos, resume=resume, echo=lambda m: click.echo(m, err=True),
-                target_name=str(target))  # fmt: skip
+    train_draft(model, prompts, out, config, eos=eos, resume=resume, echo=echo, target_name=str(target),
+                sources=sources)  # fmt: skip
     click.echo(f"wrote {out}/ (model.safetensors, config.json, card.json); use it with "
                f"--set runtime.drafter=eagle --set runtime.draft_model={out}")
 
@@ -327,6 +352,54 @@ def bench_sim(scenario: Path, overrides: tuple[str, ...], policies: tuple[str, .
     if hot:
         click.echo("\nwhere the time goes (last run of each policy, by own time):\n" + hot)
     click.echo(f"\nwrote {out}")
+
+
+@bench.command("draft")
+@click.option("--head", "head_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="EAGLE head folder; default: the head shipped for the default target.")
+@click.option("--target", default="smollm2-135m-instruct", show_default=True, help="Target model (as train-draft).")
+@click.option("--prompts", "prompt_files", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="JSONL prompt sets (repeatable, one table group per file); default: the built-in prompts.")
+@click.option("--per-set", type=click.IntRange(min=1), default=20, show_default=True, help="Prompts per set.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=96, show_default=True)
+@click.option("--tree", "tree_spec", default=None, metavar="TOTAL,TOPK,DEPTH",
+              help="EAGLE-2 tree; default: the runtime's default tree.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("runs/bench-draft.csv"), show_default=True)
+@reports_scenario_errors
+def bench_draft_command(head_dir: Path | None, target: str, prompt_files: tuple[Path, ...], per_set: int,
+                        max_new_tokens: int, tree_spec: str | None, out: Path) -> None:  # fmt: skip
+    """Drafters scored on the target's own answers: tokens per verification, depth reached, growth time.
+
+    Replays an EAGLE-2 tree at every verification of the target's greedy answers (T = 0) for the
+    EAGLE head over its draft vocabulary, the same head over the full vocabulary, and prompt
+    lookup. Writes the table as CSV, every verification next to it, and a plot of depth reached.
+    """
+    import report
+    from flowspec.config import RuntimeConfig, TreeConfig
+    from runtime.draft_eval import bench_draft, plot_reach
+    from runtime.eagle import default_head
+
+    tree = TreeConfig()
+    if tree_spec is not None:
+        try:
+            total, topk, depth = (int(v) for v in tree_spec.split(","))
+            tree = TreeConfig(total=total, topk=topk, depth=depth)
+        except ValueError as e:
+            raise ScenarioError(f"--tree: expected TOTAL,TOPK,DEPTH integers, got {tree_spec!r} ({e})") from None
+    head_dir = head_dir or default_head(target)
+    summary, rows = bench_draft(target, head_dir, list(prompt_files), per_set=per_set, max_new_tokens=max_new_tokens,
+                                tree=tree, ngram_max=RuntimeConfig().ngram_max,
+                                echo=lambda m: click.echo(m, err=True))  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    summary.to_csv(out, index=False)
+    rows_path = out.with_name(out.stem + "-verifications.csv")
+    rows.to_csv(rows_path, index=False)
+    plot_path = out.with_suffix(".png")
+    plot_reach(summary, plot_path, tree.depth + 1)
+    click.echo(report.format_table(summary))
+    click.echo(f"\ntree: total {tree.total}, topk {tree.topk}, depth {tree.depth}; mean_accepted counts the "
+               f"bonus token; reach_d: share of verifications accepting >= d draft tokens; grow_ms: median")
+    click.echo(f"wrote {out}, {rows_path}, {plot_path}")
 
 
 @bench.command("runtime")

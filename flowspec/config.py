@@ -266,6 +266,8 @@ class RuntimeConfig(Section):
     """Draft model on D0: ngram, lm or eagle."""
     draft_model: str | None = None
     """HF directory of the draft LM (drafter: lm) or EAGLE checkpoint folder (drafter: eagle)."""
+    draft_full_vocab: bool = False
+    """eagle: draft over the full vocabulary even when the head ships a smaller draft vocabulary."""
     ngram_max: int = 4
     """Longest suffix the ngram drafter looks up (it falls back to shorter ones, down to 1)."""
     hosts: tuple[str, ...] = ()

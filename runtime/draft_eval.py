@@ -1,0 +1,188 @@
+"""Measuring drafters offline: EAGLE-2 trees replayed over the target's own greedy answers.
+
+Theory of operation
+-------------------
+At T = 0 a verification's outcome depends only on the tree and the target's greedy chain: the
+target accepts the root's child that equals its next token, then that child's child, and so on,
+and adds one token of its own (the bonus). So with the target's answer and its per-position argmax
+in hand (`train_draft.Sample`: one teacher-forced pass), a drafter can be scored without a
+pipeline: start at the first answer token as the root, grow a tree from the committed context,
+count the accepted path, advance by accepted + 1, repeat to the end of the answer.
+
+EAGLE heads read the target's features; they get them all up front through `observe` as prompt
+rows, and read only positions before the root, as in the runtime. Each verification is a flat
+row; `summarise` turns rows into the figures the issue and the card quote: mean accepted tokens
+per verification (bonus included), the share of verifications reaching each depth, growth time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from flowspec.config import TreeConfig
+from flowspec.tree import DraftTree, Drafter, grow
+
+
+def accepted_length(tree: DraftTree, chain: np.ndarray) -> int:
+    """Draft tokens the target accepts: the longest root path whose tokens equal `chain` (the
+    target's greedy tokens after the root)."""
+    node, accepted = 0, 0
+    while accepted < len(chain):
+        children = np.flatnonzero(tree.parents == node)
+        match = children[tree.tokens[children] == chain[accepted]]
+        if not len(match):
+            break
+        node, accepted = int(match[0]), accepted + 1
+    return accepted
+
+
+def replay(drafter: Drafter, sample, tree: TreeConfig, *, request_id: int = 0) -> list[dict]:
+    """One row per verification over `sample`'s answer (see the module docstring)."""
+    tokens = sample.tokens.numpy().astype(np.int64)
+    chain = sample.next_tokens.numpy().astype(np.int64)
+    n = len(tokens)
+    if hasattr(drafter, "observe"):
+        none = np.full(n, -1, dtype=np.int64)
+        drafter.observe(request_id, none, none, tokens, np.arange(n), sample.features.float(), True)
+    rows = []
+    p = sample.n_prompt
+    while p < n - 1:  # tokens[p] is the root; chain[p] is the target's token after it
+        t0 = time.perf_counter()
+        grown = grow(drafter, tokens[:p], int(tokens[p]), p, depth=tree.depth, topk=tree.topk, total=tree.total)
+        grow_ms = (time.perf_counter() - t0) * 1e3
+        accepted = accepted_length(grown, chain[p : n - 1])
+        rows.append({"request": request_id, "position": p, "accepted": accepted, "tree_nodes": len(grown) - 1,
+                     "grow_ms": grow_ms})  # fmt: skip
+        p += accepted + 1
+    return rows
+
+
+def replay_all(drafter: Drafter, samples: list, tree: TreeConfig,
+               progress: Callable[[int], None] = lambda n: None) -> pd.DataFrame:  # fmt: skip
+    rows = []
+    for i, sample in enumerate(samples):
+        rows += [{**r, "prompt_set": sample.source} for r in replay(drafter, sample, tree, request_id=i)]
+        progress(1)
+    return pd.DataFrame(rows)
+
+
+def summarise(frame: pd.DataFrame, by: list[str], max_depth: int) -> pd.DataFrame:
+    """Per group: verifications, mean accepted per verification (bonus included), the share of
+    verifications accepting at least d draft tokens for d = 1..max_depth, median growth time."""
+
+    def one(g: pd.DataFrame) -> pd.Series:
+        out = {"verifications": len(g), "mean_accepted": (g["accepted"] + 1).mean()}
+        out.update({f"reach_{d}": (g["accepted"] >= d).mean() for d in range(1, max_depth + 1)})
+        out["grow_ms"] = g["grow_ms"].median()  # median: robust to a shared machine's hiccups
+        return pd.Series(out)
+
+    return frame.groupby(by, sort=False).apply(one, include_groups=False).reset_index()
+
+
+def tree_card(frame: pd.DataFrame, tree: TreeConfig) -> dict:
+    """The figures a head's card records."""
+    row = summarise(frame.assign(all="all"), ["all"], tree.depth + 1).iloc[0]
+    return {"tree": {"total": tree.total, "topk": tree.topk, "depth": tree.depth},
+            "verifications": int(row["verifications"]), "mean_accepted_per_verification": round(float(row["mean_accepted"]), 3),
+            "reach_depth": {d: round(float(row[f"reach_{d}"]), 3) for d in range(1, tree.depth + 2)},
+            "grow_ms": round(float(row["grow_ms"]), 2)}  # fmt: skip
+
+
+def answers_cache(model_dir: Path, prompts: list[tuple[int, ...]], max_new_tokens: int) -> Path:
+    """Where the target's answers to `prompts` are cached between benchmark runs."""
+    import hashlib
+
+    from runtime.models import cache_dir
+
+    key = hashlib.sha1(repr((str(model_dir), prompts, max_new_tokens)).encode()).hexdigest()[:16]
+    return cache_dir() / "answers" / f"{key}.pt"
+
+
+def target_answers(model, model_dir: Path, sets: dict[str, list[tuple[int, ...]]], max_new_tokens: int, eos: int | None,
+                   echo: Callable[[str], None]) -> list:  # fmt: skip
+    """The target's answers (train_draft.Sample, source = set name) to every set's prompts, cached."""
+    import torch
+    from tqdm import tqdm
+
+    from runtime.train_draft import Sample, make_samples
+
+    prompts = [p for ps in sets.values() for p in ps]
+    sources = [name for name, ps in sets.items() for _ in ps]
+    path = answers_cache(model_dir, prompts, max_new_tokens)
+    if path.is_file():
+        echo(f"reusing the target's answers from {path}")
+        return [Sample(**d) for d in torch.load(path, weights_only=True)]
+    with tqdm(total=len(prompts), desc="target answers", unit="prompt") as bar:
+        samples = make_samples(model, prompts, max_new_tokens, eos, bar.update, sources=sources)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from dataclasses import asdict
+
+    torch.save([asdict(s) for s in samples], path)
+    return samples
+
+
+def bench_draft(target_spec: str, head_dir: Path, prompt_files: list[Path], *, per_set: int, max_new_tokens: int,
+                tree: TreeConfig, ngram_max: int, echo: Callable[[str], None]) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
+    """Per prompt set and drafter, the summary (see `summarise`) and every verification's row.
+    Drafters: the EAGLE head over its draft vocabulary, the same head over the full vocabulary,
+    and prompt lookup; all replay the same target answers."""
+    import torch
+    from tqdm import tqdm
+
+    from flowspec.lookup import PromptLookupDrafter
+    from runtime.eagle import EagleDrafter, load_eagle
+    from runtime.models import load_model, load_tokenizer, resolve_model
+    from runtime.prompts import BUILTIN_PROMPTS, encode, read_jsonl
+
+    torch.set_num_threads(2)
+    model_dir = resolve_model(target_spec, echo=echo)
+    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
+    if prompt_files:
+        sets = {f.stem: [r.prompt for r in read_jsonl(f, tokenizer)][:per_set] for f in prompt_files}
+    else:
+        sets = {"builtin": [encode(tokenizer, t) for t in BUILTIN_PROMPTS][:per_set]}
+    eos = model.generation_config.eos_token_id
+    samples = target_answers(model, model_dir, sets, max_new_tokens, eos[0] if isinstance(eos, list) else eos, echo)
+    head = load_eagle(head_dir, model.config.hidden_size)
+    embed = model.get_input_embeddings().weight.detach()
+    lm_head = model.get_output_embeddings().weight.detach()
+    n_vocab = len(head.draft_vocab) if head.draft_vocab is not None else model.config.vocab_size
+    drafters = {f"eagle ({n_vocab} draft vocab)": lambda: EagleDrafter(head, embed, lm_head)}
+    if head.draft_vocab is not None:
+        drafters[f"eagle (full {model.config.vocab_size} vocab)"] = lambda: EagleDrafter(head, embed, lm_head, full_vocab=True)
+    drafters[f"prompt lookup (n <= {ngram_max})"] = lambda: PromptLookupDrafter(model.config.vocab_size, max_n=ngram_max)
+    frames = []
+    for name, make in drafters.items():
+        with tqdm(total=len(samples), desc=name, unit="prompt") as bar:
+            frames.append(replay_all(make(), samples, tree, bar.update).assign(drafter=name))
+    rows = pd.concat(frames, ignore_index=True)
+    per_set_frame = summarise(rows, ["drafter", "prompt_set"], tree.depth + 1)
+    overall = summarise(rows.assign(prompt_set="all"), ["drafter", "prompt_set"], tree.depth + 1)
+    return pd.concat([per_set_frame, overall], ignore_index=True), rows
+
+
+def plot_reach(summary: pd.DataFrame, path: Path, max_depth: int) -> None:
+    """Share of verifications reaching each depth, one line per drafter (all prompt sets)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    depths = list(range(1, max_depth + 1))
+    for _, row in summary[summary["prompt_set"] == "all"].iterrows():
+        ax.plot(depths, [row[f"reach_{d}"] for d in depths], marker="o",
+                label=f"{row['drafter']}: {row['mean_accepted']:.2f} tok/verification")  # fmt: skip
+    ax.set_xlabel("draft tokens accepted, at least")
+    ax.set_ylabel("share of verifications")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
