@@ -293,7 +293,7 @@ def train_draft_command(target: str, out: Path, prompt_files: tuple[Path, ...], 
                         resume: bool) -> None:  # fmt: skip
     """Train an EAGLE-style draft head for TARGET; save EAGLE's checkpoint layout and a card."""
     from runtime.models import load_model, load_tokenizer, resolve_model
-    from runtime.prompt_sets import PROMPT_SETS, training_prompts
+    from runtime.prompt_sets import SET_NAMES, training_prompts
     from runtime.prompts import BUILTIN_PROMPTS, encode, read_jsonl
     from runtime.train_draft import TrainConfig, train_draft
 
@@ -305,7 +305,7 @@ def train_draft_command(target: str, out: Path, prompt_files: tuple[Path, ...], 
     if prompt_sets or not prompt_files:
         if tokenizer is None:
             raise ScenarioError(f"--prompt-set: {model_dir} has no tokenizer, so give token-id prompts with --prompts")
-        names = list(PROMPT_SETS) if not prompt_sets or "all" in prompt_sets else list(prompt_sets)
+        names = list(SET_NAMES) if not prompt_sets or "all" in prompt_sets else list(prompt_sets)
         pairs = training_prompts(names, per_set=per_set, seed=seed, exclude=list(exclude), echo=echo)
         if not prompt_sets:
             pairs += [("builtin", t) for t in BUILTIN_PROMPTS]

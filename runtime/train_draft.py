@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -105,6 +106,12 @@ def make_samples(model, prompts: list[tuple[int, ...]], max_new_tokens: int, eos
                 out[i] = Sample(seqs[row], f, head(f).argmax(-1), len(prompts[i]), sources[i] if sources else "")
             progress(len(chunk))
     return [out[i] for i in range(len(prompts))]
+
+
+def held_out(sample: Sample, share: float) -> bool:
+    """Whether a prompt is held out: a hash of its tokens, so the split is stable when data is added."""
+    digest = zlib.crc32(sample.tokens[: sample.n_prompt].numpy().astype("int64").tobytes())
+    return digest / 2**32 < share
 
 
 def new_head(model, seed: int) -> EagleHead:
@@ -250,10 +257,8 @@ def train_draft(model, prompts: list[tuple[int, ...]], out: Path, config: TrainC
         with tqdm(total=len(prompts), desc="target answers", unit="prompt") as bar:
             samples = make_samples(model, prompts, config.max_new_tokens, eos, bar.update, sources=sources)
         torch.save([asdict(s) for s in samples], data_path)
-    split = torch.randperm(len(samples), generator=torch.Generator().manual_seed(config.seed)).tolist()
-    n_eval = max(1, int(round(len(samples) * config.holdout))) if len(samples) > 1 else 0
-    held = [samples[i] for i in split[:n_eval]] or samples
-    train = [samples[i] for i in split[n_eval:]] or samples
+    held = [s for s in samples if held_out(s, config.holdout)] or samples[:1]
+    train = [s for s in samples if not held_out(s, config.holdout)] or samples
     vocab = draft_vocabulary(train, config.draft_vocab, model.config.vocab_size)
     head = new_head(model, config.seed)
     trainer = _Trainer(head, model.get_input_embeddings().weight.detach(),

@@ -20,6 +20,7 @@ import torch
 from transformers import LlamaConfig
 
 from flowspec.config import DrafterKind, Policy, scenario_from_dict
+from flowspec.lookup import PromptLookupDrafter
 from flowspec.synthetic import ReferenceDrafter
 from runtime.draft_node import Request
 from runtime.drafters import CausalLMDrafter
@@ -105,7 +106,8 @@ def test_every_pipelined_policy_equals_generate(tiny, n_stages: int, tmp_path: P
 
 def run_real_drafters(cluster: Cluster, target: Target, tiny, tmp_path: Path) -> None:
     """The drafters a scenario can name, on the running cluster: outputs still equal generate."""
-    lookup = make_drafter(target.scenario, target)  # the scenario's own drafter: prompt lookup
+    lookup = make_drafter(target.scenario, target)  # the scenario's own drafter: auto, so prompt lookup here
+    assert isinstance(lookup, PromptLookupDrafter)
     requests = [Request(tuple(p)) for p in tiny.prompts]
     for policy in (Policy.FLOWSPEC, Policy.PIPEDEC):
         result = cluster.serve(stage_scenario(target.scenario, policy), lookup, requests)
@@ -121,7 +123,7 @@ def run_real_drafters(cluster: Cluster, target: Target, tiny, tmp_path: Path) ->
     # an EAGLE head (random weights: lossless whatever it proposes) loaded as the scenario names it
     torch.manual_seed(2)
     head = EagleHead(LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2))
-    save_eagle(head, tmp_path / "eagle")
+    save_eagle(head, tmp_path / "eagle", draft_vocab=torch.arange(0, tiny.vocab, 2))  # drafts over even ids only
     eagle_sc = dataclasses.replace(target.scenario, runtime=dataclasses.replace(
         target.scenario.runtime, drafter=DrafterKind.EAGLE, draft_model=str(tmp_path / "eagle")))  # fmt: skip
     for policy in (Policy.FLOWSPEC, Policy.CHUNK_PP):

@@ -133,3 +133,20 @@ def test_draft_vocabulary_round_trips_and_maps_proposals(parts, tmp_path: Path) 
     full = EagleDrafter(loaded, target.get_input_embeddings().weight.detach(), lm_head, full_vocab=True)
     full.observe(0, none, none, np.array(seq), np.arange(len(seq)), features, True)
     assert_top3(full.propose(np.array(seq[:5]), root_only(seq[5], 5, 0), np.array([0]), 3), f_hat, lm_head)
+
+
+def test_auto_drafter_picks_the_shipped_head_only_for_the_default_model() -> None:
+    from flowspec.config import DrafterKind, scenario_from_dict
+    from runtime.eagle import default_head
+    from runtime.launcher import drafter_kind
+
+    def kind(**runtime) -> DrafterKind:
+        return drafter_kind(scenario_from_dict({"runtime": runtime}))
+
+    assert kind() is DrafterKind.EAGLE  # smollm2-135m-instruct ships a head
+    assert kind(model="/some/llama") is DrafterKind.NGRAM
+    assert kind(model="/some/llama", draft_model="/heads/llama") is DrafterKind.EAGLE
+    assert kind(model="/some/llama", drafter="lm", draft_model="/x") is DrafterKind.LM
+    assert (default_head("smollm2-135m-instruct") / "model.safetensors").is_file()
+    with pytest.raises(ModelError, match=r"no EAGLE head ships for '/some/llama'; train one with `flowspec train-draft"):
+        default_head("/some/llama")

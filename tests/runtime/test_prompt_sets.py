@@ -47,3 +47,9 @@ def test_training_prompts_exclude_benchmark_humaneval(tmp_path: Path) -> None:
     pairs = training_prompts(["humaneval"], per_set=500, seed=0, exclude=[bench])
     assert len(pairs) == 159 and {name for name, _ in pairs} == {"humaneval"}
     assert not set(first) & {t for _, t in pairs}
+
+
+def test_chat_set_is_written_for_the_project() -> None:
+    texts = load_set("chat")
+    assert len(texts) == 840 and texts[0] == "Explain photosynthesis to a ten-year-old."
+    assert load_set("chat", limit=5, seed=1) == load_set("chat", limit=5, seed=1) != load_set("chat", limit=5, seed=2)

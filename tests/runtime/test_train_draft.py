@@ -29,13 +29,13 @@ def test_trained_head_learns_loads_and_decodes_losslessly(tiny, tmp_path: Path) 
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     card = json.loads((out / "card.json").read_text())
-    assert card["steps"] == 150 and card["train_prompts"] == 36 and card["heldout_prompts"] == 4
+    assert card["steps"] == 150 and card["train_prompts"] + card["heldout_prompts"] == 40 and card["heldout_prompts"] >= 2
     # A random target's continuations barely generalise (held-out top-1 stays near chance), so the
     # test asks that the head fits the answers it trained on; held-out gains are bench draft's job.
     fit = card["train_top1_answer_tokens"]
     assert fit["before_this_run"] < 0.1 and fit["trained"] > fit["before_this_run"] + 0.15, fit
     replay = card["heldout_tree_replay"]
-    assert card["draft_vocab"] == 60 and replay["prompts"] == 4 and replay["tree"] == {"total": 80, "topk": 10, "depth": 6}
+    assert card["draft_vocab"] == 60 and replay["prompts"] == card["heldout_prompts"] and replay["tree"] == {"total": 80, "topk": 10, "depth": 6}
     assert 1.0 <= replay["mean_accepted_per_verification"] <= 8.0 and set(replay["reach_depth"]) == {str(d) for d in range(1, 8)}
 
     bench = tmp_path / "bench.csv"
