@@ -22,6 +22,7 @@ from runtime.prompts import BUILTIN_PROMPTS, encode
 pytestmark = [pytest.mark.runtime, pytest.mark.slow]
 
 N_NEW = 64
+
 @pytest.fixture(scope="module")
 def smollm2(greedy):
     torch.set_num_threads(2)
@@ -54,3 +55,20 @@ def test_every_policy_equals_generate_on_smollm2(smollm2) -> None:
                 if got != outputs:
                     failures.append(f"{policy}: {sum(g != o for g, o in zip(got, outputs))} of 5 outputs differ")
     assert not failures, "\n".join(failures)
+
+
+def test_shipped_head_drafts_by_default_and_stays_lossless(smollm2) -> None:
+    """`runtime.drafter: auto` on the default model loads the shipped EAGLE head; it must decode
+    exactly the target's greedy output and accept more than one token per step."""
+    from flowspec import metrics
+    from runtime.eagle import EagleDrafter
+    from runtime.launcher import make_drafter
+
+    target, prompts, outputs = smollm2
+    drafter = make_drafter(target.scenario, target)
+    assert isinstance(drafter, EagleDrafter) and len(drafter.vocab) == 8192
+    with Cluster(stage_scenario(target.scenario, Policy.FLOWSPEC), target) as cluster:
+        result = cluster.serve(stage_scenario(target.scenario, Policy.FLOWSPEC), drafter,
+                               [Request(tuple(p)) for p in prompts[:2]])  # fmt: skip
+    assert [result.outputs[0], result.outputs[1]] == outputs[:2]
+    assert float(metrics.summary(result.frames())["accepted_per_step"].iloc[0]) > 1.2
