@@ -386,7 +386,7 @@ def bench_draft_command(head_dir: Path | None, target: str, prompt_files: tuple[
             tree = TreeConfig(total=total, topk=topk, depth=depth)
         except ValueError as e:
             raise ScenarioError(f"--tree: expected TOTAL,TOPK,DEPTH integers, got {tree_spec!r} ({e})") from None
-    head_dir = head_dir or default_head(target)
+    head_dir = head_dir or default_head(target, "--head")
     summary, rows = bench_draft(target, head_dir, list(prompt_files), per_set=per_set, max_new_tokens=max_new_tokens,
                                 tree=tree, ngram_max=RuntimeConfig().ngram_max,
                                 echo=lambda m: click.echo(m, err=True))  # fmt: skip

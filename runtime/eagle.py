@@ -101,11 +101,11 @@ def load_eagle(folder: Path, hidden_size: int) -> EagleHead:
     return head.eval()
 
 
-def default_head(target: str) -> Path:
-    """The head shipped for `target` (only the default model has one)."""
+def default_head(target: str, field: str = "runtime.draft_model") -> Path:
+    """The head shipped for `target` (only the default model has one); errors name `field`."""
     folder = HEADS / target
     if target != DEFAULT_MODEL or not (folder / "config.json").is_file():
-        raise ModelError(f"runtime.draft_model: no EAGLE head ships for {target!r}; train one with "
+        raise ModelError(f"{field}: no EAGLE head ships for {target!r}; train one with "
                          f"`flowspec train-draft --target {target} --out DIR` and name DIR")  # fmt: skip
     return folder
 
