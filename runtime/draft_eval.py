@@ -106,23 +106,19 @@ def answers_cache(model_dir: Path, prompts: list[tuple[int, ...]], max_new_token
 def target_answers(model, model_dir: Path, sets: dict[str, list[tuple[int, ...]]], max_new_tokens: int, eos: int | None,
                    echo: Callable[[str], None]) -> list:  # fmt: skip
     """The target's answers (train_draft.Sample, source = set name) to every set's prompts, cached."""
-    import torch
     from tqdm import tqdm
 
-    from runtime.train_draft import Sample, make_samples
+    from runtime.train_draft import load_samples, make_samples, save_samples
 
     prompts = [p for ps in sets.values() for p in ps]
     sources = [name for name, ps in sets.items() for _ in ps]
     path = answers_cache(model_dir, prompts, max_new_tokens)
     if path.is_file():
         echo(f"reusing the target's answers from {path}")
-        return [Sample(**d) for d in torch.load(path, weights_only=True)]
+        return load_samples(path)
     with tqdm(total=len(prompts), desc="target answers", unit="prompt") as bar:
         samples = make_samples(model, prompts, max_new_tokens, eos, bar.update, sources=sources)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from dataclasses import asdict
-
-    torch.save([asdict(s) for s in samples], path)
+    save_samples(samples, path)
     return samples
 
 

@@ -181,6 +181,7 @@ class EagleDrafter:
             raise ModelError(f"runtime.draft_model: draft_vocab holds token {int(self.vocab.max())}, "
                              f"the target has {lm_head.shape[0]}")  # fmt: skip
         self.lm_head = lm_head if self.vocab is None else lm_head[self.vocab].contiguous()
+        self.vocab_ids = None if self.vocab is None else self.vocab.numpy()  # subset row -> token id
         self.store = FeatureStore()
         self.kv = DraftKV(head.slice(), offset=1)  # row i reads (t_i, f_{i-1}): position 0 has none
 
@@ -203,4 +204,4 @@ class EagleDrafter:
                         else self.kv.out[int(pool.ids[pool.parents[i]])] for i in rows.tolist()]  # fmt: skip
             self.kv.run(pool, rows, self.head.fuse(self.embed[torch.from_numpy(pool.tokens[rows])], torch.stack(features)))
         tokens, logp = top_k(torch.stack([self.kv.out[int(pool.ids[n])] for n in frontier.tolist()]), self.lm_head, k)
-        return (tokens if self.vocab is None else self.vocab.numpy()[tokens]), logp
+        return (tokens if self.vocab_ids is None else self.vocab_ids[tokens]), logp

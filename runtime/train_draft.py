@@ -67,6 +67,15 @@ class Sample:
     source: str = ""  # prompt set
 
 
+def save_samples(samples: list[Sample], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save([asdict(s) for s in samples], path)
+
+
+def load_samples(path: Path) -> list[Sample]:
+    return [Sample(**d) for d in torch.load(path, weights_only=True)]
+
+
 def make_samples(model, prompts: list[tuple[int, ...]], max_new_tokens: int, eos: int | None,
                  progress: Callable[[int], None] = lambda n: None, *, batch_size: int = 16,
                  sources: list[str] | None = None) -> list[Sample]:  # fmt: skip
@@ -251,12 +260,12 @@ def train_draft(model, prompts: list[tuple[int, ...]], out: Path, config: TrainC
     torch.manual_seed(config.seed)
     data_path = out / "samples.pt"
     if resume and data_path.is_file():
-        samples = [Sample(**d) for d in torch.load(data_path, weights_only=True)]
+        samples = load_samples(data_path)
         echo(f"reusing {len(samples)} target answers from {data_path}")
     else:
         with tqdm(total=len(prompts), desc="target answers", unit="prompt") as bar:
             samples = make_samples(model, prompts, config.max_new_tokens, eos, bar.update, sources=sources)
-        torch.save([asdict(s) for s in samples], data_path)
+        save_samples(samples, data_path)
     held = [s for s in samples if held_out(s, config.holdout)] or samples[:1]
     train = [s for s in samples if not held_out(s, config.holdout)] or samples
     vocab = draft_vocabulary(train, config.draft_vocab, model.config.vocab_size)
