@@ -270,6 +270,9 @@ class RuntimeConfig(Section):
     the head shipped for the default model)."""
     draft_full_vocab: bool = False
     """eagle: draft over the full vocabulary even when the head ships a smaller draft vocabulary."""
+    draft_lookup: bool = True
+    """eagle, lm: merge prompt-lookup continuations (suffixes of 2 to ngram_max tokens) into the model's
+    proposals; the model predicts free text, lookup what the answer copies from its context."""
     ngram_max: int = 4
     """Longest suffix the ngram drafter looks up (it falls back to shorter ones, down to 1)."""
     hosts: tuple[str, ...] = ()

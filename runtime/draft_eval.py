@@ -122,15 +122,20 @@ def target_answers(model, model_dir: Path, sets: dict[str, list[tuple[int, ...]]
     return samples
 
 
+BENCH_DRAFTERS = ("eagle", "eagle+lookup", "eagle-full", "lookup")  # `bench draft --drafter` choices
+
+
 def bench_draft(target_spec: str, head_dir: Path, prompt_files: list[Path], *, per_set: int, max_new_tokens: int,
-                tree: TreeConfig, ngram_max: int, echo: Callable[[str], None]) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
+                tree: TreeConfig, ngram_max: int, echo: Callable[[str], None],
+                which: tuple[str, ...] = BENCH_DRAFTERS) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
     """Per prompt set and drafter, the summary (see `summarise`) and every verification's row.
-    Drafters: the EAGLE head over its draft vocabulary, the same head over the full vocabulary,
-    and prompt lookup; all replay the same target answers."""
+    Drafters: the EAGLE head over its draft vocabulary, alone and with prompt lookup merged in (the
+    runtime's default), the same head over the full vocabulary, and prompt lookup alone; all replay
+    the same target answers. `which` picks among them (BENCH_DRAFTERS)."""
     import torch
     from tqdm import tqdm
 
-    from flowspec.lookup import PromptLookupDrafter
+    from flowspec.lookup import PromptLookupDrafter, WithLookup
     from runtime.eagle import EagleDrafter, load_eagle
     from runtime.models import load_model, load_tokenizer, resolve_model
     from runtime.prompts import BUILTIN_PROMPTS, encode, read_jsonl
@@ -148,12 +153,18 @@ def bench_draft(target_spec: str, head_dir: Path, prompt_files: list[Path], *, p
     embed = model.get_input_embeddings().weight.detach()
     lm_head = model.get_output_embeddings().weight.detach()
     n_vocab = len(head.draft_vocab) if head.draft_vocab is not None else model.config.vocab_size
-    drafters = {f"eagle ({n_vocab} draft vocab)": lambda: EagleDrafter(head, embed, lm_head)}
-    if head.draft_vocab is not None:
-        drafters[f"eagle (full {model.config.vocab_size} vocab)"] = lambda: EagleDrafter(head, embed, lm_head, full_vocab=True)
-    drafters[f"prompt lookup (n <= {ngram_max})"] = lambda: PromptLookupDrafter(model.config.vocab_size, max_n=ngram_max)
+    vocab_size = model.config.vocab_size
+    drafters = {  # key: (table name, factory)
+        "eagle": (f"eagle ({n_vocab} draft vocab)", lambda: EagleDrafter(head, embed, lm_head)),
+        "eagle+lookup": (f"eagle ({n_vocab} draft vocab) + lookup",
+                         lambda: WithLookup(EagleDrafter(head, embed, lm_head), vocab_size, max_n=ngram_max)),
+        "eagle-full": (f"eagle (full {vocab_size} vocab)", lambda: EagleDrafter(head, embed, lm_head, full_vocab=True)),
+        "lookup": (f"prompt lookup (n <= {ngram_max})", lambda: PromptLookupDrafter(vocab_size, max_n=ngram_max)),
+    }  # fmt: skip
+    if head.draft_vocab is None:
+        del drafters["eagle-full"]  # the head already drafts over every token
     frames = []
-    for name, make in drafters.items():
+    for name, make in (drafters[key] for key in BENCH_DRAFTERS if key in which and key in drafters):
         with tqdm(total=len(samples), desc=name, unit="prompt") as bar:
             frames.append(replay_all(make(), samples, tree, bar.update).assign(drafter=name))
     rows = pd.concat(frames, ignore_index=True)

@@ -93,13 +93,20 @@ def drafter_kind(scenario: Scenario) -> DrafterKind:
 
 
 def make_drafter(scenario: Scenario, target: Target, *, base_dir: Path | None = None) -> Drafter:
-    """The drafter the scenario names (runtime.drafter)."""
-    from flowspec.lookup import PromptLookupDrafter
+    """The drafter the scenario names (runtime.drafter), with prompt lookup merged into a model
+    drafter's proposals unless runtime.draft_lookup is off."""
+    from flowspec.lookup import PromptLookupDrafter, WithLookup
 
     rt = scenario.runtime
-    kind = drafter_kind(scenario)
-    if kind is DrafterKind.NGRAM:
+    if drafter_kind(scenario) is DrafterKind.NGRAM:
         return PromptLookupDrafter(scenario.model.vocab_size, max_n=rt.ngram_max)
+    model = _model_drafter(scenario, target, base_dir)
+    return WithLookup(model, scenario.model.vocab_size, max_n=rt.ngram_max) if rt.draft_lookup else model
+
+
+def _model_drafter(scenario: Scenario, target: Target, base_dir: Path | None) -> Drafter:
+    rt = scenario.runtime
+    kind = drafter_kind(scenario)
     if kind is DrafterKind.LM:
         from runtime.drafters import CausalLMDrafter
 

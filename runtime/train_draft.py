@@ -212,17 +212,19 @@ STEP_DECAY = 0.8  # weight of rollout step k is 0.8^(k-1), as in EAGLE-3
 
 
 def losses(trainer: _Trainer, samples: list[Sample], noise: float, ce_weight: float, reg_weight: float = 1.0,
-           steps: int = 1, generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:  # fmt: skip
+           steps: int = 1, generator: torch.Generator | None = None) -> tuple[torch.Tensor, list[float]]:  # fmt: skip
     """The rolled-out loss on a batch (per step: `reg_weight` × smooth-L1 on features plus
-    `ce_weight` × cross-entropy against the target's tokens), and step 1's top-1 on answer tokens."""
+    `ce_weight` × cross-entropy against the target's tokens), and each step's top-1 on answer tokens
+    (step k reads its own f̂ from step k-1: the agreement a draft chain sees at depth k)."""
     tokens, features, nxt, answer, lengths = _batch(samples, steps - 1)
     n = features.shape[1] - 1
     noisy = features
     if noise > 0:
         noisy = features + (torch.rand(features.shape, generator=generator) * 2 - 1) * noise
     total = torch.zeros(())
-    agree = float("nan")
+    agree = []
     target_features = torch.cat([features, torch.zeros_like(features[:, : steps - 1])], dim=1)
+    answer = torch.cat([answer, torch.zeros_like(answer[:, : steps - 1])], dim=1)
     for k, f_hat in enumerate(trainer(tokens, noisy, steps), start=1):
         positions = torch.arange(k, n + k)
         rows = positions[None] < lengths[:, None]  # [B, n]: the step's position is inside the sequence
@@ -231,23 +233,37 @@ def losses(trainer: _Trainer, samples: list[Sample], noise: float, ce_weight: fl
         labels = trainer.index[nxt[:, positions][rows]]
         ce = nn.functional.cross_entropy(logits, labels, ignore_index=-100) if (labels >= 0).any() else logits.sum() * 0
         total = total + STEP_DECAY ** (k - 1) * (reg_weight * reg + ce_weight * ce)
-        if k == 1:
-            scored = answer[:, 1:][rows]
-            hits = trainer.tokens_of[logits.argmax(-1)] == nxt[:, positions][rows]
-            agree = hits[scored].float().mean().item() if scored.any() else float("nan")
+        scored = answer[:, positions][rows]
+        hits = trainer.tokens_of[logits.argmax(-1)] == nxt[:, positions][rows]
+        agree.append(hits[scored].float().mean().item() if scored.any() else float("nan"))
     return total, agree
 
 
-def evaluate(trainer: _Trainer, samples: list[Sample], batch_size: int = 8) -> float:
-    """Step-1 top-1 agreement on answer tokens (over the trainer's vocabulary), batch-weighted."""
+def evaluate(trainer: _Trainer, samples: list[Sample], batch_size: int = 8, steps: int = 1) -> list[float]:
+    """Top-1 agreement on answer tokens (over the trainer's vocabulary) at each rollout step, weighted by
+    answer tokens."""
     scores = []
     with torch.no_grad():
         for i in range(0, len(samples), batch_size):
             chunk = samples[i : i + batch_size]
             weight = sum(len(s.tokens) - s.n_prompt for s in chunk)
-            scores.append((losses(trainer, chunk, 0.0, 0.0)[1], weight))
-    total = sum(w for a, w in scores if a == a)
-    return sum(a * w for a, w in scores if a == a) / total if total else float("nan")
+            scores.append((losses(trainer, chunk, 0.0, 0.0, steps=steps)[1], weight))
+    out = []
+    for k in range(steps):
+        valid = [(a[k], w) for a, w in scores if a[k] == a[k]]
+        total = sum(w for _, w in valid)
+        out.append(sum(a * w for a, w in valid) / total if total else float("nan"))
+    return out
+
+
+def chain_score(agree: list[float]) -> float:
+    """Expected draft tokens a top-1 chain gets accepted, were depths independent: a1 + a1·a2 + ...
+    The criterion for keeping the best checkpoint (a tree accepts more, but ranks heads alike)."""
+    score, reach = 0.0, 1.0
+    for a in agree:
+        reach *= a
+        score += reach
+    return score
 
 
 def train_draft(model, prompts: list[tuple[int, ...]], out: Path, config: TrainConfig, *, eos: int | None = None,
@@ -276,26 +292,38 @@ def train_draft(model, prompts: list[tuple[int, ...]], out: Path, config: TrainC
     step = 0
     ckpt = out / "checkpoint.pt"
     before = None
+    curve: list[dict] = []  # held-out agreement every `save_every` steps
+    best: dict = {}  # the best checkpoint by held-out chain score: step, score, head weights
     if resume and ckpt.is_file():
         state = torch.load(ckpt, weights_only=True)
         head.load_state_dict(state["head"])
         optimiser.load_state_dict(state["optimiser"])
         step, before = int(state["step"]), float(state["untrained"])
+        curve, best = state.get("curve", []), state.get("best", {})
         echo(f"resuming at step {step}")
     if before is None:
-        before = evaluate(trainer, held)
+        before = evaluate(trainer, held)[0]
     seen = train[:16]  # how well the head fits what it saw: learning at all, even where nothing generalises
-    seen_before = evaluate(trainer, seen)
+    seen_before = evaluate(trainer, seen)[0]
+    probe = held[:16]  # scored every save_every steps: the learning curve and the best checkpoint
 
     def checkpoint() -> None:
-        state = {"head": head.state_dict(), "optimiser": optimiser.state_dict(), "step": step, "untrained": before}
+        state = {"head": head.state_dict(), "optimiser": optimiser.state_dict(), "step": step, "untrained": before,
+                 "curve": curve, "best": best}  # fmt: skip
         torch.save(state, ckpt)
+
+    def score() -> None:
+        agree = evaluate(trainer, probe, steps=config.rollout)
+        curve.append({"step": step, "minutes": round((time.monotonic() - t0) / 60, 2),
+                      "heldout_top1_by_depth": [round(a, 4) for a in agree], "chain_score": round(chain_score(agree), 4)})  # fmt: skip
+        if curve[-1]["chain_score"] > best.get("score", -1.0):
+            best.update(step=step, score=curve[-1]["chain_score"],
+                        head={k: v.clone() for k, v in head.state_dict().items()})  # fmt: skip
 
     generator = torch.Generator().manual_seed(config.seed + step)
     order = torch.randperm(len(train), generator=generator)
     t0 = time.monotonic()
     budget_s = config.minutes * 60
-    curve = []
     with tqdm(desc="training", unit="step", initial=step, total=config.max_steps) as bar:
         while time.monotonic() - t0 < budget_s and (config.max_steps is None or step < config.max_steps):
             # warm-up, then cosine decay to 10% over the step budget (or the time budget without one)
@@ -312,14 +340,22 @@ def train_draft(model, prompts: list[tuple[int, ...]], out: Path, config: TrainC
             optimiser.step()
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", top1=f"{agree:.2f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", top1=f"{agree[0]:.2f}")
             if step % config.save_every == 0:
+                score()
                 checkpoint()
-                curve.append({"step": step, "minutes": round((time.monotonic() - t0) / 60, 2),
-                              "heldout_top1": round(evaluate(trainer, held[:16]), 4)})  # fmt: skip
-                bar.write(f"step {step}: held-out top-1 {curve[-1]['heldout_top1']:.3f} (first 16 held-out prompts)")
+                bar.write(f"step {step}: held-out top-1 by depth {curve[-1]['heldout_top1_by_depth']}, chain score "
+                          f"{curve[-1]['chain_score']:.3f} (best {best['score']:.3f} at step {best['step']})")  # fmt: skip
+    if not curve or curve[-1]["step"] != step:
+        score()
     checkpoint()
-    after = evaluate(trainer, held)
+    final_step = step
+    seen_last = evaluate(trainer, seen)[0]
+    if best and best["step"] != step:  # early stopping after the fact: later steps only overfit
+        head.load_state_dict(best["head"])
+        echo(f"keeping step {best['step']} (held-out chain score {best['score']:.3f}) over step {step} "
+             f"({curve[-1]['chain_score']:.3f})")  # fmt: skip
+    after = evaluate(trainer, held)[0]
     head.draft_vocab = vocab
     save_eagle(head, out)
     tree = TreeConfig()  # the runtime's default EAGLE-2 tree
@@ -329,14 +365,16 @@ def train_draft(model, prompts: list[tuple[int, ...]], out: Path, config: TrainC
         frame = replay_all(drafter, replayed, tree, bar.update)
     card = {
         "target": target_name, "trainable_parameters": sum(p.numel() for p in head.parameters()),
-        "steps": step, "fit_minutes": round((time.monotonic() - t0) / 60, 2), "train_prompts": len(train),
+        "steps": final_step, "kept_step": best.get("step", final_step),
+        "fit_minutes": round((time.monotonic() - t0) / 60, 2), "train_prompts": len(train),
         "heldout_prompts": len(held), "draft_vocab": len(vocab) if vocab is not None else model.config.vocab_size,
         "train_tokens": sum(len(s.tokens) for s in train),
         "train_answer_tokens": sum(len(s.tokens) - s.n_prompt for s in train),
         "prompt_sets": dict(Counter(s.source for s in samples)),
         "heldout_top1_answer_tokens": {"untrained": before, "trained": after},
         "heldout_tree_replay": {"prompts": len(replayed), **tree_card(frame, tree)},
-        "train_top1_answer_tokens": {"before_this_run": seen_before, "trained": evaluate(trainer, seen)},
+        "train_top1_answer_tokens": {"before_this_run": seen_before, "last_step": seen_last,
+                                     "kept_step": evaluate(trainer, seen)[0]},
         "learning_curve": curve,
         "config": asdict(config), "machine": f"{torch.get_num_threads()} torch thread(s), {torch.__version__}",
     }  # fmt: skip

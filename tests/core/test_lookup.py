@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from flowspec.lookup import FILLER_LOGP, PromptLookupDrafter
+from flowspec.lookup import FILLER_LOGP, PromptLookupDrafter, WithLookup, merge_proposals
 from flowspec.tree import grow, root_only
 
 
@@ -38,3 +38,49 @@ def test_a_repeating_context_grows_the_repetition() -> None:
     tree = grow(drafter, context, root_token=13, root_position=8, depth=3, topk=2, total=4)
     best_path = tree.tokens[tree.path(int(np.argmax(tree.depths)))].tolist()
     assert best_path == [13, 14, 10, 11, 12]
+
+
+def test_merged_proposals_keep_the_k_best_distinct_tokens() -> None:
+    tokens, logp = merge_proposals(np.array([[5, 6, 7], [1, 2, 3]]), np.array([[-0.5, -1.0, -2.0], [-0.1, -0.2, -0.3]]),
+                                   np.array([[7, 9, 5], [4, 1, 8]]), np.array([[-0.2, -0.9, -3.0], [-0.2, -0.05, -9.0]]),
+                                   3)  # fmt: skip
+    # row 0: 7 from lookup (-0.2 beats the head's -2.0), the head's 5 (-0.5 beats lookup's -3.0), lookup's 9
+    # row 1: lookup's 1 (-0.05), the head's 2, then 4 and the head's -0.2 tie: the head's goes first
+    assert tokens.tolist() == [[7, 5, 9], [1, 2, 4]]
+    assert logp.tolist() == [[-0.2, -0.5, -0.9], [-0.05, -0.2, -0.2]]
+
+
+class _Scripted:
+    """A model drafter that always proposes tokens 90, 91 (log-probs -1, -2) and records observe calls."""
+
+    def __init__(self) -> None:
+        self.observed = 0
+
+    def observe(self, *args) -> None:
+        self.observed += 1
+
+    def propose(self, context, pool, frontier, k):
+        return np.tile([90, 91], (len(frontier), 1))[:, :k], np.tile([-1.0, -2.0], (len(frontier), 1))[:, :k]
+
+
+def test_with_lookup_adds_copied_continuations_to_a_model_drafter() -> None:
+    model = _Scripted()
+    drafter = WithLookup(model, vocab_size=100, max_n=4, min_n=2)
+    context = np.array([10, 11, 12, 13, 14, 10, 11, 12])
+    tree = grow(drafter, context, root_token=13, root_position=8, depth=2, topk=2, total=6)
+    # (12, 13) was followed by 14 (log 2/3 = -0.41, above the model's -1): the copy leads every depth
+    best_path = tree.tokens[tree.path(int(np.argmax(tree.depths)))].tolist()
+    assert best_path == [13, 14, 10, 11]
+    assert 90 in tree.tokens.tolist()  # the model's proposals still fill the rest
+    drafter.observe(0, None)
+    assert model.observed == 1
+
+
+def test_one_token_matches_do_not_vote_with_min_n_2() -> None:
+    model = _Scripted()
+    drafter = WithLookup(model, vocab_size=100, min_n=2)
+    tree = root_only(token=7, position=3, node_id=0)
+    tokens, _ = drafter.propose(np.array([7, 8, 5]), tree, np.array([0]), 2)
+    assert tokens.tolist() == [[90, 91]]  # (5, 7) never occurred; 7 -> 8 is a one-token match, left out
+    tokens, _ = WithLookup(model, vocab_size=100, min_n=1).propose(np.array([7, 8, 5]), tree, np.array([0]), 2)
+    assert tokens.tolist() == [[8, 90]]  # log(1/2) beats the model's -1

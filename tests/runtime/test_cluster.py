@@ -20,11 +20,11 @@ import torch
 from transformers import LlamaConfig
 
 from flowspec.config import DrafterKind, Policy, scenario_from_dict
-from flowspec.lookup import PromptLookupDrafter
+from flowspec.lookup import PromptLookupDrafter, WithLookup
 from flowspec.synthetic import ReferenceDrafter
 from runtime.draft_node import Request
 from runtime.drafters import CausalLMDrafter
-from runtime.eagle import EagleHead, save_eagle
+from runtime.eagle import EagleDrafter, EagleHead, save_eagle
 from runtime.launcher import Cluster, Target, make_drafter, stage_scenario
 from runtime.models import load_model
 
@@ -126,9 +126,13 @@ def run_real_drafters(cluster: Cluster, target: Target, tiny, tmp_path: Path) ->
     save_eagle(head, tmp_path / "eagle", draft_vocab=torch.arange(0, tiny.vocab, 2))  # drafts over even ids only
     eagle_sc = dataclasses.replace(target.scenario, runtime=dataclasses.replace(
         target.scenario.runtime, drafter=DrafterKind.EAGLE, draft_model=str(tmp_path / "eagle")))  # fmt: skip
+    drafter = make_drafter(eagle_sc, target)
+    assert isinstance(drafter, WithLookup) and isinstance(drafter.model, EagleDrafter)  # runtime.draft_lookup: on
     for policy in (Policy.FLOWSPEC, Policy.CHUNK_PP):
-        result = cluster.serve(stage_scenario(eagle_sc, policy), make_drafter(eagle_sc, target), requests)
+        result = cluster.serve(stage_scenario(eagle_sc, policy), drafter, requests)
         assert [result.outputs[0], result.outputs[1]] == tiny.outputs, policy
+    bare_sc = dataclasses.replace(eagle_sc, runtime=dataclasses.replace(eagle_sc.runtime, draft_lookup=False))
+    assert isinstance(make_drafter(bare_sc, target), EagleDrafter)
 
 
 def test_single_device_policy_equals_generate(tiny) -> None:

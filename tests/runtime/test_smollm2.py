@@ -58,15 +58,16 @@ def test_every_policy_equals_generate_on_smollm2(smollm2) -> None:
 
 
 def test_shipped_head_drafts_by_default_and_stays_lossless(smollm2) -> None:
-    """`runtime.drafter: auto` on the default model loads the shipped EAGLE head; it must decode
+    """`runtime.drafter: auto` on the default model loads the shipped EAGLE head (with prompt lookup); it must decode
     exactly the target's greedy output and accept more than one token per step."""
     from flowspec import metrics
+    from flowspec.lookup import WithLookup
     from runtime.eagle import EagleDrafter
     from runtime.launcher import make_drafter
 
     target, prompts, outputs = smollm2
-    drafter = make_drafter(target.scenario, target)
-    assert isinstance(drafter, EagleDrafter) and len(drafter.vocab) == 8192
+    drafter = make_drafter(target.scenario, target)  # the head, with prompt lookup merged in
+    assert isinstance(drafter, WithLookup) and isinstance(drafter.model, EagleDrafter) and len(drafter.model.vocab) == 8192
     with Cluster(stage_scenario(target.scenario, Policy.FLOWSPEC), target) as cluster:
         result = cluster.serve(stage_scenario(target.scenario, Policy.FLOWSPEC), drafter,
                                [Request(tuple(p)) for p in prompts[:2]])  # fmt: skip
