@@ -17,8 +17,8 @@ repetitive output: code, lists, summaries that quote the prompt.
 `WithLookup` adds lookup's candidates to a model drafter's (an EAGLE head's, say): per frontier
 node the k best of both lists, a token both propose keeping its better log-prob. The two are
 complementary: a head predicts free text, lookup continues whatever the answer copies (an article
-being summarised, numbers, code). Lookup's log-probs are shifted by `lookup_bias` first, and only
-suffixes of at least `min_n` tokens vote, since one-token matches are mostly noise next to a head.
+being summarised, numbers, code). Only suffixes of at least `min_n` tokens vote, since one-token
+matches are mostly noise next to a head.
 """
 
 from __future__ import annotations
@@ -99,11 +99,9 @@ def merge_proposals(tokens_a: IntArray, logp_a: FloatArray, tokens_b: IntArray, 
 class WithLookup:
     """A model drafter whose proposals are merged with prompt lookup's (see the module docstring)."""
 
-    def __init__(self, model: Drafter, vocab_size: int, *, max_n: int = 4, min_n: int = 2,
-                 lookup_bias: float = 0.0) -> None:  # fmt: skip
+    def __init__(self, model: Drafter, vocab_size: int, *, max_n: int = 4, min_n: int = 2) -> None:
         self.model = model
         self.lookup = PromptLookupDrafter(vocab_size, max_n=max_n, min_n=min(min_n, max_n))
-        self.lookup_bias = lookup_bias
 
     def observe(self, *args) -> None:
         """Forwarded to a model drafter that reads the target's features (the EAGLE head)."""
@@ -113,5 +111,4 @@ class WithLookup:
     def propose(self, context: IntArray, pool: DraftTree, frontier: IntArray, k: int) -> tuple[IntArray, FloatArray]:
         tokens_a, logp_a = self.model.propose(context, pool, frontier, k)
         tokens_b, logp_b = self.lookup.propose(context, pool, frontier, k)
-        logp_b = np.minimum(logp_b + self.lookup_bias, 0.0)  # a log-prob, even with a positive bias
         return merge_proposals(np.asarray(tokens_a), np.asarray(logp_a), tokens_b, logp_b, k)

@@ -92,6 +92,11 @@ def drafter_kind(scenario: Scenario) -> DrafterKind:
     return DrafterKind.EAGLE if rt.draft_model or rt.model == DEFAULT_MODEL else DrafterKind.NGRAM
 
 
+def merges_lookup(scenario: Scenario) -> bool:
+    """Whether prompt lookup is merged into a model drafter's proposals (runtime.draft_lookup)."""
+    return drafter_kind(scenario) is not DrafterKind.NGRAM and scenario.runtime.draft_lookup
+
+
 def make_drafter(scenario: Scenario, target: Target, *, base_dir: Path | None = None) -> Drafter:
     """The drafter the scenario names (runtime.drafter), with prompt lookup merged into a model
     drafter's proposals unless runtime.draft_lookup is off."""
@@ -101,7 +106,7 @@ def make_drafter(scenario: Scenario, target: Target, *, base_dir: Path | None = 
     if drafter_kind(scenario) is DrafterKind.NGRAM:
         return PromptLookupDrafter(scenario.model.vocab_size, max_n=rt.ngram_max)
     model = _model_drafter(scenario, target, base_dir)
-    return WithLookup(model, scenario.model.vocab_size, max_n=rt.ngram_max) if rt.draft_lookup else model
+    return WithLookup(model, scenario.model.vocab_size, max_n=rt.ngram_max) if merges_lookup(scenario) else model
 
 
 def _model_drafter(scenario: Scenario, target: Target, base_dir: Path | None) -> Drafter:

@@ -17,7 +17,7 @@ import pandas as pd
 
 from flowspec.config import Policy, Scenario, dump_scenario
 from runtime.draft_node import Request, RunResult
-from runtime.launcher import Target, drafter_kind, make_drafter, run_policies
+from runtime.launcher import Target, drafter_kind, make_drafter, merges_lookup, run_policies
 from runtime.prompts import requests_for
 
 Echo = Callable[..., None]
@@ -67,8 +67,8 @@ def run_and_save(
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "resolved.yaml").write_text(dump_scenario(scenario))
     echo(f"{len(requests)} request(s), {scenario.decoding.max_new_tokens} new tokens at most, model "
-         f"{target.model_dir.name}, drafter {drafter_kind(scenario)}"
-         f"{' + lookup' if drafter_kind(scenario) != 'ngram' and scenario.runtime.draft_lookup else ''}", err=True)  # fmt: skip
+         f"{target.model_dir.name}, drafter {drafter_kind(scenario)}{' + lookup' if merges_lookup(scenario) else ''}",
+         err=True)  # fmt: skip
     streamer = TextStream(target.tokenizer, lambda s: (sys.stdout.write(s), sys.stdout.flush())) if stream else None
     first = policies[0]
 

@@ -350,9 +350,10 @@ def train_draft(model, prompts: list[tuple[int, ...]], out: Path, config: TrainC
         score()
     checkpoint()
     final_step = step
-    seen_last = evaluate(trainer, seen)[0]
+    seen_last = seen_kept = evaluate(trainer, seen)[0]
     if best and best["step"] != step:  # early stopping after the fact: later steps only overfit
         head.load_state_dict(best["head"])
+        seen_kept = evaluate(trainer, seen)[0]
         echo(f"keeping step {best['step']} (held-out chain score {best['score']:.3f}) over step {step} "
              f"({curve[-1]['chain_score']:.3f})")  # fmt: skip
     after = evaluate(trainer, held)[0]
@@ -374,7 +375,7 @@ def train_draft(model, prompts: list[tuple[int, ...]], out: Path, config: TrainC
         "heldout_top1_answer_tokens": {"untrained": before, "trained": after},
         "heldout_tree_replay": {"prompts": len(replayed), **tree_card(frame, tree)},
         "train_top1_answer_tokens": {"before_this_run": seen_before, "last_step": seen_last,
-                                     "kept_step": evaluate(trainer, seen)[0]},
+                                     "kept_step": seen_kept},
         "learning_curve": curve,
         "config": asdict(config), "machine": f"{torch.get_num_threads()} torch thread(s), {torch.__version__}",
     }  # fmt: skip

@@ -68,7 +68,7 @@ def test_with_lookup_adds_copied_continuations_to_a_model_drafter() -> None:
     drafter = WithLookup(model, vocab_size=100, max_n=4, min_n=2)
     context = np.array([10, 11, 12, 13, 14, 10, 11, 12])
     tree = grow(drafter, context, root_token=13, root_position=8, depth=2, topk=2, total=6)
-    # (12, 13) was followed by 14 (log 2/3 = -0.41, above the model's -1): the copy leads every depth
+    # (10, 11, 12, 13) was followed by 14 (log 4/5 = -0.22, above the model's -1): the copy leads every depth
     best_path = tree.tokens[tree.path(int(np.argmax(tree.depths)))].tolist()
     assert best_path == [13, 14, 10, 11]
     assert 90 in tree.tokens.tolist()  # the model's proposals still fill the rest
