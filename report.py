@@ -28,16 +28,22 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from flowspec import metrics
+from flowspec import idle, metrics
 from flowspec.records import RECORD_TYPES, to_frame
 
 Frames = Mapping[str, pd.DataFrame]
 
 # Spans and transfers by kind; tab10 colours, so the chart survives greyscale printing tolerably.
 KIND_COLORS = {"prefill": "#7f7f7f", "tree": "#1f77b4", "verify": "#d62728", "draft": "#2ca02c",
-               "segment": "#9467bd", "prune": "#ff7f0e"}
-KIND_LABELS = {"segment": "segment transfer"}
+               "step": "#8c564b", "segment": "#9467bd", "prune": "#ff7f0e"}
+KIND_LABELS = {"segment": "segment transfer", "step": "D0 bookkeeping"}
 _LINK_ORDER = 1000  # track order of links: after every device
+# Idle bands in the Gantt chart, by cause (flowspec.idle): the colour of what the device
+# waits for, translucent so a band never reads as work, and a hatch each for greyscale.
+IDLE_STYLES = {"link": ("#9467bd", "////"), "draft_node": ("#2ca02c", "...."),
+               "upstream": ("#1f77b4", "\\\\\\\\"), "unrecorded": ("#7f7f7f", "")}
+IDLE_LABELS = {"link": "idle: link", "draft_node": "idle: draft node", "upstream": "idle: upstream",
+               "unrecorded": "idle: unrecorded"}
 
 
 def _frame(frames: Frames, name: str) -> pd.DataFrame:
@@ -234,9 +240,32 @@ def _clipped(frames: Frames, max_time_s: float | None, max_rounds: int) -> Frame
     return out
 
 
+def _idle_style(cause: str) -> dict:
+    from matplotlib.colors import to_rgba
+
+    color, hatch = IDLE_STYLES[cause]
+    return {"facecolor": to_rgba(color, 0.15), "edgecolor": to_rgba(color, 0.45), "hatch": hatch,
+            "linewidth": 0}
+
+
+def _shade_idle(ax, frames: Frames, tracks: list[str], lo: float, hi: float) -> set[str]:
+    """Shade each device's idle intervals within ``[lo, hi]`` by cause, behind its bars; returns
+    the causes drawn. No-request time stays blank: it is not the pipeline's."""
+    intervals = idle.idle_intervals(frames, lo, hi)
+    drawn = set()
+    for (stage, cause), group in intervals.groupby(["stage", "cause"]):
+        device = _device(int(stage))
+        if cause in IDLE_STYLES and device in tracks:
+            xranges = list(zip(group["t_start_s"] * 1e3, (group["t_end_s"] - group["t_start_s"]) * 1e3))
+            ax.broken_barh(xranges, (tracks.index(device) - 0.4, 0.8), zorder=0, **_idle_style(cause))
+            drawn.add(cause)
+    return drawn
+
+
 def plot_gantt(frames_by_policy: Mapping[str, Frames], path: str | Path,
                max_time_s: float | None = None, max_rounds: int = 3) -> Path:
-    """Gantt chart per policy: devices then links as rows, spans as bars coloured by kind.
+    """Gantt chart per policy: devices then links as rows, spans as bars coloured by kind, and each
+    device's idle time shaded by cause (``flowspec.idle.idle_intervals``).
 
     The window is ``[0, max_time_s]`` seconds when given, else the first `max_rounds` rounds of each
     policy's first request; times are shown in milliseconds. Tree and prefill bars wide enough
@@ -248,6 +277,7 @@ def plot_gantt(frames_by_policy: Mapping[str, Frames], path: str | Path,
     heights = [0.9 + 0.28 * max(t["track"].nunique(), 2) for t in timelines.values()]
     fig, axes = _figure(len(timelines), 12.0, heights)
     kinds_seen: set[str] = set()
+    causes_seen: set[str] = set()
     if not timelines:
         _empty(axes[0], "no policies to draw")
     for ax, (policy, timeline) in zip(axes, timelines.items(), strict=False):  # {}: one spare ax
@@ -258,6 +288,8 @@ def plot_gantt(frames_by_policy: Mapping[str, Frames], path: str | Path,
         lo, hi, what = _window(frames_by_policy[policy], timeline, max_time_s, max_rounds)
         tracks = list(dict.fromkeys(timeline["track"]))  # already in device-then-link order
         shown = timeline[(timeline["t_end_s"] >= lo) & (timeline["t_start_s"] <= hi)]
+        clipped = _clipped(frames_by_policy[policy], max_time_s, max_rounds)
+        causes_seen |= _shade_idle(ax, clipped, tracks, lo, hi)
         for row, track in enumerate(tracks):
             group = shown[shown["track"] == track]
             if group.empty:
@@ -286,8 +318,9 @@ def plot_gantt(frames_by_policy: Mapping[str, Frames], path: str | Path,
         ax.set_title(f"{policy}: {what}", loc="left", fontweight="bold")
     handles = [Patch(color=c, label=KIND_LABELS.get(k, k)) for k, c in KIND_COLORS.items()
                if k in kinds_seen]
+    handles += [Patch(label=IDLE_LABELS[c], **_idle_style(c)) for c in IDLE_STYLES if c in causes_seen]
     if handles:
-        fig.legend(handles=handles, loc="outside upper center", ncols=len(handles), fontsize=9)
+        fig.legend(handles=handles, loc="outside upper center", ncols=min(len(handles), 7), fontsize=9)
     return _save(fig, path)
 
 
@@ -400,6 +433,29 @@ def utilization_table(frames_by_policy: Mapping[str, Frames]) -> pd.DataFrame:
     return table.rename_axis("policy").reset_index()
 
 
+def idle_table(frames_by_policy: Mapping[str, Frames]) -> pd.DataFrame:
+    """``flowspec.idle.idle_attribution`` per policy, stacked: ``policy``, ``device``, then its columns."""
+    parts = [idle.idle_attribution(frames).assign(policy=policy) for policy, frames in frames_by_policy.items()]
+    table = pd.concat(parts, ignore_index=True) if parts else idle.idle_attribution({}).assign(policy="")
+    table["device"] = [_device(int(s)) for s in table["stage"]]
+    return table[["policy", "device", *[c for c in table.columns if c not in ("policy", "device")]]]
+
+
+def idle_shares(table: pd.DataFrame) -> pd.DataFrame:
+    """`idle_table` as fractions of each run's window, short headers, for printing.
+
+    >>> t = pd.DataFrame({"policy": ["a"], "device": ["V1"], "stage": [1], "window_s": [2.0],
+    ...                   "busy_s": [1.5], "busy_fraction": [0.75], "pruned_work_s": [0.5],
+    ...                   "idle_link_s": [0.5]})
+    >>> idle_shares(t).to_dict("records")
+    [{'policy': 'a', 'device': 'V1', 'busy': 0.75, 'pruned': 0.25, 'link': 0.25}]
+    """
+    seconds = [c for c in table.columns if c.endswith("_s") and c != "window_s"]
+    shares = table[seconds].div(table["window_s"], axis=0)
+    shares.columns = [c.removesuffix("_s").removeprefix("idle_").replace("_work", "") for c in seconds]
+    return pd.concat([table[["policy", "device"]], shares], axis=1)
+
+
 def write_comparison(frames_by_policy: Mapping[str, Frames], folder: str | Path, *, plots: bool = True,
                      echo=print) -> pd.DataFrame:  # fmt: skip
     """Print and save the comparison of finished policies; with `plots`, the trace and PNGs too."""
@@ -412,6 +468,10 @@ def write_comparison(frames_by_policy: Mapping[str, Frames], folder: str | Path,
     echo(format_table(table))
     echo("\nbusy fraction per device")
     echo(format_table(util))
+    by_cause = idle_table(frames_by_policy)
+    by_cause.to_csv(folder / "idle.csv", index=False)
+    echo("\nshare of the run per device: busy (pruned: the part on rows later pruned), idle by cause")
+    echo(format_table(idle_shares(by_cause)))
     if plots:
         written = [
             write_chrome_trace(frames_by_policy, folder / "trace.json"),

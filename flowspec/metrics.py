@@ -22,7 +22,8 @@ Rules:
    - stage busy time is the length of the union of its spans clipped to the window, so overlapping
      spans (e.g. a draft job and a verify job on stage 0) are not counted twice;
    - TTFT and queueing are measured from arrival; TPOT and decode tokens/s from the first token;
-     end-to-end tokens/s from the prefill start (prefill included, queueing excluded).
+     end-to-end tokens/s from the prefill start (prefill included, queueing excluded);
+   - a device's idle time is split by cause in ``flowspec.idle`` (``idle_attribution``).
 
 Groupings also key on ``run_id`` when the column is present, so frames of several runs may be
 concatenated without mixing their rounds. Only pandas and numpy may be imported here (R1, R5).
@@ -42,14 +43,16 @@ __all__ = [
     "accepted_per_round",
     "accepted_per_step",
     "compare",
+    "frame_of",
     "link_bytes",
+    "numeric",
     "request_metrics",
     "stage_utilization",
     "summary",
 ]
 
 
-def _num(frame: pd.DataFrame, column: str) -> pd.Series:
+def numeric(frame: pd.DataFrame, column: str) -> pd.Series:
     """`column` as float64; empty record frames carry ``object`` columns."""
     return pd.to_numeric(frame[column], errors="coerce").astype(np.float64)
 
@@ -60,7 +63,7 @@ def _keys(frame: pd.DataFrame, keys: list[str]) -> list[str]:
 
 
 def _verifying_steps(steps: pd.DataFrame) -> pd.DataFrame:
-    mask = (_num(steps, "n_verified") > 0) & (steps["outcome"].astype(str) != StepOutcome.PREFILL)
+    mask = (numeric(steps, "n_verified") > 0) & (steps["outcome"].astype(str) != StepOutcome.PREFILL)
     return steps[mask]
 
 
@@ -78,9 +81,9 @@ def request_metrics(requests: pd.DataFrame) -> pd.DataFrame:
     [1.0, 0.5, 0.5, 2.0, 2.0]
     """
     out = requests.copy()
-    n_out = _num(requests, "n_output_tokens")
-    arrival, start = _num(requests, "t_arrival_s"), _num(requests, "t_start_s")
-    first, finish = _num(requests, "t_first_token_s"), _num(requests, "t_finish_s")
+    n_out = numeric(requests, "n_output_tokens")
+    arrival, start = numeric(requests, "t_arrival_s"), numeric(requests, "t_start_s")
+    first, finish = numeric(requests, "t_first_token_s"), numeric(requests, "t_finish_s")
     n_decode = (n_out - 1).where(n_out > 1)  # NaN: no token after the first
     decode_s = (finish - first).where(finish > first)
     e2e_run_s = (finish - start).where(finish > start)
@@ -103,7 +106,7 @@ def accepted_per_step(steps: pd.DataFrame) -> float:
     >>> accepted_per_step(s)  # (2 + 4) / 2
     3.0
     """
-    return float(_num(_verifying_steps(steps), "n_accepted").mean())
+    return float(numeric(_verifying_steps(steps), "n_accepted").mean())
 
 
 def accepted_per_round(steps: pd.DataFrame) -> float:
@@ -114,7 +117,7 @@ def accepted_per_round(steps: pd.DataFrame) -> float:
     >>> accepted_per_round(s)  # rounds sum to 5 and 1
     3.0
     """
-    verifying = _verifying_steps(steps).assign(n_accepted=lambda f: _num(f, "n_accepted"))
+    verifying = _verifying_steps(steps).assign(n_accepted=lambda f: numeric(f, "n_accepted"))
     if verifying.empty:
         return float("nan")
     per_round = verifying.groupby(_keys(verifying, ["request_id", "round"]))["n_accepted"].sum()
@@ -181,7 +184,7 @@ def stage_utilization(stage_spans: pd.DataFrame, t_start_s: float | None = None,
     if stage_spans.empty:
         return pd.DataFrame({c: pd.Series(dtype=np.int64 if c == "stage" else np.float64)
                              for c in columns})
-    starts, ends = _num(stage_spans, "t_start_s"), _num(stage_spans, "t_end_s")
+    starts, ends = numeric(stage_spans, "t_start_s"), numeric(stage_spans, "t_end_s")
     lo = float(starts.min()) if t_start_s is None else float(t_start_s)
     hi = float(ends.max()) if t_end_s is None else float(t_end_s)
     window_s = max(hi - lo, 0.0)
@@ -216,7 +219,8 @@ def link_bytes(link_transfers: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values(keys, ignore_index=True)
 
 
-def _frame(frames: Mapping[str, pd.DataFrame], name: str) -> pd.DataFrame:
+def frame_of(frames: Mapping[str, pd.DataFrame], name: str) -> pd.DataFrame:
+    """`frames[name]`, or that record kind's empty frame when it is missing."""
     frame = frames.get(name)
     return to_frame([], RECORD_TYPES[name]) if frame is None else frame
 
@@ -239,12 +243,12 @@ def summary(frames: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
     (8 tokens over 3 + 3 s of service; 4 + 2 decode tokens over 2 + 2 s; TTFT (1 + 2) / 2; no steps
     frame, so no verifying steps.)
     """
-    requests = request_metrics(_frame(frames, "requests"))
-    steps, rounds = _frame(frames, "steps"), _frame(frames, "rounds")
-    n_output = _num(requests, "n_output_tokens")
-    served_s = (_num(requests, "t_finish_s") - _num(requests, "t_start_s")).sum()
+    requests = request_metrics(frame_of(frames, "requests"))
+    steps, rounds = frame_of(frames, "steps"), frame_of(frames, "rounds")
+    n_output = numeric(requests, "n_output_tokens")
+    served_s = (numeric(requests, "t_finish_s") - numeric(requests, "t_start_s")).sum()
     tokens_per_s = float(n_output.sum() / served_s) if served_s > 0 else float("nan")
-    decode_s = (_num(requests, "t_finish_s") - _num(requests, "t_first_token_s")).sum()
+    decode_s = (numeric(requests, "t_finish_s") - numeric(requests, "t_first_token_s")).sum()
     decode_tokens_per_s = float((n_output - 1).clip(lower=0).sum() / decode_s) if decode_s > 0 else float("nan")
     round_keys = _keys(rounds, ["request_id", "round"])
     n_rounds = 0 if rounds.empty else len(rounds[round_keys].drop_duplicates())
@@ -281,5 +285,5 @@ def compare(summaries: Mapping[str, pd.DataFrame], baseline: str) -> pd.DataFram
                     ignore_index=True)
     out = out[["policy"] + [c for c in out.columns if c != "policy"]]
     base_tokens_per_s = float(summaries[baseline]["tokens_per_s"].iloc[0])
-    out[f"speedup_vs_{baseline}"] = _num(out, "tokens_per_s") / base_tokens_per_s
+    out[f"speedup_vs_{baseline}"] = numeric(out, "tokens_per_s") / base_tokens_per_s
     return out

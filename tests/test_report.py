@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -154,6 +155,71 @@ def test_empty_frames_do_not_crash(frames_by_policy, tmp_path):
         "w2": lambda p: report.plot_sweep(no_sweep, "x", y_key="k", path=p),
     }.items():
         assert call(tmp_path / f"{name}.png").read_bytes()[:8] == PNG_MAGIC, name
+
+
+IDLE_PARTS = ["busy_s", "idle_link_s", "idle_draft_node_s", "idle_upstream_s", "idle_unrecorded_s",
+              "idle_no_request_s"]
+
+
+def test_comparison_prints_and_saves_idle_by_cause(frames_by_policy, tmp_path):
+    """write_comparison prints each device's busy share and idle shares by cause, and writes
+    idle.csv in seconds, whose parts add up to the window on every device."""
+    lines: list[str] = []
+    report.write_comparison(frames_by_policy, tmp_path, plots=False, echo=lines.append)
+    text = "\n".join(lines)
+    shares = text.split("idle by cause\n", 1)[1].splitlines()
+    assert shares[0].split() == ["policy", "device", "busy", "pruned", "link", "draft_node", "upstream",
+                                 "unrecorded", "no_request"]
+    assert len(shares) == 2 + 2 * (N_STAGES + 1)  # header, rule, one row per policy and device
+    idle = pd.read_csv(tmp_path / "idle.csv")
+    assert list(idle.columns[:3]) == ["policy", "device", "stage"]
+    assert idle["device"].tolist() == ["D0", "V1", "V2", "V3"] * 2
+    parts = idle[IDLE_PARTS].fillna(0.0).sum(axis=1)
+    assert parts.to_numpy() == pytest.approx(idle["window_s"].to_numpy())
+    shown = report.idle_shares(idle)
+    assert shown["busy"].to_numpy() == pytest.approx(idle["busy_fraction"].to_numpy())
+
+
+def test_gantt_shades_idle_time_with_a_legend_entry_per_cause(frames_by_policy, tmp_path, monkeypatch):
+    """The Gantt legend names each idle cause drawn, and the bands sit in device rows only."""
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig) or Path(path))
+    report.plot_gantt(frames_by_policy, tmp_path / "gantt.png")
+    (fig,) = figures
+    labels = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+    idle_labels = {label for label in labels if label.startswith("idle: ")}
+    assert {"idle: link", "idle: draft node", "idle: upstream"} <= idle_labels <= set(report.IDLE_LABELS.values())
+    assert "tree" in labels  # the span kinds are still there
+    for ax in fig.axes:
+        n_devices = sum(label.get_text()[:1] in ("D", "V") for label in ax.get_yticklabels())
+        bands = [c for c in ax.collections if c.get_zorder() == 0]
+        assert bands, "no idle band drawn"
+        for band in bands:
+            for path in band.get_paths():
+                assert path.vertices[:, 1].max() <= n_devices - 0.5 + 1e-9  # rows below are links
+
+
+@pytest.mark.parametrize("policy", ["flowspec", "ar-pp"])
+def test_idle_split_of_a_simulated_run(policy):
+    """tiny.yaml in the simulator: parts add up to the window on every device, busy equals the
+    utilization table's, nothing is unrecorded (the simulator records all it charges), and only
+    flowspec forwards rows that pruning later discards (ar-pp never prunes)."""
+    from flowspec.config import load_scenario
+    from sim.experiment import simulate, with_policy
+
+    frames = simulate(with_policy(load_scenario(Path(__file__).parents[1] / "scenarios" / "tiny.yaml"),
+                                  policy)).frames()  # fmt: skip
+    idle = report.idle_table({policy: frames})
+    assert idle["device"].tolist() == ["D0", "V1", "V2", "V3"]
+    assert idle[IDLE_PARTS].fillna(0.0).sum(axis=1).to_numpy() == pytest.approx(idle["window_s"].to_numpy())
+    util = report.utilization_table({policy: frames}).iloc[0]
+    assert idle["busy_fraction"].tolist() == pytest.approx([util[d] for d in idle["device"]])
+    assert idle["idle_unrecorded_s"].to_numpy() == pytest.approx(0.0, abs=1e-9)
+    pruned = idle.set_index("device")["pruned_work_s"]
+    if policy == "ar-pp":
+        assert (pruned.drop("D0") == 0).all()
+    else:
+        assert pruned["V1"] > 0.1 * idle.set_index("device").loc["V1", "busy_s"]
 
 
 def test_report_imports_matplotlib_lazily():

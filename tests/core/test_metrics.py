@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from flowspec.idle import idle_attribution, idle_intervals
 from flowspec.metrics import (
     acceptance_by_depth,
     accepted_per_round,
@@ -40,8 +44,8 @@ def step(request_id: int, round: int, step: int, n_verified: int, n_accepted: in
 def node(request_id: int, step: int, node_id: int, depth: int, parent_accepted: bool,
          accepted: bool) -> NodeRecord:
     return NodeRecord(run_id="r", source="sim", request_id=request_id, round=0, step=step,
-                      node_id=node_id, depth=depth, score=-0.1 * depth,
-                      parent_accepted=parent_accepted, accepted=accepted)
+                      node_id=node_id, depth=depth, score=-0.1 * depth, parent_id=-1, rank=0,
+                      n_siblings=1, parent_accepted=parent_accepted, accepted=accepted)
 
 
 def request(request_id: int, n_output_tokens: int, t_arrival_s: float, t_start_s: float,
@@ -276,3 +280,150 @@ def test_compare_of_empty_summaries_is_nan() -> None:
     """Summaries of empty runs compare without raising; the speed-up is NaN."""
     out = compare({"a": summary({}), "b": summary({})}, baseline="b")
     assert out["speedup_vs_b"].isna().all()
+
+
+def work(stage: int, kind: str, segment_id: int, n_tokens: int, t_start_s: float, t_end_s: float) -> StageSpan:
+    return StageSpan(run_id="r", source="sim", request_id=0, stage=stage, segment_id=segment_id, kind=kind,
+                     n_tokens=n_tokens, kv_len=0, t_start_s=t_start_s, t_end_s=t_end_s)  # fmt: skip
+
+
+def message(src: int, dst: int, kind: str, t_send_s: float, t_recv_s: float) -> LinkTransfer:
+    return LinkTransfer(run_id="r", source="sim", src=src, dst=dst, kind=kind, nbytes=64, t_send_s=t_send_s,
+                        t_recv_s=t_recv_s)  # fmt: skip
+
+
+IDLE_RUN = RunRecords(
+    stage_spans=[
+        work(0, "draft", -1, 4, 0.0, 2.0), work(1, "tree", 1, 4, 2.5, 4.5), work(1, "tree", 2, 3, 4.5, 5.5),
+        work(2, "tree", 1, 2, 5.0, 6.0), work(0, "verify", 1, 2, 6.5, 7.0),
+    ],
+    link_transfers=[
+        message(0, 1, "segment", 2.0, 2.5), message(1, 2, "segment", 4.5, 5.0),
+        message(2, 0, "segment", 6.0, 6.5), message(0, 1, "prune", 7.0, 7.5),
+    ],
+    steps=[step(0, 0, 1, 2, 1, "continue"), step(0, 0, 2, 0, 0, "empty")],  # segments 1 and 2
+    requests=[request(0, 4, 0.0, 0.0, 1.0, 8.0)],
+)
+IDLE_COLUMNS = ["busy_s", "pruned_work_s", "idle_link_s", "idle_draft_node_s", "idle_upstream_s",
+                "idle_unrecorded_s", "idle_no_request_s"]
+
+
+def test_idle_attribution_hand_computed() -> None:
+    """Busy, pruned work and idle by cause on D0 + two stages, window [0, 10] s, request [0, 8).
+
+    Timeline (s):     0    2  2.5      4.5  5  5.5  6  6.5  7  7.5  8       10
+      D0              draft                             verify 1
+      V1                      [tree 1, 4 rows][tree 2, 3 rows]
+      V2                                     [tree 1]
+      0→1 segment          [  ]
+      1→2 segment                         [  ]
+      2→0 segment                                  [   ]
+      0→1 prune                                              [   ]
+    Segment 1: 2 rows verified (D0's verify span, step n_verified 2); V2 forwarded 2 of V1's 4.
+    Segment 2: emptied by pruning after V1 (no later span, step "empty").
+
+    Each idle instant goes to the nearest busy thing walking the ring back from the device
+    (V1: hop 0→1, D0, hop 2→0, V2, hop 1→2; V2: hop 1→2, V1, hop 0→1, D0, hop 2→0;
+    D0: hop 2→0, V2, hop 1→2, V1, hop 0→1), then to any message on the wire, then unrecorded;
+    [8, 10) is outside the request.
+      V1: busy [2.5, 5.5) = 3; draft node [0, 2) + [6.5, 7) = 2.5; link [2, 2.5) + [6, 6.5) +
+          prune [7, 7.5) = 1.5; upstream (V2 busy) [5.5, 6) = 0.5; unrecorded [7.5, 8) = 0.5;
+          no request 2. Pruned work: tree 1, 2 of 4 rows unverified over 2 s = 1; tree 2, all
+          3 rows over 1 s = 1; total 2.
+      V2: busy [5, 6) = 1; draft node 2.5; link [2, 2.5) + [4.5, 5) (its own hop, nearer than
+          V1's tree 2) + [6, 6.5) + [7, 7.5) = 2; upstream (V1 busy) [2.5, 4.5) = 2;
+          unrecorded 0.5; no request 2. Pruned work 0: both rows were verified.
+      D0: busy 2 + 0.5 = 2.5; link [2, 2.5) + [4.5, 5) + [6, 6.5) + [7, 7.5) = 2; upstream
+          [2.5, 4.5) + [5, 6) = 3; unrecorded 0.5; no request 2; draft node and pruned work NaN.
+    """
+    out = idle_attribution(IDLE_RUN.frames(), t_start_s=0.0, t_end_s=10.0)
+    assert out["stage"].tolist() == [0, 1, 2]
+    assert out["window_s"].tolist() == [10.0] * 3
+    nan = float("nan")
+    expected = {0: [2.5, nan, 2.0, nan, 3.0, 0.5, 2.0],
+                1: [3.0, 2.0, 1.5, 2.5, 0.5, 0.5, 2.0],
+                2: [1.0, 0.0, 2.0, 2.5, 2.0, 0.5, 2.0]}
+    for stage, values in expected.items():
+        row = out.set_index("stage").loc[stage, IDLE_COLUMNS].tolist()
+        assert row == pytest.approx(values, nan_ok=True), stage
+    assert out["busy_fraction"].tolist() == pytest.approx([0.25, 0.3, 0.1])
+    parts = out[IDLE_COLUMNS].drop(columns="pruned_work_s").fillna(0.0).sum(axis=1)
+    assert parts.tolist() == pytest.approx([10.0] * 3)
+
+
+def test_idle_attribution_infers_hops_when_no_transfers_are_recorded() -> None:
+    """The runtime records no link transfers: hops into V2 and D0 are still inferred from spans.
+
+    Same run as above without the four transfers. Hop 1→2 is [4.5, 5) (V1's end of segment 1 to
+    V2's start of it) and hop 2→0 is [6, 6.5) (V2's end to D0's verify), so V2 and D0 keep 1 s
+    of link idle each, and V1 keeps [6, 6.5). The hop into V1 cannot be inferred (D0's draft span
+    names no segment) and the prune is gone: [2, 2.5) and [7, 7.5) become unrecorded, 1.5 s each.
+    """
+    frames = IDLE_RUN.frames() | {"link_transfers": to_frame([], LinkTransfer)}
+    out = idle_attribution(frames, t_start_s=0.0, t_end_s=10.0).set_index("stage")
+    assert out["idle_link_s"].tolist() == pytest.approx([1.0, 0.5, 1.0])
+    assert out["idle_unrecorded_s"].tolist() == pytest.approx([1.5, 1.5, 1.5])
+    assert out["idle_upstream_s"].tolist() == pytest.approx([3.0, 0.5, 2.0])
+
+
+def test_idle_intervals_list_the_hand_computed_causes() -> None:
+    """V2's idle intervals of the hand-computed run, in order, merged where the cause repeats."""
+    out = idle_intervals(IDLE_RUN.frames(), t_start_s=0.0, t_end_s=10.0)
+    v2 = out[out["stage"] == 2]
+    assert list(zip(v2["cause"], v2["t_start_s"], v2["t_end_s"], strict=True)) == [
+        ("draft_node", 0.0, 2.0), ("link", 2.0, 2.5), ("upstream", 2.5, 4.5), ("link", 4.5, 5.0),
+        ("link", 6.0, 6.5), ("draft_node", 6.5, 7.0), ("link", 7.0, 7.5), ("unrecorded", 7.5, 8.0),
+        ("no_request", 8.0, 10.0),
+    ]
+
+
+def test_idle_attribution_of_nothing_and_of_mixed_runs() -> None:
+    """Empty frames give an empty frame with the columns; frames of two runs are refused."""
+    assert idle_attribution({}).columns.tolist() == ["stage", "window_s", "busy_s", "busy_fraction",
+                                                     *IDLE_COLUMNS[1:]]
+    assert len(idle_attribution(RunRecords().frames())) == 0
+    assert len(idle_intervals({})) == 0
+    spans = to_frame([work(1, "tree", 0, 1, 0.0, 1.0)], StageSpan)
+    mixed = pd.concat([spans, spans.assign(run_id="other")], ignore_index=True)
+    with pytest.raises(ValueError, match="one run"):
+        idle_attribution({"stage_spans": mixed})
+
+
+QUARTER = st.integers(0, 40).map(lambda q: q / 4)  # quarter seconds: endpoints often coincide
+
+
+@st.composite
+def random_runs(draw) -> dict[str, pd.DataFrame]:
+    spans = [work(draw(st.integers(0, 3)), draw(st.sampled_from(["tree", "prefill", "verify", "draft"])),
+                  draw(st.integers(-1, 5)), draw(st.integers(0, 6)), *sorted([draw(QUARTER), draw(QUARTER)]))
+             for _ in range(draw(st.integers(1, 12)))]  # fmt: skip
+    transfers = [message(draw(st.integers(0, 3)), draw(st.integers(0, 3)),
+                         draw(st.sampled_from(["segment", "prune"])), *sorted([draw(QUARTER), draw(QUARTER)]))
+                 for _ in range(draw(st.integers(0, 6)))]  # fmt: skip
+    served = [sorted([draw(QUARTER), draw(QUARTER)]) for _ in range(draw(st.integers(0, 2)))]
+    requests = [request(i, 1, 0.0, start, start, finish) for i, (start, finish) in enumerate(served)]
+    steps = [step(0, 0, seg, draw(st.integers(0, 6)), 0, draw(st.sampled_from(["continue", "empty"])))
+             for seg in range(draw(st.integers(0, 5)))]
+    return RunRecords(stage_spans=spans, link_transfers=transfers, requests=requests, steps=steps).frames()
+
+
+@settings(max_examples=30, deadline=None)
+@given(frames=random_runs())
+def test_idle_parts_sum_to_the_window(frames: dict[str, pd.DataFrame]) -> None:
+    """For any run: busy plus every idle cause is the window; busy is stage_utilization's; pruned
+    work lies within busy; the intervals add up to the totals."""
+    out = idle_attribution(frames)
+    idle = out[[c for c in out.columns if c.startswith("idle_")]]
+    parts = out["busy_s"] + idle.fillna(0.0).sum(axis=1)
+    assert parts.to_numpy() == pytest.approx(out["window_s"].to_numpy())
+    assert (idle.fillna(0.0) >= 0).all().all()
+    util = stage_utilization(frames["stage_spans"]).set_index("stage")["busy_s"]
+    assert out.set_index("stage")["busy_s"].reindex(util.index).to_numpy() == pytest.approx(util.to_numpy())
+    pruned, busy = out.loc[out["stage"] > 0, "pruned_work_s"], out.loc[out["stage"] > 0, "busy_s"]
+    assert ((pruned >= 0) & (pruned <= busy + 1e-12)).all()
+    assert np.isnan(out.loc[out["stage"] == 0, ["pruned_work_s", "idle_draft_node_s"]].to_numpy()).all()
+    intervals = idle_intervals(frames)
+    lengths = intervals["t_end_s"] - intervals["t_start_s"]
+    totals = lengths.groupby([intervals["stage"], intervals["cause"]]).sum()
+    for (stage, cause), seconds in totals.items():
+        assert seconds == pytest.approx(float(out.set_index("stage").loc[stage, f"idle_{cause}_s"]))
