@@ -32,7 +32,9 @@ __all__ = [
     "DecodingConfig",
     "DrafterKind",
     "ExpansionConfig",
+    "LinkConfig",
     "ModelConfig",
+    "NetworkConfig",
     "PipeDecConfig",
     "PipelineConfig",
     "Policy",
@@ -161,6 +163,36 @@ class DevicesConfig(Section):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class LinkConfig(Section):
+    """One device's egress link: given by numbers, or priced from a measured link profile."""
+
+    bandwidth_mbps: float | None = None
+    """Egress bandwidth in megabits per second; left out: network.bandwidth_mbps."""
+    latency_ms: float | None = None
+    """One-way propagation latency; left out: network.latency_ms."""
+    overhead_ms: float | None = None
+    """Per-message cost on the sender's link; left out: network.overhead_ms."""
+    profile: str | None = None
+    """Link profile (a folder under profiles/, e.g. links/loopback-tcp, or a path) that prices every
+    message by its size, instead of the three numbers above (profiles/README.md, "Link profile")."""
+
+    def _check(self) -> None:
+        numbers = [n for n in ("bandwidth_mbps", "latency_ms", "overhead_ms") if getattr(self, n) is not None]
+        if self.profile is not None:
+            if not self.profile:
+                raise ScenarioError("profile must not be empty")
+            if numbers:
+                # A profile's measured times already hold the overhead and the latency: adding
+                # either on top would count it twice, so the two forms do not mix.
+                raise ScenarioError(f"{numbers[0]} cannot be set with profile (a link is either numbers or a profile)")
+        if self.bandwidth_mbps is not None and not self.bandwidth_mbps > 0:
+            raise ScenarioError(f"bandwidth_mbps must be > 0, got {self.bandwidth_mbps!r}")
+        for name in ("latency_ms", "overhead_ms"):
+            if getattr(self, name) is not None:
+                _at_least(self, name, 0.0)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class NetworkConfig(Section):
     bandwidth_mbps: float = 1000.0
     """Egress bandwidth of every device's link, in megabits per second."""
@@ -168,12 +200,31 @@ class NetworkConfig(Section):
     """One-way propagation latency of every hop."""
     overhead_ms: float = 0.05
     """Per-message cost on the sender's link (framing, syscalls)."""
+    links: tuple[LinkConfig, ...] = ()
+    """Per-device egress links, D0 first, then V1..VN (pipeline.n_stages + 1 entries); empty: every
+    device has the link above. An entry's left-out numbers are the ones above (`{}` is that link)."""
 
     def _check(self) -> None:
         if not self.bandwidth_mbps > 0:
             raise ScenarioError(f"bandwidth_mbps must be > 0, got {self.bandwidth_mbps!r}")
         _at_least(self, "latency_ms", 0.0)
         _at_least(self, "overhead_ms", 0.0)
+        # Fill each entry's left-out numbers now, so that `flowspec check` and resolved.yaml show
+        # every hop's actual link. Idempotent: a resolved entry resolves to itself.
+        resolved = tuple(link if link.profile else self._filled(link) for link in self.links)
+        if resolved != self.links:
+            object.__setattr__(self, "links", resolved)  # frozen: as Section normalizes fields
+
+    def _filled(self, link: LinkConfig) -> LinkConfig:
+        return LinkConfig(
+            bandwidth_mbps=self.bandwidth_mbps if link.bandwidth_mbps is None else link.bandwidth_mbps,
+            latency_ms=self.latency_ms if link.latency_ms is None else link.latency_ms,
+            overhead_ms=self.overhead_ms if link.overhead_ms is None else link.overhead_ms,
+        )
+
+    def link(self, rank: int) -> LinkConfig:
+        """Device `rank`'s egress link (0: D0, i: Vi), resolved: a profile, or all three numbers."""
+        return self.links[rank] if self.links else self._filled(LinkConfig())
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -336,6 +387,9 @@ class Scenario(Section):
         per_stage = self.devices.per_stage
         if per_stage and len(per_stage) != n_stages:
             raise ScenarioError(f"devices.per_stage must list {n_stages} profiles (pipeline.n_stages), got {len(per_stage)}")
+        links = self.network.links
+        if links and len(links) != n_stages + 1:
+            raise ScenarioError(f"network.links must list {n_stages + 1} links (D0, then each stage), got {len(links)}")
         hosts = self.runtime.hosts
         if hosts and len(hosts) != n_stages + 1:
             raise ScenarioError(f"runtime.hosts must list {n_stages + 1} addresses (D0, then each stage), got {len(hosts)}")
