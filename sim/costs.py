@@ -10,8 +10,11 @@ tokens would produce confident nonsense. Interpolated values are memoised per in
 because the engine asks the same few (n_tokens, kv_len) pairs ~10^5 times per second.
 
 `StageCostModel` and `DraftNodeCostModel` turn a profile into what the engine charges a stage and
-the draft node D0; `LinkCostModel` prices a message on a link. `AcceptanceProfile` is the
-calibration of the synthetic drafter/target pair. Only numpy and pandas are imported here: this
+the draft node D0: layers, embedding and per-forward overhead on a stage; LM head, drafter
+forwards and per-step bookkeeping on D0. Components added to the schema later (`stage_overhead`,
+`d0_step`) are optional and cost nothing when absent, so older and estimated profiles keep
+loading and mean what they meant. `LinkCostModel` prices a message on a link. `AcceptanceProfile`
+is the calibration of the synthetic drafter/target pair. Only numpy and pandas are imported here: this
 module is data in, floats out, and must load without simpy or torch.
 """
 
@@ -31,8 +34,9 @@ import pandas as pd
 log = logging.getLogger("flowspec.sim")
 
 STAGE_COLUMNS = ("component", "n_tokens", "kv_len", "dtype", "latency_ms_median", "latency_ms_p10", "latency_ms_p90", "n_samples")
-COMPONENTS = ("layer", "embed", "head", "draft")
-REQUIRED_COMPONENTS = ("layer", "embed", "head")  # draft is optional: stage-only devices
+COMPONENTS = ("layer", "embed", "head", "draft", "stage_overhead", "d0_step")
+REQUIRED_COMPONENTS = ("layer", "embed", "head")  # the rest are optional: stage-only devices, estimates
+KV_FREE = ("embed", "head", "d0_step")  # components whose only kv_len is 0
 SOURCES = ("measured", "estimated")
 META_KEYS = ("device", "model", "dtype", "source", "method", "date", "n_layers", "hidden_size", "vocab_size")
 ACCEPTANCE_COLUMNS = ("depth", "rank", "probability")
@@ -154,7 +158,7 @@ def _build_grids(path: str, df: pd.DataFrame, meta: dict) -> dict[str, _Grid]:
             raise ProfileError(f"{path}: row {i}: component must be one of {', '.join(COMPONENTS)}, got {comp!r}")
         n = _int(path, i, "n_tokens", r["n_tokens"], 1)
         kv = _int(path, i, "kv_len", r["kv_len"], 0)
-        if comp in ("embed", "head") and kv != 0:
+        if comp in KV_FREE and kv != 0:
             raise ProfileError(f"{path}: row {i}: kv_len must be 0 for component {comp!r}, got {kv}")
         if not r["dtype"]:
             raise ProfileError(f"{path}: row {i}: dtype is empty")
@@ -208,8 +212,8 @@ class DeviceProfile:
         for k in ("torch_version", "transformers_version") if meta["source"] == "measured" else ():
             if k not in meta:
                 raise ProfileError(f"{meta_path}: key {k} missing (required when source is measured)")
-        for k in ("n_layers", "hidden_size", "vocab_size"):
-            if not isinstance(meta[k], int) or isinstance(meta[k], bool) or meta[k] < 1:
+        for k in ("n_layers", "hidden_size", "vocab_size", "threads"):
+            if k in meta and (not isinstance(meta[k], int) or isinstance(meta[k], bool) or meta[k] < 1):
                 raise ProfileError(f"{meta_path}: key {k} must be a positive integer, got {meta[k]!r}")
         csv_path = os.path.join(folder, "stage_forward.csv")
         grids = _build_grids(csv_path, _read_csv(csv_path, STAGE_COLUMNS), meta)
@@ -239,6 +243,15 @@ class DeviceProfile:
     def draft_ms(self, n_tokens: int, kv_len: int = 0) -> float:
         return self._grid("draft").at(n_tokens, kv_len)
 
+    def has(self, component: str) -> bool:
+        return component in self.grids
+
+    def stage_overhead_ms(self, n_tokens: int, kv_len: int) -> float:
+        return self._grid("stage_overhead").at(n_tokens, kv_len)
+
+    def d0_step_ms(self, tree_size: int) -> float:
+        return self._grid("d0_step").at(tree_size, 0)
+
 
 def _check_slowdown(slowdown: float) -> None:
     if not (math.isfinite(slowdown) and slowdown > 0):
@@ -249,6 +262,8 @@ def _check_slowdown(slowdown: float) -> None:
 class StageCostModel:
     """A verification stage holding `n_layers` target layers (plus the embedding if `first`).
 
+    A profile with `stage_overhead` adds it once per forward, whatever the layers held (the mask,
+    rotary and wire work a stage does around its layers); one without it charges layers only.
     `last` adds nothing: in FlowSpec the target LM head lives on the draft node D0 (see
     `DraftNodeCostModel.verify_ms`), and the final RMSNorm is negligible next to a layer."""
 
@@ -270,6 +285,8 @@ class StageCostModel:
         if v is None:
             p = self.profile
             v = self.n_layers * p.layer_ms(n_tokens, kv_len) + (p.embed_ms(n_tokens) if self.first else 0.0)
+            if p.has("stage_overhead"):
+                v += p.stage_overhead_ms(n_tokens, kv_len)
             v = self._memo[key] = v * self.slowdown
         return v
 
@@ -298,6 +315,14 @@ class DraftNodeCostModel:
         if n_calls <= 0:
             return 0.0
         return n_calls * self.profile.draft_ms(max(1, -(-n_rows // n_calls)), kv_len) * self.slowdown
+
+    def step_ms(self, tree_size: int) -> float:
+        """D0's own bookkeeping for one verification step on a tree of `tree_size` nodes (verify,
+        prune, re-root, merge, segment; the drafter's forwards excluded). A profile without
+        `d0_step` charges 0, as the simulator did before profiles measured it."""
+        if not self.profile.has("d0_step"):
+            return 0.0
+        return self.profile.d0_step_ms(max(1, tree_size)) * self.slowdown
 
 
 @dataclass(frozen=True)

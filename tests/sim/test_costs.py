@@ -151,6 +151,34 @@ def test_draft_node_cost_model_literal(toy):
     assert DraftNodeCostModel(toy, slowdown=1.5).draft_ms(1, 4, 0) == pytest.approx(16.5)
 
 
+# stage_overhead: n in {1, 4} x kv in {0, 100}; d0_step: tree sizes 1, 9 (kv_len 0 only).
+EXTRA = [
+    ["stage_overhead", 1, 0, "float32", 0.3, 0.3, 0.3, 5],
+    ["stage_overhead", 4, 0, "float32", 0.5, 0.5, 0.5, 5],
+    ["stage_overhead", 1, 100, "float32", 0.4, 0.4, 0.4, 5],
+    ["stage_overhead", 4, 100, "float32", 0.7, 0.7, 0.7, 5],
+    ["d0_step", 1, 0, "float32", 0.2, 0.2, 0.2, 50],
+    ["d0_step", 9, 0, "float32", 1.0, 0.9, 1.4, 50],
+]
+
+
+def test_stage_overhead_and_d0_step_literal(tmp_path, toy):
+    """Pins the optional components: a stage pays stage_overhead once per forward whatever its
+    layers: at (n=2, kv=50) 3 * 3.0 + 0.2 + mean(0.3 + 0.2/3, 0.4 + 0.3/3) = 9.2 + 0.4333; D0's
+    step is d0_step by tree size, interpolated (size 5 = 0.2 + 0.8 * 4/8 = 0.6), size 0 asks for
+    size 1, slowdown multiplies; a profile without them charges exactly as before (0 for steps)."""
+    p = DeviceProfile.load(write_profile(tmp_path / "full", rows=ROWS + EXTRA))
+    assert p.stage_overhead_ms(2, 50) == pytest.approx((0.3 + 0.2 / 3 + 0.4 + 0.3 / 3) / 2)
+    assert StageCostModel(p, 3, first=True, last=False).forward_ms(2, 50) == pytest.approx(9.2 + (0.3 + 0.2 / 3 + 0.4 + 0.1) / 2)
+    assert DraftNodeCostModel(p).step_ms(5) == pytest.approx(0.6)
+    assert DraftNodeCostModel(p).step_ms(0) == pytest.approx(0.2)
+    assert DraftNodeCostModel(p, slowdown=2.0).step_ms(9) == pytest.approx(2.0)
+    with pytest.raises(OutOfGridError, match="component 'd0_step': n_tokens=10 is outside the grid"):
+        DraftNodeCostModel(p).step_ms(10)
+    assert StageCostModel(toy, 3, first=True, last=False).forward_ms(2, 50) == pytest.approx(9.2)
+    assert DraftNodeCostModel(toy).step_ms(40) == 0.0 and not toy.has("d0_step")
+
+
 def test_link_cost_arithmetic():
     """Pins the link formula: 1 MB at 1000 Mbps serializes in 8 ms; transfer adds latency and
     per-message overhead (8 + 2 + 0.5); 4096 B at 150 Mbps = 32768 / 150000 ms."""
@@ -186,7 +214,8 @@ def _set(rows, i, col, value):
     (_set(ROWS, 6, "n_tokens", 0), "stage_forward.csv: row 7: n_tokens must be >= 1, got 0"),
     (_set(ROWS, 0, "n_tokens", "two"), "row 1: n_tokens must be an integer, got 'two'"),
     (_set(ROWS, 1, "kv_len", -1), "row 2: kv_len must be >= 0, got -1"),
-    (_set(ROWS, 2, "component", "lm_head"), "row 3: component must be one of layer, embed, head, draft, got 'lm_head'"),
+    (_set(ROWS, 2, "component", "lm_head"),
+     "row 3: component must be one of layer, embed, head, draft, stage_overhead, d0_step, got 'lm_head'"),
     (_set(ROWS, 4, "kv_len", 100), "row 5: kv_len must be 0 for component 'embed', got 100"),
     (_set(ROWS, 3, "latency_ms_median", 0), "row 4: latency_ms_median must be > 0"),
     (_set(ROWS, 3, "latency_ms_median", "nan"), "row 4: latency_ms_median must be finite"),
@@ -208,6 +237,22 @@ def test_csv_validation_messages(tmp_path, rows, match):
     assert match in str(e.value)
 
 
+@pytest.mark.parametrize("rows, match", [
+    (ROWS + _set(EXTRA, 5, "kv_len", 5), "row 16: kv_len must be 0 for component 'd0_step', got 5"),
+    (ROWS + EXTRA[:3] + EXTRA[4:], "component 'stage_overhead' has no point at kv_len=100 for n_tokens=4"),
+    (ROWS + _set(EXTRA, 4, "n_tokens", 0), "row 15: n_tokens must be >= 1, got 0"),
+    (ROWS + _set(EXTRA, 5, "latency_ms_p90", 0.5), "row 16: need latency_ms_p10 <= latency_ms_median <= latency_ms_p90"),
+    (ROWS + EXTRA + EXTRA[4:5], "row 17: duplicate point component 'd0_step' n_tokens=1 kv_len=0"),
+])
+def test_new_components_validation_messages(tmp_path, rows, match):
+    """Pins: malformed stage_overhead / d0_step rows are refused naming the file, then the row and
+    column, or the component and the missing grid point."""
+    folder = write_profile(tmp_path / "bad", rows=rows)
+    with pytest.raises(ProfileError) as e:
+        DeviceProfile.load(folder)
+    assert str(folder / "stage_forward.csv") in str(e.value) and match in str(e.value)
+
+
 def test_csv_column_messages(tmp_path):
     """Pins: the header must be exactly the schema's columns; the error names the column."""
     drop = HEADER.index("latency_ms_median")
@@ -227,6 +272,7 @@ def test_csv_column_messages(tmp_path):
     ({"torch_version": None}, "meta.json: key torch_version missing (required when source is measured)"),
     ({"n_layers": 0}, "meta.json: key n_layers must be a positive integer, got 0"),
     ({"dtype": "float16"}, "column dtype is 'float32' but meta.json says 'float16'"),
+    ({"threads": 0}, "meta.json: key threads must be a positive integer, got 0"),
 ])
 def test_meta_validation_messages(tmp_path, change, match):
     """Pins each meta.json error: the file and the key (a None in `change` deletes the key)."""
@@ -329,7 +375,7 @@ def test_acceptance_card_and_columns(tmp_path):
 
 # --- shipped profiles ------------------------------------------------------------------------
 
-SHIPPED = sorted(p.parent for p in PROFILES.glob("*/*/meta.json"))
+SHIPPED = sorted(p.parent for p in PROFILES.glob("*/*/meta.json") if p.parent.parent.name != "links")  # links: tests/sim/test_links.py
 
 
 def test_shipped_profiles_exist():
@@ -350,7 +396,7 @@ def test_shipped_profile_loads_and_layer_is_monotone(folder):
         for i in range(1, len(row)):
             assert row[i] >= slack * row[i - 1], f"{folder}: layer kv_len={kv}: n={g.n_axis[i]} dips below n={g.n_axis[i - 1]}"
     assert {"layer", "embed", "head", "draft"} <= set(p.grids)
-    assert p.layer_ms(1, 0) > 0 and p.head_ms(1) > 0 and p.draft_ms(1, 0) > 0
+    assert p.layer_ms(1, 0) > 0 and p.head_ms(1) > 0 and p.draft_ms(1, p.grids["draft"].kv_axis[0]) > 0
 
 
 def test_shipped_acceptance_profile_matches_its_card():
