@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from flowspec.config import Policy, Scenario
+from flowspec.config import Scenario
 from flowspec.kv import StageLedger
 from flowspec.messages import (
     BroadcastPrune,
@@ -43,7 +43,8 @@ from flowspec.messages import (
 )
 from flowspec.order import near_equal
 from flowspec.pipeline import PipelineCore
-from flowspec.records import LinkTransfer, RunRecords, StageSpan
+from flowspec.policy import device_scenario
+from flowspec.records import LinkTransfer, RunResult, StageSpan
 from flowspec.synthetic import HashLM
 from flowspec.tree import Drafter
 
@@ -72,12 +73,6 @@ class _Stage:
     busy: bool = False
 
 
-@dataclass(slots=True)
-class RunResult:
-    outputs: dict[int, list[int]]
-    records: RunRecords
-
-
 class InMemoryDriver:
     def __init__(
         self,
@@ -89,6 +84,7 @@ class InMemoryDriver:
         delay_rng: np.random.Generator | None = None,
         run_id: str = "run",
     ) -> None:
+        scenario = device_scenario(scenario)
         self.scenario = scenario
         self.model = model
         self.delays = delays
@@ -97,7 +93,7 @@ class InMemoryDriver:
         self.core = PipelineCore(
             scenario, drafter, np.random.default_rng(scenario.seed), run_id=run_id, source="inmemory"
         )
-        n_stages = 1 if scenario.policy is Policy.SINGLE_SD else scenario.pipeline.n_stages
+        n_stages = scenario.pipeline.n_stages
         assert model.n_layers >= n_stages, "every stage needs at least one layer"
         self.stages: list[_Stage] = []
         first = 1
@@ -120,15 +116,16 @@ class InMemoryDriver:
         """Serve `(arrival_s, prompt)` requests to completion; outputs by request id (list order)."""
         for rid, (t_arrival, prompt) in enumerate(requests):
             self._at(t_arrival, self._to_d0, RequestArrived(rid, tuple(prompt)), 0.0, len(prompt))
+        t_end = 0.0
         while self._heap:
-            t, _, fn, args = heapq.heappop(self._heap)
-            fn(t, *args)
+            t_end, _, fn, args = heapq.heappop(self._heap)
+            fn(t_end, *args)
         if not self.core.idle or any(s.inbox or s.busy for s in self.stages):
             raise RuntimeError(f"run {self.run_id!r} stalled: the core is not idle after the last event")
         records = self.core.records
         records.stage_spans = list(self._spans)
         records.link_transfers = list(self._transfers)
-        return RunResult(self.core.outputs, records)
+        return RunResult(self.core.outputs, records, t_end)
 
     # ---- plumbing -------------------------------------------------------------------------------
 
@@ -145,7 +142,8 @@ class InMemoryDriver:
         link = (src, dst, kind)
         t_recv = max(t + self._draw(base), self._link_free.get(link, 0.0))
         self._link_free[link] = t_recv
-        self._transfers.append(LinkTransfer(self.run_id, "inmemory", src, dst, kind, nbytes, t, t_recv))
+        self._transfers.append(LinkTransfer(run_id=self.run_id, source="inmemory", src=src, dst=dst, kind=kind,
+                                            nbytes=nbytes, t_send_s=t, t_recv_s=t_recv))  # fmt: skip
         self._at(t_recv, fn, *args)
 
     def _nbytes(self, n_rows: int, first_hop: bool) -> int:
@@ -165,7 +163,11 @@ class InMemoryDriver:
         self._d0_busy = True
         kind = "draft" if isinstance(event, DraftDone) else "verify"
         if cost_s > 0:
-            self._spans.append(StageSpan(self.run_id, "inmemory", -1, 0, -1, kind, n_tokens, 0, t, t + cost_s))
+            request_id = self.core.active_request_id
+            segment_id = event.segment_id if isinstance(event, SegmentReturned) else -1
+            self._spans.append(StageSpan(run_id=self.run_id, source="inmemory", request_id=request_id, stage=0,
+                                         segment_id=segment_id, kind=kind, n_tokens=n_tokens, kv_len=0,
+                                         t_start_s=t, t_end_s=t + cost_s))  # fmt: skip
         self._at(t + cost_s, self._d0_handle, event)
 
     def _d0_handle(self, t: float, event: Event) -> None:
@@ -227,8 +229,9 @@ class InMemoryDriver:
         stage.busy = True
         cost = self._draw(self.delays.stage_s + self.delays.stage_s_per_token * len(seg))
         self._spans.append(
-            StageSpan(self.run_id, "inmemory", seg.request_id, stage.rank, seg.segment_id,
-                      str(seg.kind), len(seg), kv_len, t, t + cost)
+            StageSpan(run_id=self.run_id, source="inmemory", request_id=seg.request_id, stage=stage.rank,
+                      segment_id=seg.segment_id, kind=str(seg.kind), n_tokens=len(seg), kv_len=kv_len,
+                      t_start_s=t, t_end_s=t + cost)
         )  # fmt: skip
         self._at(t + cost, self._stage_done, k, seg, h_out)
 

@@ -47,6 +47,7 @@ from flowspec.messages import (
 )
 from flowspec.order import prefill_chunks
 from flowspec.records import RunRecords, StepOutcome
+from flowspec.replay import RecordingDrafter, command_records
 from flowspec.request import Recorder, RequestState
 from flowspec.tree import Drafter, IntArray, descendant_mask, reroot
 from flowspec.verify import verify_greedy, verify_sampled
@@ -83,13 +84,16 @@ class PipelineCore:
         *,
         run_id: str = "run",
         source: str = "core",
+        trace: bool = False,
     ) -> None:
         self.scenario = scenario
-        self.drafter = drafter
         self.rng = rng
         self.run_id = run_id
         self.source = source
         self._rec = Recorder(run_id, source)
+        self.trace = trace
+        self._rec.records.traced = trace
+        self.drafter: Drafter = RecordingDrafter(drafter, self._rec.records.proposals, run_id, source) if trace else drafter
         self.outputs: dict[int, list[int]] = {}
         self._queue: deque[RequestState] = deque()
         self._active: RequestState | None = None
@@ -106,13 +110,32 @@ class PipelineCore:
         return self._rec.records
 
     @property
+    def active_request_id(self) -> int:
+        """The request being served, -1 when none: what D0's own spans are charged to."""
+        return -1 if self._active is None else self._active.request_id
+
+    @property
     def idle(self) -> bool:
         """No request active or queued and nothing in flight: the core waits for an arrival."""
         return self._active is None and not self._queue and not self._in_flight
 
+    @property
+    def tree_size(self) -> int:
+        """Nodes in the active request's draft tree, root included (0 when there is none): what
+        D0's own bookkeeping per step (verify, prune, re-root, merge, segment) scales with."""
+        req = self._active
+        return 0 if req is None or req.tree is None else len(req.tree)
+
     # ---- events ---------------------------------------------------------------------------------
 
     def handle(self, event: Event, now: float) -> list[Command]:
+        cmds = self._handle(event, now)
+        if self.trace:
+            commands = self._rec.records.commands
+            commands += command_records(self.run_id, self.source, len(commands), cmds)
+        return cmds
+
+    def _handle(self, event: Event, now: float) -> list[Command]:
         if isinstance(event, SegmentReturned):
             return self._on_returned(event, now)
         if isinstance(event, DraftDone):
@@ -177,6 +200,8 @@ class PipelineCore:
         self._forget_prunes()
         req = self._active
         assert req is not None
+        if self.trace and ev.argmax is not None and (fl.final or fl.kind is SegmentKind.TREE):
+            self._rec.decisions(req, ev.segment_id, returned, ev.argmax, final_only=fl.kind is SegmentKind.PREFILL)
         if fl.kind is SegmentKind.PREFILL:
             return self._on_prefill(req, fl, ev, now)
         req.step += 1
@@ -310,7 +335,10 @@ class PipelineCore:
             return ev.probs[i]
         if ev.argmax is None:
             raise ProtocolError(f"segment {ev.segment_id}: T = 0 needs the target's argmax")
-        return int(ev.argmax[i])
+        token = int(ev.argmax[i])
+        if token < 0:
+            raise ProtocolError(f"segment {ev.segment_id}: row {i} has no target decision (argmax {token})")
+        return token
 
     def _sample_last(self, ev: SegmentReturned) -> int:
         row = self._target_row(ev, -1)
@@ -323,6 +351,7 @@ class PipelineCore:
 
     def _begin_round(self, req: RequestState, root_token: int, now: float) -> list[Command]:
         req.start_round(now)
+        self._drafting_for(req)
         counter = pol.CountingDrafter(self.drafter)
         drafted = pol.initial_tree(self.scenario, counter, np.array(req.context), root_token, self._next_node)
         self._next_node = drafted.next_id
@@ -331,6 +360,7 @@ class PipelineCore:
 
     def _expand(self, req: RequestState) -> list[Command]:
         assert req.tree is not None
+        self._drafting_for(req)
         counter = pol.CountingDrafter(self.drafter)
         drafted = pol.expand(self.scenario, counter, np.array(req.context), req.tree, self._next_node)
         if drafted is None:
@@ -338,6 +368,10 @@ class PipelineCore:
         self._next_node = drafted.next_id
         req.tree = drafted.tree
         return self._after_draft(req, counter, drafted.sizes)
+
+    def _drafting_for(self, req: RequestState) -> None:
+        if isinstance(self.drafter, RecordingDrafter):
+            self.drafter.request_id = req.request_id
 
     def _after_draft(self, req: RequestState, counter: pol.CountingDrafter, sizes: list[int]) -> list[Command]:
         assert req.tree is not None

@@ -23,7 +23,7 @@ accepted), so each of its steps ends the round.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -55,6 +55,20 @@ class Drafted:
     tree: DraftTree  # the tree after drafting (merged, for an expansion)
     sizes: list[int]  # segment sizes for the new nodes, which are the last sum(sizes) nodes
     next_id: int  # first unused node id
+
+
+def device_scenario(scenario: Scenario) -> Scenario:
+    """The scenario as the policy runs it, in every backend: `single-sd` is one stage holding every
+    layer on the first stage's device (beside D0), the others the scenario's pipeline. The core, the simulator's platform and
+    the runtime's cluster all take this one, so they agree on how many stages there are."""
+    if scenario.policy is not Policy.SINGLE_SD:
+        return scenario
+    return replace(
+        scenario,
+        pipeline=replace(scenario.pipeline, n_stages=1, layers=()),
+        devices=replace(scenario.devices, per_stage=scenario.stage_profiles[:1]),  # the first stage's device
+        network=replace(scenario.network, links=scenario.network.links[:2]),  # D0's link and that stage's
+    )
 
 
 def verifies_whole_tree(policy: Policy) -> bool:

@@ -4,8 +4,14 @@ Theory of operation
 -------------------
 The core emits `StepRecord`, `NodeRecord`, `RoundRecord` and `RequestRecord` as it makes decisions;
 backends add `StageSpan` and `LinkTransfer`, which only they can time. Every record is a frozen,
-flat dataclass (no lists in cells) whose field names carry units, so `to_frame` turns a list of them
-into a tidy pandas frame and `flowspec.metrics` computes every reported number from frames.
+flat, keyword-only dataclass (no lists in cells) whose field names carry units, so `to_frame` turns
+a list of them into a tidy pandas frame and `flowspec.metrics` computes every reported number from
+frames.
+
+A traced run (`PipelineCore(trace=True)`; the runtime always traces) also keeps what a replay needs
+(`flowspec.replay`): every command the core issued (`CommandRecord`), every drafter proposal
+(`ProposalRecord`) and every target decision it was handed (`DecisionRecord`). Fed the same
+proposals and decisions, the simulator's core must issue the same commands (DESIGN invariant 6).
 
 Rule: a record never holds a derived metric; metrics are computed from frames, once, in metrics.py.
 """
@@ -32,7 +38,7 @@ class FinishReason(StrEnum):
     MAX_NEW_TOKENS = "max_new_tokens"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StepRecord:
     """One segment returned to the draft node (D0) and what D0 decided."""
 
@@ -42,7 +48,8 @@ class StepRecord:
     round: int
     step: int
     segment_id: int
-    n_verified: int  # rows of the segment that reached D0 (0: emptied by pruning)
+    n_verified: int  # tree nodes holding a target decision at this verification: the segment's surviving rows and
+    # those verified earlier in the round and still in the tree (0: the segment was emptied by pruning)
     n_accepted: int  # tokens committed by this verification, root included (0 when nothing verified)
     n_emitted: int  # tokens handed to the user: accepted drafts + bonus, after trimming
     bonus_token: int  # the token sampled after the accepted run; -1 when nothing verified
@@ -54,7 +61,7 @@ class StepRecord:
     t_s: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class NodeRecord:
     """One verified draft node (the root excluded): was its token the target's choice?"""
 
@@ -66,11 +73,14 @@ class NodeRecord:
     node_id: int
     depth: int  # depth below the root that was verified in this step (>= 1)
     score: float  # cumulative draft log-prob relative to that root
+    parent_id: int
+    rank: int  # 0: the best-scored of its parent's children in the tree (the drafter's rank-0 proposal)
+    n_siblings: int  # children its parent has in the tree (itself included), verified or not
     parent_accepted: bool  # its parent was accepted in this step (it was a real candidate)
     accepted: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RoundRecord:
     """One draft round: from drafting a fresh tree to the step whose bonus fell outside it."""
 
@@ -85,7 +95,7 @@ class RoundRecord:
     t_end_s: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RequestRecord:
     run_id: str
     source: str
@@ -99,7 +109,7 @@ class RequestRecord:
     t_finish_s: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StageSpan:
     """One forward (or draft-node job) on one device. Stage 0 is the draft node."""
 
@@ -107,15 +117,15 @@ class StageSpan:
     source: str
     request_id: int
     stage: int
-    segment_id: int  # -1 for draft-node jobs that belong to no segment
-    kind: str  # "prefill" | "tree" | "verify" | "draft"
+    segment_id: int  # the segment forwarded or verified; -1 for draft-node jobs of no segment (draft)
+    kind: str  # "prefill" | "tree" (stages) | "verify" | "draft" | "step" (the draft node)
     n_tokens: int
     kv_len: int
     t_start_s: float
     t_end_s: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LinkTransfer:
     """One message on one link (src and dst are device ranks; 0 is the draft node)."""
 
@@ -129,6 +139,44 @@ class LinkTransfer:
     t_recv_s: float
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CommandRecord:
+    """One command the core issued (traced runs): what a replay must reproduce exactly."""
+
+    run_id: str
+    source: str
+    seq: int  # position in the run's command sequence
+    command: str  # "send" | "prune" | "draft" | "emit" | "finish"
+    request_id: int
+    detail: str  # the command's content, canonical text (ids, tokens, versions): equal iff the commands are
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProposalRecord:
+    """One row of one drafter call (traced runs): the k tokens proposed for one frontier node."""
+
+    run_id: str
+    source: str
+    call: int  # the drafter call, in order
+    request_id: int
+    node_id: int  # the frontier node the proposals are children of
+    rank: int
+    token: int
+    logp: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DecisionRecord:
+    """The target's decision for one returned row (traced runs, T = 0: its argmax)."""
+
+    run_id: str
+    source: str
+    request_id: int
+    segment_id: int
+    node_id: int  # -1 for a prompt row
+    argmax: int
+
+
 RECORD_TYPES: dict[str, type] = {
     "steps": StepRecord,
     "nodes": NodeRecord,
@@ -136,6 +184,11 @@ RECORD_TYPES: dict[str, type] = {
     "requests": RequestRecord,
     "stage_spans": StageSpan,
     "link_transfers": LinkTransfer,
+}
+TRACE_TYPES: dict[str, type] = {
+    "commands": CommandRecord,
+    "proposals": ProposalRecord,
+    "decisions": DecisionRecord,
 }
 
 
@@ -157,6 +210,25 @@ class RunRecords:
     requests: list[RequestRecord] = field(default_factory=list)
     stage_spans: list[StageSpan] = field(default_factory=list)
     link_transfers: list[LinkTransfer] = field(default_factory=list)
+    commands: list[CommandRecord] = field(default_factory=list)
+    proposals: list[ProposalRecord] = field(default_factory=list)
+    decisions: list[DecisionRecord] = field(default_factory=list)
+    traced: bool = False
 
     def frames(self) -> dict[str, pd.DataFrame]:
-        return {name: to_frame(getattr(self, name), rtype) for name, rtype in RECORD_TYPES.items()}
+        """Frames of every record kind; the trace kinds only when the run was traced."""
+        kinds = RECORD_TYPES | (TRACE_TYPES if self.traced else {})
+        return {name: to_frame(getattr(self, name), rtype) for name, rtype in kinds.items()}
+
+
+@dataclass(slots=True)
+class RunResult:
+    """One policy's run in any backend: outputs by request id, records, and how long it took
+    (simulated seconds in the simulator, wall-clock seconds in the runtime)."""
+
+    outputs: dict[int, list[int]]
+    records: RunRecords
+    elapsed_s: float
+
+    def frames(self) -> dict[str, pd.DataFrame]:
+        return self.records.frames()

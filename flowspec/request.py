@@ -15,8 +15,29 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from flowspec.records import FinishReason, NodeRecord, RequestRecord, RoundRecord, RunRecords, StepRecord
+from flowspec.records import DecisionRecord, FinishReason, NodeRecord, RequestRecord, RoundRecord, RunRecords, StepRecord
 from flowspec.tree import DraftTree, IntArray
+
+
+def sibling_ranks(parents: IntArray, scores: np.ndarray) -> tuple[IntArray, IntArray]:
+    """Each node's rank among its parent's children by score (0: best; ties by tree order) and how
+    many children that parent has. Within one drafter call, score order is the drafter's rank order.
+
+    >>> r, n = sibling_ranks(np.array([-1, 0, 0, 0, 1]), np.array([0.0, -0.5, -0.1, -0.9, -0.7]))
+    >>> r.tolist(), n.tolist()
+    ([0, 1, 0, 2, 0], [1, 3, 3, 3, 1])
+    """
+    n = len(parents)
+    ranks = np.zeros(n, dtype=np.int64)  # [n]
+    counts = np.ones(n, dtype=np.int64)  # [n]
+    order = np.lexsort((np.arange(n), -scores, parents))  # by parent, then best score first
+    sorted_parents = parents[order]
+    starts = np.flatnonzero(np.r_[True, sorted_parents[1:] != sorted_parents[:-1]])  # [n_groups]
+    sizes = np.diff(np.r_[starts, n])  # [n_groups]
+    group_start = np.repeat(starts, sizes)  # [n]
+    ranks[order] = np.arange(n) - group_start
+    counts[order] = np.repeat(sizes, sizes)
+    return ranks, counts
 
 
 def trim_tokens(tokens: list[int], eos_token_id: int | None, room: int) -> tuple[list[int], str]:
@@ -88,38 +109,56 @@ class Recorder:
     ) -> None:  # fmt: skip
         self.records.steps.append(
             StepRecord(
-                self.run_id, self.source, req.request_id, round_, req.step, segment_id, n_verified,
-                n_accepted, n_emitted, bonus, str(outcome), reroot_offset, n_pruned, n_expanded,
-                n_trimmed, now,
+                run_id=self.run_id, source=self.source, request_id=req.request_id, round=round_,
+                step=req.step, segment_id=segment_id, n_verified=n_verified, n_accepted=n_accepted,
+                n_emitted=n_emitted, bonus_token=bonus, outcome=str(outcome), reroot_offset=reroot_offset,
+                n_pruned=n_pruned, n_expanded=n_expanded, n_trimmed=n_trimmed, t_s=now,
             )  # fmt: skip
         )
 
     def nodes(self, req: RequestState, tree: DraftTree, verified: np.ndarray, accepted_idx: IntArray) -> None:
-        """One row per verified draft node (the root excluded)."""
+        """One row per verified draft node (the root excluded), with its rank among its siblings."""
         accepted = np.zeros(len(tree), dtype=bool)
         accepted[accepted_idx] = True
         depths = tree.depths
+        ranks, n_siblings = sibling_ranks(tree.parents, tree.scores)
         for i in np.flatnonzero(verified)[1:]:
+            parent = int(tree.parents[i])
             self.records.nodes.append(
                 NodeRecord(
-                    self.run_id, self.source, req.request_id, req.round, req.step,
-                    int(tree.ids[i]), int(depths[i]), float(tree.scores[i]),
-                    bool(accepted[tree.parents[i]]), bool(accepted[i]),
+                    run_id=self.run_id, source=self.source, request_id=req.request_id, round=req.round,
+                    step=req.step, node_id=int(tree.ids[i]), depth=int(depths[i]), score=float(tree.scores[i]),
+                    parent_id=int(tree.ids[parent]), rank=int(ranks[i]), n_siblings=int(n_siblings[i]),
+                    parent_accepted=bool(accepted[parent]), accepted=bool(accepted[i]),
                 )  # fmt: skip
+            )
+
+    def decisions(self, req: RequestState, segment_id: int, node_ids: IntArray, argmax: IntArray, *,
+                  final_only: bool) -> None:  # fmt: skip
+        """The target's argmax for every returned row (a prompt chunk: its last row only, which
+        gives the first token; the others are never read)."""
+        rows = range(len(node_ids) - 1, len(node_ids)) if final_only else range(len(node_ids))
+        for i in rows:
+            self.records.decisions.append(
+                DecisionRecord(run_id=self.run_id, source=self.source, request_id=req.request_id,
+                               segment_id=segment_id, node_id=int(node_ids[i]), argmax=int(argmax[i]))  # fmt: skip
             )
 
     def round(self, req: RequestState, now: float) -> None:
         self.records.rounds.append(
             RoundRecord(
-                self.run_id, self.source, req.request_id, req.round, req.round_steps,
-                req.round_sent, req.round_emitted, req.round_t_start_s, now,
+                run_id=self.run_id, source=self.source, request_id=req.request_id, round=req.round,
+                n_steps=req.round_steps, n_sent=req.round_sent, n_emitted=req.round_emitted,
+                t_start_s=req.round_t_start_s, t_end_s=now,
             )  # fmt: skip
         )
 
     def request(self, req: RequestState, now: float) -> None:
         self.records.requests.append(
             RequestRecord(
-                self.run_id, self.source, req.request_id, len(req.prompt), len(req.output),
-                req.finish_reason, req.t_arrival_s, req.t_start_s, req.t_first_token_s, now,
+                run_id=self.run_id, source=self.source, request_id=req.request_id,
+                n_prompt_tokens=len(req.prompt), n_output_tokens=len(req.output),
+                finish_reason=req.finish_reason, t_arrival_s=req.t_arrival_s, t_start_s=req.t_start_s,
+                t_first_token_s=req.t_first_token_s, t_finish_s=now,
             )  # fmt: skip
         )

@@ -30,21 +30,21 @@ def bench_runtime(scenario: Scenario, policies: Sequence[Policy], *, base_dir: P
 
     target = Target.load(scenario, base_dir=base_dir, echo=echo)
     scenario = target.scenario
-    requests = requests_for(scenario, target.tokenizer)
+    requests = requests_for(scenario, target.tokenizer, base_dir=base_dir)
     eos = scenario.decoding.eos_token_id
     echo(f"{len(requests)} request(s) x {scenario.decoding.max_new_tokens} new tokens; HF generate first")
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     reference: dict[int, list[int]] = {}
     t0 = time.perf_counter()
-    for rid, req in enumerate(requests):
+    for req in requests:
         with torch.inference_mode():
             out = target.model.generate(torch.tensor([req.prompt]), max_new_tokens=scenario.decoding.max_new_tokens,
                                         do_sample=False, eos_token_id=eos, pad_token_id=eos or 0)  # fmt: skip
         tokens = out[0, len(req.prompt) :].tolist()
         if eos is not None and eos in tokens:
             tokens = tokens[: tokens.index(eos) + 1]
-        reference[rid] = tokens
+        reference[req.request_id] = tokens
     generate_s = time.perf_counter() - t0
     torch.set_num_threads(threads)
     n_ref = sum(len(t) for t in reference.values())
@@ -56,9 +56,9 @@ def bench_runtime(scenario: Scenario, policies: Sequence[Policy], *, base_dir: P
                                        drafter=lambda sc: make_drafter(sc, target, base_dir=base_dir)):  # fmt: skip
         n = sum(len(v) for v in result.outputs.values())
         summary = metrics.summary(result.frames())
-        rows.append({"policy": str(policy), "tokens": n, "wall_s": result.wall_s, "tokens_per_s": n / result.wall_s,
-                     "vs_generate": (n / result.wall_s) / (n_ref / generate_s),
+        rows.append({"policy": str(policy), "tokens": n, "wall_s": result.elapsed_s, "tokens_per_s": n / result.elapsed_s,
+                     "vs_generate": (n / result.elapsed_s) / (n_ref / generate_s),
                      "accepted_per_step": float(summary["accepted_per_step"].iloc[0]),
                      "same_as_generate": result.outputs == reference})  # fmt: skip
-        echo(f"  {policy}: {n} tokens in {result.wall_s:.1f} s")
+        echo(f"  {policy}: {n} tokens in {result.elapsed_s:.1f} s")
     return pd.DataFrame(rows)

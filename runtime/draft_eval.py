@@ -144,7 +144,7 @@ def bench_draft(target_spec: str, head_dir: Path, prompt_files: list[Path], *, p
     model_dir = resolve_model(target_spec, echo=echo)
     model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
     if prompt_files:
-        sets = {f.stem: [r.prompt for r in read_jsonl(f, tokenizer)][:per_set] for f in prompt_files}
+        sets = {f.stem: [tokens for tokens, _ in read_jsonl(f, tokenizer)][:per_set] for f in prompt_files}
     else:
         sets = {"builtin": [encode(tokenizer, t) for t in BUILTIN_PROMPTS][:per_set]}
     eos = model.generation_config.eos_token_id

@@ -31,12 +31,11 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from flowspec.config import Arrivals, Scenario
+from flowspec.config import Scenario
 from flowspec.messages import (
     BroadcastPrune,
     Command,
@@ -46,31 +45,17 @@ from flowspec.messages import (
     Event,
     FinishRequest,
     RequestArrived,
+    SegmentKind,
     SegmentReturned,
     SendSegment,
 )
 from flowspec.pipeline import PipelineCore, ProtocolError
-from flowspec.records import RunRecords, StageSpan
+from flowspec.records import RunResult, StageSpan
+from flowspec.workload import Request
 from flowspec.tree import Drafter, DraftTree, IntArray
 from runtime import wire
 from runtime.channel import Endpoint, RemoteError, StageTimeout
 from runtime.model_slice import hidden_from_wire
-
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    prompt: tuple[int, ...]
-    max_new_tokens: int | None = None  # None: the scenario's decoding.max_new_tokens
-
-
-@dataclass(slots=True)
-class RunResult:
-    outputs: dict[int, list[int]]
-    records: RunRecords
-    wall_s: float
-
-    def frames(self):
-        return self.records.frames()
 
 
 class TimedDrafter:
@@ -173,18 +158,20 @@ class DraftNode:
         run_id: str = "run",
         on_tokens: Callable[[int, tuple[int, ...]], None] | None = None,
     ) -> RunResult:
-        """Serve `requests` (ids are list positions) with `scenario.policy`; every stage ends clean."""
+        """Serve `requests` (ids are list positions, arrivals as they say) with `scenario.policy`; every
+        stage ends clean. The run is traced (`flowspec.replay`), so the simulator can replay it."""
         timed = TimedDrafter(drafter)
-        core = PipelineCore(scenario, timed, np.random.default_rng(scenario.seed), run_id=run_id, source="runtime")
+        core = PipelineCore(scenario, timed, np.random.default_rng(scenario.seed), run_id=run_id, source="runtime",
+                            trace=True)  # fmt: skip
         self.run_id = run_id
         self.temperature = scenario.decoding.temperature
         self.core = core
         self.timed = timed
         self.spans: list[StageSpan] = []
         self.t0 = time.monotonic()
-        arrivals = self._arrivals(scenario, len(requests))
+        closed_loop = any(r.t_arrival_s is None for r in requests)  # `single`: each arrives when the last finished
+        arrivals = [r.t_arrival_s or 0.0 for r in requests]
         pending = deque(range(len(requests)))
-        closed_loop = arrivals is None
         events: deque[Event] = deque()
         finished: set[int] = set()
         heartbeat_s = scenario.runtime.timeout_s / 4
@@ -194,7 +181,7 @@ class DraftNode:
         def arrive(rid: int) -> None:
             req = requests[rid]
             t_arrival = None if closed_loop else float(arrivals[rid])
-            events.append(RequestArrived(rid, req.prompt, req.max_new_tokens, t_arrival))
+            events.append(RequestArrived(req.request_id, req.prompt, req.max_new_tokens, t_arrival))
 
         if closed_loop and pending:
             arrive(pending.popleft())
@@ -235,22 +222,15 @@ class DraftNode:
     def now(self) -> float:
         return time.monotonic() - self.t0
 
-    def _arrivals(self, scenario: Scenario, n: int) -> np.ndarray | None:
-        wl = scenario.workload
-        if wl.arrivals is Arrivals.SINGLE:
-            return None  # closed loop: each request arrives when the previous one finished
-        if wl.arrivals is Arrivals.POISSON:
-            gaps = np.random.default_rng(scenario.seed + 1).exponential(1.0 / wl.rate_per_s, size=n)
-            return np.concatenate([[0.0], np.cumsum(gaps)[:-1]])
-        raise ProtocolError("workload.arrivals: the runtime serves single or poisson arrivals, not trace")
-
     def _handle(self, event: Event) -> list[Command]:
         before = self.timed.elapsed_s
         t = self.now()
         cmds = self.core.handle(event, now=t)
         drafted = self.timed.elapsed_s - before
         if drafted > 0:
-            self.spans.append(StageSpan(self.run_id, "runtime", -1, 0, -1, "draft", 0, 0, t, t + drafted))
+            self.spans.append(StageSpan(run_id=self.run_id, source="runtime", request_id=self.core.active_request_id,
+                                        stage=0, segment_id=-1, kind="draft", n_tokens=0, kv_len=0,
+                                        t_start_s=t, t_end_s=t + drafted))  # fmt: skip
         for cmd in cmds:
             if isinstance(cmd, SendSegment):
                 self.endpoint.send(1, wire.encode_segment(cmd.segment, 0))
@@ -274,25 +254,32 @@ class DraftNode:
         t = self.now()
         h = hidden_from_wire(hidden, msg.dtypes["hidden"])
         temperature = self.temperature
+        # A prompt chunk needs the target's decision on its last row only, and only if it is the
+        # prompt's last chunk (the first token); the LM head over every prompt row would cost D0
+        # tens of milliseconds per chunk for rows nobody reads (they are marked -1).
+        heads = slice(len(seg) - 1 if seg.final else len(seg), None) if seg.kind is SegmentKind.PREFILL else slice(None)
         with torch.inference_mode():
-            logits = h @ self.lm_head.T  # [L, V]
+            logits = h[heads] @ self.lm_head.T  # [rows, V]
             if temperature > 0:
                 probs = torch.softmax(logits.double() / temperature, dim=-1).numpy()
                 argmax = None
             else:
-                argmax, probs = logits.argmax(dim=-1).numpy(), None
+                argmax = np.full(len(seg), -1, dtype=np.int64)
+                argmax[heads] = logits.argmax(dim=-1).numpy()
+                probs = None
         observe = getattr(self.timed.inner, "observe", None)  # drafters that read the target's features
         if observe is not None and len(seg):
             observe(seg.request_id, seg.node_ids, seg.parent_ids, seg.tokens, seg.positions, h, seg.reset)
         if len(seg):
-            self.spans.append(StageSpan(self.run_id, "runtime", seg.request_id, 0, seg.segment_id, "verify",
-                                        len(seg), 0, t, self.now()))  # fmt: skip
+            self.spans.append(StageSpan(run_id=self.run_id, source="runtime", request_id=seg.request_id, stage=0,
+                                        segment_id=seg.segment_id, kind="verify", n_tokens=len(logits), kv_len=0,
+                                        t_start_s=t, t_end_s=self.now()))  # fmt: skip
         return SegmentReturned(seg.segment_id, seg.node_ids, seg.version, argmax=argmax, probs=probs)
 
     def _keep_alive(self, heartbeat_s: float) -> None:
         now = time.monotonic()
         if now - self._last_heartbeat > heartbeat_s:
-            self.endpoint.send_all(wire.encode("heartbeat", 0, {}))
+            self.endpoint.send_all(wire.encode("heartbeat", 0, {"clock_s": time.monotonic()}))
             self._last_heartbeat = now
         timeout = self.scenario.runtime.timeout_s
         for rank, seen in self.last_seen.items():
@@ -303,7 +290,7 @@ class DraftNode:
 
     def _flush(self) -> None:
         self._reports = {}
-        self.endpoint.send_all(wire.encode("flush", 0, {}))
+        self.endpoint.send_all(wire.encode("flush", 0, {"clock_s": time.monotonic()}))
         deadline = time.monotonic() + self.scenario.runtime.timeout_s
         while len(self._reports) < self.n_stages:
             msg = self.endpoint.recv(min(0.25, self.scenario.runtime.timeout_s))
@@ -318,8 +305,9 @@ class DraftNode:
                                    f"{self.scenario.runtime.timeout_s:g} s")  # fmt: skip
         for rank, rows in sorted(self._reports.items()):
             for request_id, segment_id, kind, n_tokens, kv_len, t_start, t_end in rows:
-                self.spans.append(StageSpan(self.run_id, "runtime", request_id, rank, segment_id, kind, n_tokens,
-                                            kv_len, t_start - self.t0, t_end - self.t0))  # fmt: skip
+                self.spans.append(StageSpan(run_id=self.run_id, source="runtime", request_id=request_id, stage=rank,
+                                            segment_id=segment_id, kind=kind, n_tokens=n_tokens, kv_len=kv_len,
+                                            t_start_s=t_start - self.t0, t_end_s=t_end - self.t0))  # fmt: skip
 
     def stop(self) -> None:
         try:

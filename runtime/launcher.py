@@ -34,9 +34,12 @@ from pathlib import Path
 from typing import Any
 
 from flowspec.config import DrafterKind, Policy, Scenario, ScenarioError, dump_scenario, scenario_from_dict, scenario_to_dict
+from flowspec.policy import device_scenario
 from flowspec.tree import Drafter
 from runtime.channel import Endpoint, RemoteError
-from runtime.draft_node import DraftNode, Request, RunResult
+from flowspec.records import RunResult
+from flowspec.workload import Request
+from runtime.draft_node import DraftNode
 from runtime.models import DEFAULT_MODEL, Echo, load_model, load_tokenizer, quiet, resolve_model
 from runtime.stage import layer_ranges
 
@@ -131,10 +134,7 @@ def _model_drafter(scenario: Scenario, target: Target, base_dir: Path | None) ->
 
 def stage_scenario(scenario: Scenario, policy: Policy) -> Scenario:
     """The scenario a policy's cluster runs: single-sd is one stage holding every layer."""
-    scenario = dataclasses.replace(scenario, policy=policy)
-    if policy is Policy.SINGLE_SD:
-        scenario = dataclasses.replace(scenario, pipeline=dataclasses.replace(scenario.pipeline, n_stages=1, layers=()))
-    return scenario
+    return device_scenario(dataclasses.replace(scenario, policy=policy))
 
 
 class Cluster:

@@ -74,7 +74,8 @@ class LayerSlice(nn.Module):
         assert visible.shape == (n_rows, self.kv_len + n_rows), (tuple(visible.shape), self.kv_len, n_rows)
         h = (self.embed(x) if self.embed is not None else x)[None]  # [1, L, H]
         dtype = h.dtype
-        mask = torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)
+        mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)  # on the layers' device
+        mask = mask.masked_fill(~visible, torch.finfo(dtype).min)
         pos = positions[None]  # [1, L]
         rope = self.rotary(h, pos)
         for layer in self.layers:

@@ -9,14 +9,17 @@ it, since at T = 0 every lossless policy must produce the same output.
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pandas as pd
 
+from flowspec import metrics
 from flowspec.config import Policy, Scenario, dump_scenario
-from runtime.draft_node import Request, RunResult
+from flowspec.records import RunResult
+from flowspec.workload import Request
 from runtime.launcher import Target, drafter_kind, make_drafter, merges_lookup, run_policies
 from runtime.prompts import requests_for
 
@@ -49,6 +52,32 @@ class TextStream:
             self.shown[request_id] = text
 
 
+def write_requests(path: Path, requests: Sequence[Request]) -> None:
+    """The run's requests as served: what a replay (`flowspec replay`) feeds the simulator."""
+    with open(path, "w", encoding="utf-8") as f:
+        for r in requests:
+            f.write(json.dumps({"request_id": r.request_id, "t_arrival_s": r.t_arrival_s, "prompt": list(r.prompt),
+                                "max_new_tokens": r.max_new_tokens}) + "\n")  # fmt: skip
+
+
+def write_outputs(path: Path, requests: Sequence[Request], result: RunResult, tokenizer) -> None:
+    """One line per request: its prompt and generation (ids and text), why it stopped, its speed."""
+    rows = metrics.request_metrics(result.frames()["requests"]).set_index("request_id")
+    with open(path, "w", encoding="utf-8") as f:
+        for r in requests:
+            tokens = result.outputs.get(r.request_id, [])
+            row = rows.loc[r.request_id] if r.request_id in rows.index else None
+            f.write(json.dumps({
+                "request_id": r.request_id,
+                "prompt": None if tokenizer is None else tokenizer.decode(list(r.prompt)),
+                "prompt_tokens": list(r.prompt),
+                "tokens": tokens,
+                "text": None if tokenizer is None else tokenizer.decode(tokens, skip_special_tokens=True),
+                "finish_reason": None if row is None else row["finish_reason"],
+                "tokens_per_s": None if row is None else float(row["e2e_tokens_per_s"]),
+            }) + "\n")  # fmt: skip
+
+
 def run_and_save(
     scenario: Scenario,
     policies: Sequence[Policy],
@@ -63,9 +92,11 @@ def run_and_save(
     """Frames by policy for every policy that finished, the error that stopped the rest, results."""
     target = Target.load(scenario, base_dir=base_dir, echo=lambda m: echo(m, err=True))
     scenario = target.scenario
-    requests: list[Request] = requests_for(scenario, target.tokenizer, prompt=prompt, prompts_file=prompts_file)
+    requests: list[Request] = requests_for(scenario, target.tokenizer, prompt=prompt, prompts_file=prompts_file,
+                                           base_dir=base_dir)  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "resolved.yaml").write_text(dump_scenario(scenario))
+    write_requests(folder / "requests.jsonl", requests)
     echo(f"{len(requests)} request(s), {scenario.decoding.max_new_tokens} new tokens at most, model "
          f"{target.model_dir.name}, drafter {drafter_kind(scenario)}{' + lookup' if merges_lookup(scenario) else ''}",
          err=True)  # fmt: skip
@@ -88,6 +119,7 @@ def run_and_save(
             out.mkdir(parents=True, exist_ok=True)
             for name, frame in frames.items():
                 frame.to_parquet(out / f"{name}.parquet", index=False)
+            write_outputs(out / "outputs.jsonl", requests, result, target.tokenizer)
             done[str(policy)] = frames
             results[str(policy)] = result
             n_tokens = sum(len(v) for v in result.outputs.values())
@@ -98,7 +130,7 @@ def run_and_save(
                 reference = result.outputs
             elif scenario.decoding.temperature == 0:
                 same = ", same tokens as " + str(first) if result.outputs == reference else ", OUTPUT DIFFERS"
-            echo(f"  {policy}: {n_tokens} tokens in {result.wall_s:.2f} s ({n_tokens / result.wall_s:.1f} tok/s{same})",
+            echo(f"  {policy}: {n_tokens} tokens in {result.elapsed_s:.2f} s ({n_tokens / result.elapsed_s:.1f} tok/s{same})",
                  err=True)  # fmt: skip
     except Exception as e:  # keep what is done; the caller reports and exits non-zero
         return done, e, results

@@ -8,14 +8,15 @@ Errors name the file, the line and the field.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from flowspec.config import Scenario, ScenarioError
-from runtime.draft_node import Request
+from flowspec.workload import Request, json_lines, with_prompts
+
+Prompt = tuple[tuple[int, ...], int | None]  # token ids, max_new_tokens (None: the scenario's)
 
 # Written for this project (no dataset needed on a fresh machine): short instructions of the kinds
 # the paper's sets cover — chat, code, maths, summary, question answering, translation.
@@ -44,39 +45,33 @@ def encode(tokenizer: Any, item: str | list[dict[str, str]]) -> tuple[int, ...]:
 
 
 def requests_for(scenario: Scenario, tokenizer: Any, *, prompt: str | None = None,
-                 prompts_file: Path | None = None) -> list[Request]:  # fmt: skip
-    """The run's requests: `prompt`, else the file's, else the built-in prompts
-    (workload.n_requests of them; random token prompts of workload.prompt_tokens without a tokenizer)."""
+                 prompts_file: Path | None = None, base_dir: Path | None = None) -> list[Request]:  # fmt: skip
+    """The run's requests: `prompt`, else the file's, else the built-in prompts (workload.n_requests
+    of them; random token prompts of workload.prompt_tokens without a tokenizer), arriving as the
+    scenario's workload says — the same arrival times the simulator draws (`flowspec.workload`)."""
+    return with_prompts(scenario, prompts_for(scenario, tokenizer, prompt=prompt, prompts_file=prompts_file), base_dir)
+
+
+def prompts_for(scenario: Scenario, tokenizer: Any, *, prompt: str | None = None,
+                prompts_file: Path | None = None) -> list[Prompt]:  # fmt: skip
     if prompt is not None:
         if tokenizer is None:
             raise ScenarioError("--prompt needs a model with a tokenizer (use --prompts with token ids)")
-        return [Request(encode(tokenizer, prompt))]
+        return [(encode(tokenizer, prompt), None)]
     if prompts_file is not None:
         return read_jsonl(prompts_file, tokenizer)
     n = scenario.workload.n_requests
     if tokenizer is None:
         rng = np.random.default_rng(scenario.seed)
         vocab = scenario.model.vocab_size
-        return [Request(tuple(rng.integers(0, vocab, scenario.workload.prompt_tokens).tolist())) for _ in range(n)]
-    return [Request(encode(tokenizer, BUILTIN_PROMPTS[i % len(BUILTIN_PROMPTS)])) for i in range(n)]
+        return [(tuple(rng.integers(0, vocab, scenario.workload.prompt_tokens).tolist()), None) for _ in range(n)]
+    return [(encode(tokenizer, BUILTIN_PROMPTS[i % len(BUILTIN_PROMPTS)]), None) for i in range(n)]
 
 
-def read_jsonl(path: Path, tokenizer: Any) -> list[Request]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise ScenarioError(f"{path}: cannot read: {e.strerror or e}") from None
+def read_jsonl(path: Path, tokenizer: Any) -> list[Prompt]:
+    """(token ids, max_new_tokens or None) per line of a JSONL prompts file."""
     out = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ScenarioError(f"{where}: not JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise ScenarioError(f"{where}: each line must be a JSON object")
+    for where, row in json_lines(path, ScenarioError):
         max_new = row.get("max_new_tokens")
         if max_new is not None and (not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1):
             raise ScenarioError(f"{where}: max_new_tokens must be an integer >= 1, got {max_new!r}")
@@ -84,7 +79,7 @@ def read_jsonl(path: Path, tokenizer: Any) -> list[Request]:
             tokens = row["tokens"]
             if not (isinstance(tokens, list) and tokens and all(isinstance(t, int) and t >= 0 for t in tokens)):
                 raise ScenarioError(f"{where}: tokens must be a non-empty list of token ids")
-            out.append(Request(tuple(tokens), max_new))
+            out.append((tuple(tokens), max_new))
             continue
         item = row.get("prompt", row.get("messages", row.get("input")))
         turns = row.get("turns")
@@ -99,7 +94,7 @@ def read_jsonl(path: Path, tokenizer: Any) -> list[Request]:
             raise ScenarioError(f"{where}: needs prompt (text), messages/input (chat messages), turns or tokens")
         if tokenizer is None:
             raise ScenarioError(f"{where}: text prompts need a model with a tokenizer (give tokens instead)")
-        out.append(Request(encode(tokenizer, item), max_new))
+        out.append((encode(tokenizer, item), max_new))
     if not out:
         raise ScenarioError(f"{path}: no prompts")
     return out

@@ -86,7 +86,8 @@ class StageWorker:
         self.queue: deque[tuple[Segment, np.ndarray | None]] = deque()
         self.spans: list[list] = []
         self.stopping = False
-        self.clock_offset_s = 0.0
+        self.clock_offset_s = 0.0  # D0's clock minus this stage's (`_clock`)
+        self._clock_samples = 0
         self.last_from_d0 = time.monotonic()
         self.last_to_d0 = 0.0
         self._parent = os.getppid()
@@ -109,7 +110,7 @@ class StageWorker:
         while True:
             msg = self.endpoint.recv(max(0.0, min(1.0, deadline - time.monotonic())))
             if msg is not None and msg.type == "peers":
-                self.clock_offset_s = float(msg.fields["clock_s"]) - time.monotonic()  # type: ignore[arg-type]
+                self._clock(msg)
                 if self.next_rank:
                     self.endpoint.connect(self.next_rank, str(msg.fields["next"]))
                 break
@@ -135,7 +136,7 @@ class StageWorker:
                 self._run_one()
             now = time.monotonic()
             if now - self.last_to_d0 > heartbeat_s:
-                self._to_d0(wire.encode("heartbeat", self.plan.rank, {}))
+                self._to_d0(wire.encode("heartbeat", self.plan.rank, {"clock_s": time.monotonic()}))
             if now - self.last_from_d0 > self.plan.timeout_s:
                 raise StageTimeout(f"stage {self.plan.rank}: no message from D0 for {now - self.last_from_d0:.1f} s "
                                    f"(runtime.timeout_s = {self.plan.timeout_s:g})")  # fmt: skip
@@ -150,6 +151,8 @@ class StageWorker:
     def _handle(self, msg: wire.Message) -> None:
         if msg.sender == 0:
             self.last_from_d0 = time.monotonic()
+            if "clock_s" in msg.fields:
+                self._clock(msg)
         if msg.type == "segment":
             expected = self.plan.rank - 1
             if msg.sender != expected:
@@ -166,7 +169,9 @@ class StageWorker:
         elif msg.type == "flush":
             if self.queue:
                 raise ProtocolError(f"stage {self.plan.rank}: flush with {len(self.queue)} segment(s) still queued")
-            self._to_d0(wire.encode("report", self.plan.rank, {"spans": self.spans}))
+            off = self.clock_offset_s  # the best estimate now, for every span of the run
+            spans = [[*row[:5], row[5] + off, row[6] + off] for row in self.spans]
+            self._to_d0(wire.encode("report", self.plan.rank, {"spans": spans}))
             self.spans = []
             self.ledger = StageLedger()
             self.slice.reset()
@@ -174,6 +179,14 @@ class StageWorker:
             raise RemoteError(f"stage {self.plan.rank}: rank {msg.sender} failed: {msg.fields['message']}")
         elif msg.type != "heartbeat":
             raise ProtocolError(f"{msg.type} message from rank {msg.sender}: not expected by stage {self.plan.rank}")
+
+    def _clock(self, msg: wire.Message) -> None:
+        """Offset of D0's clock from this stage's: D0's time in the message minus now, plus the
+        message's delay, which is never negative, so the largest sample is the least delayed one.
+        (The peers message waits while the layers load, seconds; a heartbeat to an idle stage, µs.)"""
+        sample = float(msg.fields["clock_s"]) - time.monotonic()  # type: ignore[arg-type]
+        self.clock_offset_s = sample if self._clock_samples == 0 else max(self.clock_offset_s, sample)
+        self._clock_samples += 1
 
     def _compact(self, slots: np.ndarray | None) -> None:
         if slots is not None:
@@ -200,9 +213,8 @@ class StageWorker:
         else:  # emptied by pruning: pass the marker on
             out = torch.zeros((0, self.slice.config.hidden_size))
         t_end = time.monotonic()
-        if len(seg):
-            off = self.clock_offset_s
-            self.spans.append([seg.request_id, seg.segment_id, str(seg.kind), len(seg), kv_len, t_start + off, t_end + off])
+        if len(seg):  # on this stage's clock; moved to D0's when reported
+            self.spans.append([seg.request_id, seg.segment_id, str(seg.kind), len(seg), kv_len, t_start, t_end])
         self._drain(0.0)  # prunes that arrived during the forward
         slots, seg, rows = self.ledger.catch_up(seg)
         self._compact(slots)

@@ -29,7 +29,7 @@ import numpy as np
 from flowspec.messages import Prune, Segment, SegmentKind
 from flowspec.pipeline import ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: heartbeat and flush carry the sender's clock
 
 DTYPES: dict[str, np.dtype] = {
     "int32": np.dtype("<i4"),
@@ -59,8 +59,10 @@ SCHEMAS: dict[str, tuple[dict[str, type], dict[str, tuple[tuple[str, ...], int, 
     "hello": ({"address": str, "first_layer": int, "n_layers": int}, {}),
     "peers": ({"next": str, "clock_s": float}, {}),
     "ready": ({}, {}),
-    "heartbeat": ({}, {}),
-    "flush": ({}, {}),  # a run ended: report its spans, then forget it (KV, ledger, spans)
+    # D0's clock travels in peers, heartbeat and flush: a stage takes the offset from the least-delayed
+    # of them, so that its spans land on D0's time axis (see runtime.stage, `clock_offset_s`).
+    "heartbeat": ({"clock_s": float}, {}),
+    "flush": ({"clock_s": float}, {}),  # a run ended: report its spans, then forget it (KV, ledger, spans)
     "report": ({"spans": list}, {}),
 }  # fmt: skip
 

@@ -5,7 +5,8 @@ Theory of operation
 The simulator charges time; the core decides. Processes:
 
 - D0 (`_draft_node`): takes events from its inbox one at a time, charges their cost (the target's
-  LM head over a returned segment), feeds the core and executes its commands. A `Draft` command
+  LM head over a returned segment), feeds the core, charges the core's own bookkeeping for the
+  step by tree size (a "step" span), and executes its commands. A `Draft` command
   keeps D0 busy for the drafting time before `DraftDone` goes back into the core, so verification,
   pruning and drafting are serialized on D0 as on the real device.
 - Stages (`_stage`): a FIFO inbox each, a `StageLedger` each, and the ledger protocol the runtime
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import simpy
 
-from flowspec.config import Policy, Scenario
+from flowspec.config import Scenario
 from flowspec.kv import StageLedger
 from flowspec.messages import (
     BroadcastPrune,
@@ -48,27 +49,16 @@ from flowspec.messages import (
     payload_nbytes,
 )
 from flowspec.pipeline import PipelineCore
-from flowspec.records import LinkTransfer, RunRecords, StageSpan
+from flowspec.records import LinkTransfer, RunResult, StageSpan
 from flowspec.synthetic import ContextOracle
 from flowspec.tree import Drafter
 from sim.costs import ProfileError
 from sim.platform import Platform
-from sim.workload import Request
+from flowspec.workload import Request
 
 
 class SimulationError(RuntimeError):
     """A simulated process failed; the message names the scenario and the simulated time."""
-
-
-@dataclass(slots=True)
-class SimResult:
-    scenario: Scenario
-    outputs: dict[int, list[int]]
-    records: RunRecords
-    sim_time_s: float
-
-    def frames(self) -> dict:
-        return self.records.frames()
 
 
 @dataclass(slots=True, eq=False)
@@ -89,6 +79,7 @@ class SimEngine:
         requests: list[Request],
         *,
         run_id: str = "sim",
+        trace: bool = False,
     ) -> None:
         self.scenario = scenario
         self.platform = platform
@@ -96,8 +87,9 @@ class SimEngine:
         self.requests = requests
         self.run_id = run_id
         self.env = simpy.Environment()
-        self.core = PipelineCore(scenario, drafter, np.random.default_rng(scenario.seed), run_id=run_id, source="sim")
-        n_stages = 1 if scenario.policy is Policy.SINGLE_SD else scenario.pipeline.n_stages
+        self.core = PipelineCore(scenario, drafter, np.random.default_rng(scenario.seed), run_id=run_id, source="sim",
+                                 trace=trace)  # fmt: skip
+        n_stages = scenario.pipeline.n_stages  # the policy's: one for single-sd (flowspec.policy.device_scenario)
         self.stages = [_Stage(rank, inbox=simpy.Store(self.env)) for rank in range(1, n_stages + 1)]
         self._link_free = [0.0] * (n_stages + 1)  # when each device's egress link falls free
         self.d0_inbox = simpy.Store(self.env)
@@ -110,7 +102,7 @@ class SimEngine:
 
     # ---- running --------------------------------------------------------------------------------
 
-    def run(self) -> SimResult:
+    def run(self) -> RunResult:
         procs = [self.env.process(self._draft_node()), self.env.process(self._arrivals())]
         procs += [self.env.process(self._stage(s)) for s in self.stages]
         try:
@@ -129,7 +121,7 @@ class SimEngine:
         records = self.core.records
         records.stage_spans = self.spans
         records.link_transfers = self.transfers
-        return SimResult(self.scenario, self.core.outputs, records, self.env.now)
+        return RunResult(self.core.outputs, records, self.env.now)
 
     def _arrivals(self):
         previous = None
@@ -150,8 +142,11 @@ class SimEngine:
         while True:
             event, cost_ms, n_tokens = yield self.d0_inbox.get()
             if cost_ms > 0:
-                yield from self._busy(0, -1, -1, "verify", n_tokens, 0, cost_ms)
+                yield from self._busy(0, self.core.active_request_id, event.segment_id, "verify", n_tokens, 0, cost_ms)
+            size, request_id = self.core.tree_size, self.core.active_request_id
             cmds = self.core.handle(event, now=env.now)
+            if isinstance(event, SegmentReturned) and cmds:  # a step D0 worked on; see _charge_step
+                yield from self._charge_step(max(size, self.core.tree_size), request_id, event.segment_id)
             while cmds:
                 draft = self._execute(cmds)
                 if draft is None:
@@ -161,10 +156,22 @@ class SimEngine:
                 yield from self._busy(0, draft.request_id, -1, "draft", draft.n_rows, kv_len, cost_ms)
                 cmds = self.core.handle(DraftDone(draft.draft_id), now=env.now)
 
+    def _charge_step(self, tree_size: int, request_id: int, segment_id: int):
+        """D0's own bookkeeping for a returned segment that led to commands (a verification, or the
+        last prompt chunk starting a round), before those commands go out, as the runtime sends
+        them only once `handle` returns. The profile's `d0_step` includes the DraftDone that
+        follows, so DraftDone itself is not charged; a returned segment that changed nothing
+        (emptied by pruning, a chunk of a tree verified whole) costs microseconds and is not."""
+        cost_ms = self.platform.step_ms(max(1, tree_size))
+        if cost_ms > 0:
+            yield from self._busy(0, request_id, segment_id, "step", tree_size, 0, cost_ms)
+
     def _busy(self, rank: int, request_id: int, segment_id: int, kind: str, n_tokens: int, kv_len: int, cost_ms: float):
         t0 = self.env.now
         yield self.env.timeout(cost_ms / 1000.0)
-        self.spans.append(StageSpan(self.run_id, "sim", request_id, rank, segment_id, kind, n_tokens, kv_len, t0, self.env.now))
+        self.spans.append(StageSpan(run_id=self.run_id, source="sim", request_id=request_id, stage=rank,
+                                    segment_id=segment_id, kind=kind, n_tokens=n_tokens, kv_len=kv_len,
+                                    t_start_s=t0, t_end_s=self.env.now))  # fmt: skip
 
     def _execute(self, cmds: list[Command]) -> Draft | None:
         """Start every send; return the Draft command (at most one), which D0 must work through."""
@@ -251,5 +258,6 @@ class SimEngine:
         t_send = max(now, self._link_free[src])
         self._link_free[src] = t_send + self.platform.send_ms(src, nbytes) / 1000.0
         t_recv = self._link_free[src] + self.platform.latency_ms(src, dst) / 1000.0
-        self.transfers.append(LinkTransfer(self.run_id, "sim", src, dst, kind, nbytes, t_send, t_recv))
+        self.transfers.append(LinkTransfer(run_id=self.run_id, source="sim", src=src, dst=dst, kind=kind,
+                                           nbytes=nbytes, t_send_s=t_send, t_recv_s=t_recv))  # fmt: skip
         self.env.timeout(t_recv - now).callbacks.append(lambda _event: deliver())

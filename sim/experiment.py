@@ -23,16 +23,27 @@ import pandas as pd
 
 from flowspec import metrics
 from flowspec.config import Policy, Scenario, apply_overrides, scenario_from_dict, scenario_to_dict
+from flowspec.policy import device_scenario
 from flowspec.synthetic import ContextOracle, GroundTruth, HashLM, OracleDrafter
 from sim.costs import AcceptanceProfile
-from sim.engine import SimEngine, SimResult
-from sim.platform import PROFILES_DIR, Colocated, Platform, ProfiledPlatform, resolve_profile, single_device
-from sim.workload import build_workload
+from flowspec.records import RunResult
+from sim.engine import SimEngine
+from sim.platform import PROFILES_DIR, Colocated, Platform, ProfiledPlatform, resolve_profile
+from flowspec.workload import build_workload
 
 
 def rank_table(profile: AcceptanceProfile) -> np.ndarray:
     """[depths, ranks + 1] probabilities (last column: none of the children), depth 1 first."""
     return np.array([profile.for_depth(d) for d in range(1, profile.max_depth + 1)])
+
+
+def build_platform(scenario: Scenario, profiles_dir: Path = PROFILES_DIR) -> Platform:
+    """The profiled platform of `scenario` as its policy runs it (`device_scenario`)."""
+    scenario = device_scenario(scenario)
+    platform: Platform = ProfiledPlatform(scenario, profiles_dir)
+    if scenario.policy is Policy.SINGLE_SD:  # D0 shares the stage's device: messages cost nothing
+        platform = Colocated(platform)
+    return platform
 
 
 def build_engine(
@@ -44,11 +55,9 @@ def build_engine(
     run_id: str | None = None,
 ) -> SimEngine:
     """The engine for `scenario`; `platform` replaces the profiled one (tests use constants)."""
+    scenario = device_scenario(scenario)
     if platform is None:
-        if scenario.policy is Policy.SINGLE_SD:
-            platform = Colocated(ProfiledPlatform(single_device(scenario), profiles_dir))
-        else:
-            platform = ProfiledPlatform(scenario, profiles_dir)
+        platform = build_platform(scenario, profiles_dir)
     acceptance = AcceptanceProfile.load(resolve_profile(scenario.acceptance.profile, profiles_dir))
     truth = GroundTruth(HashLM(scenario.model.vocab_size, 1, seed=scenario.seed))
     drafter = OracleDrafter(truth, rank_table=rank_table(acceptance), seed=scenario.seed)
@@ -59,7 +68,7 @@ def build_engine(
     )  # fmt: skip
 
 
-def simulate(scenario: Scenario, **kwargs: object) -> SimResult:
+def simulate(scenario: Scenario, **kwargs: object) -> RunResult:
     return build_engine(scenario, **kwargs).run()  # type: ignore[arg-type]
 
 
@@ -71,9 +80,9 @@ def simulate_policies(
     scenario: Scenario,
     policies: Sequence[Policy],
     *,
-    on_result: Callable[[Policy, SimResult], None] | None = None,
+    on_result: Callable[[Policy, RunResult], None] | None = None,
     **kwargs: object,
-) -> dict[Policy, SimResult]:
+) -> dict[Policy, RunResult]:
     """Every policy on the same scenario; `on_result` sees each result as soon as it exists."""
     results = {}
     for policy in policies:
@@ -84,7 +93,7 @@ def simulate_policies(
     return results
 
 
-def summaries(results: dict[Policy, SimResult]) -> dict[str, pd.DataFrame]:
+def summaries(results: dict[Policy, RunResult]) -> dict[str, pd.DataFrame]:
     return {str(p): metrics.summary(r.frames()) for p, r in results.items()}
 
 

@@ -50,7 +50,7 @@ def simulate_and_save(
         save_frames(frames, folder / str(policy))
         done[str(policy)] = frames
         n_tokens = sum(len(v) for v in result.outputs.values())
-        echo(f"  {policy}: {n_tokens} tokens in {result.sim_time_s:.2f} simulated s "
+        echo(f"  {policy}: {n_tokens} tokens in {result.elapsed_s:.2f} simulated s "
              f"({time.perf_counter() - t0:.1f} s wall)", err=True)  # fmt: skip
     return done, None
 
@@ -101,7 +101,7 @@ def bench_policies(
             wall = time.perf_counter() - t0
             best = min(best, wall)
             n_tokens = sum(len(v) for v in result.outputs.values())
-            sim_s = result.sim_time_s
+            sim_s = result.elapsed_s
         summary = metrics.summary(result.frames()).iloc[0]
         rows.append({
             "policy": str(policy),

@@ -9,17 +9,20 @@ tests and closed-form checks). Ranks: 0 is the draft node D0, 1..N the verificat
 Links: every device has one egress link. A message occupies its sender's link for
 `send_ms` (per-message overhead + bytes at the link's bandwidth) and then travels `latency_ms`
 before it is delivered. One link per sender serves messages in order, so delivery between any two
-devices is FIFO — as ZeroMQ delivers per peer.
+devices is FIFO — as ZeroMQ delivers per peer. Each device's link is its own (`network.links`:
+numbers or a measured link profile, see `sim.links`); the ring's hop i -> i+1 and D0's prunes to
+every stage are priced on the sender's link.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from flowspec.config import Scenario
+from flowspec.config import LinkConfig, Scenario
 from sim.costs import DeviceProfile, DraftNodeCostModel, LinkCostModel, StageCostModel
+from sim.links import Link, LinkProfile, ProfiledLink, RatedLink
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 
@@ -37,6 +40,11 @@ class Platform(Protocol):
         """D0: `n_calls` drafter forwards over `n_rows` frontier rows in all."""
         ...
 
+    def step_ms(self, tree_size: int) -> float:
+        """D0: its own bookkeeping for one verification step (verify, prune, re-root, merge,
+        segment) on a tree of `tree_size` nodes, the drafter's forwards excluded."""
+        ...
+
     def send_ms(self, src: int, nbytes: int) -> float:
         """How long a message of `nbytes` occupies the sender's link."""
         ...
@@ -48,11 +56,13 @@ class Platform(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class ConstantPlatform:
-    """Fixed costs: every stage forward `stage_ms`, every message `send_ms` + `latency_ms`."""
+    """Fixed costs: every stage forward `stage_ms`, every message `send_ms` + `latency_ms`, every
+    D0 verification step `step_ms_each` of bookkeeping."""
 
     stage_ms_each: float = 10.0
     verify_ms_each: float = 0.0
     draft_ms_per_call: float = 0.0
+    step_ms_each: float = 0.0  # D0's bookkeeping per verification step; 0: not charged
     send_ms_each: float = 0.0
     latency_ms_each: float = 2.0
 
@@ -64,6 +74,9 @@ class ConstantPlatform:
 
     def draft_ms(self, n_calls: int, n_rows: int, kv_len: int) -> float:
         return self.draft_ms_per_call * n_calls
+
+    def step_ms(self, tree_size: int) -> float:
+        return self.step_ms_each
 
     def send_ms(self, src: int, nbytes: int) -> float:
         return self.send_ms_each
@@ -94,8 +107,8 @@ class ProfiledPlatform:
             for i, (name, n_layers) in enumerate(zip(scenario.stage_profiles, scenario.stage_layers))
         ]
         self._d0 = DraftNodeCostModel(DeviceProfile.load(resolve_profile(scenario.devices.draft, profiles_dir)), slowdown=slowdown)
-        net = scenario.network
-        self._link = LinkCostModel(net.bandwidth_mbps, net.latency_ms, net.overhead_ms)
+        ranks = range(scenario.pipeline.n_stages + 1)  # D0, then V1..VN: one egress link each
+        self._links = [link_model(scenario.network.link(rank), profiles_dir) for rank in ranks]
 
     def stage_ms(self, stage: int, n_tokens: int, kv_len: int) -> float:
         return self._stages[stage - 1].forward_ms(n_tokens, kv_len)
@@ -106,20 +119,22 @@ class ProfiledPlatform:
     def draft_ms(self, n_calls: int, n_rows: int, kv_len: int) -> float:
         return self._d0.draft_ms(n_calls, n_rows, kv_len) if n_calls else 0.0
 
+    def step_ms(self, tree_size: int) -> float:
+        return self._d0.step_ms(tree_size)
+
     def send_ms(self, src: int, nbytes: int) -> float:
-        return self._link.overhead_ms + self._link.serialize_ms(nbytes)
+        return self._links[src].send_ms(nbytes)
 
     def latency_ms(self, src: int, dst: int) -> float:
-        return self._link.latency_ms
+        return self._links[src].latency_ms
 
 
-def single_device(scenario: Scenario) -> Scenario:
-    """`single-sd`'s platform: the whole target on one device (the first stage's profile)."""
-    return replace(
-        scenario,
-        pipeline=replace(scenario.pipeline, n_stages=1, layers=()),
-        devices=replace(scenario.devices, per_stage=scenario.stage_profiles[:1]),
-    )
+def link_model(link: LinkConfig, profiles_dir: Path = PROFILES_DIR) -> Link:
+    """The cost model of one resolved `network` link: from its profile, or from its numbers."""
+    if link.profile:
+        return ProfiledLink(LinkProfile.load(resolve_profile(link.profile, profiles_dir)))
+    assert link.bandwidth_mbps is not None and link.latency_ms is not None and link.overhead_ms is not None, link
+    return RatedLink(LinkCostModel(link.bandwidth_mbps, link.latency_ms, link.overhead_ms))
 
 
 class Colocated:
@@ -136,6 +151,9 @@ class Colocated:
 
     def draft_ms(self, n_calls: int, n_rows: int, kv_len: int) -> float:
         return self.inner.draft_ms(n_calls, n_rows, kv_len)
+
+    def step_ms(self, tree_size: int) -> float:
+        return self.inner.step_ms(tree_size)
 
     def send_ms(self, src: int, nbytes: int) -> float:
         return 0.0

@@ -22,11 +22,12 @@ from transformers import LlamaConfig
 from flowspec.config import DrafterKind, Policy, scenario_from_dict
 from flowspec.lookup import PromptLookupDrafter, WithLookup
 from flowspec.synthetic import ReferenceDrafter
-from runtime.draft_node import Request
+from flowspec.workload import one_after_another
 from runtime.drafters import CausalLMDrafter
 from runtime.eagle import EagleDrafter, EagleHead, save_eagle
 from runtime.launcher import Cluster, Target, make_drafter, stage_scenario
 from runtime.models import load_model
+from sim.replay import first_divergence, replay_frames
 
 pytestmark = pytest.mark.runtime
 
@@ -67,10 +68,23 @@ def check_pattern(name: str, policy: Policy, frames) -> None:
         assert steps[steps.outcome == "exit"].n_accepted.max() == 5  # root + depth + 1 drafts
 
 
+def assert_on_one_clock(spans) -> None:
+    """Every stage's spans are on D0's clock: a segment's forward on stage k+1 starts after it ended
+    on stage k, and D0 verifies it after the last stage (1 ms of slack for the offset estimate)."""
+    work = spans[spans.stage >= 1].pivot_table(index="segment_id", columns="stage", values=["t_start_s", "t_end_s"])
+    stages = sorted(work["t_start_s"].columns)
+    for a, b in zip(stages, stages[1:]):
+        gap = (work["t_start_s"][b] - work["t_end_s"][a]).dropna()
+        assert (gap > -1e-3).all(), (a, b, gap.min())
+    verify = spans[spans.stage == 0].query("kind == 'verify'").set_index("segment_id")
+    gap = (verify.t_start_s - work["t_end_s"][stages[-1]]).dropna()
+    assert (gap > -1e-3).all(), ("verify", gap.min())
+
+
 def run_scripts(cluster: Cluster, tiny, n_stages: int, policies: list[Policy]) -> int:
     """Every script under every policy on one running cluster; the number of runs."""
     prompts, outputs = tiny.prompts, tiny.outputs
-    requests = [Request(tuple(p)) for p in prompts]
+    requests = one_after_another(prompts)
     references = [p + o for p, o in zip(prompts, outputs)]
     failures = []
     runs = 0
@@ -86,6 +100,12 @@ def run_scripts(cluster: Cluster, tiny, n_stages: int, policies: list[Policy]) -
             frames = result.frames()
             check_pattern(name, policy, frames)
             assert set(frames["stage_spans"].stage) == set(range(cluster.node.n_stages + 1))
+            assert_on_one_clock(frames["stage_spans"])
+            # Invariant 6: fed this run's drafts and target decisions, the simulator's core issues
+            # exactly the commands the runtime's core issued, although its timing differs.
+            replayed = replay_frames(stage_scenario(sc, policy), requests, frames)
+            assert first_divergence(frames["commands"], replayed.frames()["commands"]) is None, (name, policy)
+            assert len(frames["commands"]) > 0 and replayed.outputs == result.outputs
     assert not failures, "\n".join(failures)
     return runs
 
@@ -108,7 +128,7 @@ def run_real_drafters(cluster: Cluster, target: Target, tiny, tmp_path: Path) ->
     """The drafters a scenario can name, on the running cluster: outputs still equal generate."""
     lookup = make_drafter(target.scenario, target)  # the scenario's own drafter: auto, so prompt lookup here
     assert isinstance(lookup, PromptLookupDrafter)
-    requests = [Request(tuple(p)) for p in tiny.prompts]
+    requests = one_after_another(tiny.prompts)
     for policy in (Policy.FLOWSPEC, Policy.PIPEDEC):
         result = cluster.serve(stage_scenario(target.scenario, policy), lookup, requests)
         assert [result.outputs[0], result.outputs[1]] == tiny.outputs, policy

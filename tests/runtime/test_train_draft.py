@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from flowspec.config import DrafterKind, Policy, scenario_from_dict
-from runtime.draft_node import Request
+from flowspec.workload import one_after_another
 from runtime.launcher import Cluster, Target, make_drafter, stage_scenario
 from runtime.train_draft import chain_score
 
@@ -63,7 +63,7 @@ def test_trained_head_learns_loads_and_decodes_losslessly(tiny, tmp_path: Path) 
     })  # fmt: skip
     target = Target.load(sc)
     assert target.scenario.runtime.drafter is DrafterKind.EAGLE
-    requests = [Request(tuple(p)) for p in tiny.prompts]
+    requests = one_after_another(tiny.prompts)
     with Cluster(stage_scenario(target.scenario, Policy.FLOWSPEC), target) as cluster:
         for policy in (Policy.FLOWSPEC, Policy.SERIAL):
             sc_policy = dataclasses.replace(target.scenario, policy=policy)

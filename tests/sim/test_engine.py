@@ -9,7 +9,7 @@ from flowspec.config import DecodingConfig, ExpansionConfig, PipelineConfig, Pol
 from flowspec.synthetic import TableDrafter, ContextOracle, GroundTruth, HashLM, OracleDrafter
 from sim.engine import SimEngine
 from sim.platform import ConstantPlatform
-from sim.workload import Request
+from flowspec.workload import Request
 
 
 class ScriptedTarget:
@@ -134,6 +134,61 @@ def test_flowspec_first_steps_exact_timeline() -> None:
     steps = result.frames()["steps"]
     assert steps.outcome.tolist() == ["prefill", "continue", "empty", "finish", "empty"]
     assert steps.reroot_offset.tolist()[1] == 2
+
+
+def test_draft_node_bookkeeping_is_charged_per_step_before_its_messages() -> None:
+    """The flowspec timeline above with 1 ms of D0 bookkeeping ("step") per verification step.
+
+    A step is charged after D0's LM head and before the step's messages leave, keyed by the tree
+    size (the larger of before and after): the last prompt chunk starts a round with a 5-node tree
+    (head 26–27, step 27–28, drafting 28–30); segments reach V1 at 32 (V1 32–42, 42–52, 52–62; V2
+    44–54, 54–64). [10] comes back at 56: head 56–57, step 57–58 (the 5-node tree, re-rooted to 3),
+    prune v1 leaves at 58, drafting 58–59, [17] leaves at 59 and waits on V1 until 62 (62–72).
+    [12, 15] runs on V2 64–74, is back at 76: head 76–77, step 77–78 (3 nodes; the request ends),
+    so the exit prune leaves at 78. The empty [11, 13] (back at 66) and the empty [17] change
+    nothing, so they cost no step; neither does DraftDone.
+    """
+    scenario = Scenario(
+        policy=Policy.FLOWSPEC, pipeline=PipelineConfig(n_stages=2), decoding=DecodingConfig(max_new_tokens=4),
+        tree=TreeConfig(total=4, topk=2, depth=1, segment_size=2), expansion=ExpansionConfig(total=2, topk=2, depth=0),
+        model={"n_layers": 4},
+    )  # fmt: skip
+    target = ScriptedTarget({(1, 2, 3): 10, (1, 2, 3, 10): 12, (1, 2, 3, 10, 12): 15, (1, 2, 3, 10, 12, 15): 18})
+    platform = ConstantPlatform(stage_ms_each=10, verify_ms_each=1, draft_ms_per_call=1, step_ms_each=1, latency_ms_each=2)
+    result = SimEngine(scenario, platform, PathDrafter(), target, [Request(0, 0.0, (1, 2, 3), 4)]).run()
+    assert result.outputs == {0: [10, 12, 15, 18]}
+    assert spans(result) == [
+        (1, "prefill", 3, 0, 0.002, 0.012), (2, "prefill", 3, 0, 0.014, 0.024),
+        (0, "verify", 1, 0, 0.026, 0.027), (0, "step", 5, 0, 0.027, 0.028), (0, "draft", 3, 4, 0.028, 0.030),
+        (1, "tree", 1, 3, 0.032, 0.042), (1, "tree", 2, 4, 0.042, 0.052), (2, "tree", 1, 3, 0.044, 0.054),
+        (1, "tree", 2, 6, 0.052, 0.062), (2, "tree", 2, 4, 0.054, 0.064),
+        (0, "verify", 1, 0, 0.056, 0.057), (0, "step", 5, 0, 0.057, 0.058), (0, "draft", 1, 5, 0.058, 0.059),
+        (1, "tree", 1, 6, 0.062, 0.072), (2, "tree", 2, 4, 0.064, 0.074), (2, "tree", 1, 6, 0.074, 0.084),
+        (0, "verify", 2, 0, 0.076, 0.077), (0, "step", 3, 0, 0.077, 0.078),
+    ]  # fmt: skip
+    prunes = [t for t in transfers(result) if t[2] == "prune"]
+    assert prunes == [(0, 1, "prune", 0.058, 0.060), (0, 2, "prune", 0.058, 0.060),
+                      (0, 1, "prune", 0.078, 0.080), (0, 2, "prune", 0.078, 0.080)]  # fmt: skip
+
+
+class StepBySize(ConstantPlatform):
+    """D0's bookkeeping grows with the tree: 0.1 ms per node."""
+
+    def step_ms(self, tree_size: int) -> float:
+        return 0.1 * tree_size
+
+
+def test_step_cost_follows_the_tree_size() -> None:
+    """Every step span lasts exactly what the platform says for its tree size, and D0's busy time
+    in steps is the sum over steps: the engine asks by size, it does not average."""
+    scenario = Scenario(policy=Policy.FLOWSPEC, pipeline=PipelineConfig(n_stages=3), decoding=DecodingConfig(max_new_tokens=30),
+                        tree=TreeConfig(total=15, topk=3, depth=2), model={"n_layers": 6, "vocab_size": 50})  # fmt: skip
+    truth = GroundTruth(HashLM(50, 1))
+    result = SimEngine(scenario, StepBySize(), OracleDrafter(truth, hit_rate=0.6, rank_weights=(2, 1, 1), seed=1),
+                       ContextOracle(truth), [Request(0, 0.0, (1, 2), 30)]).run()  # fmt: skip
+    steps = [s for s in spans(result) if s[1] == "step"]
+    assert len(steps) >= 5 and {n for _, _, n, _, _, _ in steps} >= {16}
+    assert all(end - start == pytest.approx(0.1 * n / 1000, abs=2e-6) for _, _, n, _, start, end in steps)
 
 
 def _decode_rate(result) -> float:

@@ -12,7 +12,7 @@ from flowspec.config import Policy, ScenarioError, load_scenario
 from sim.engine import SimEngine
 from sim.experiment import build_engine, simulate, sweep, with_policy
 from sim.platform import ProfiledPlatform
-from sim.workload import build_workload, read_trace
+from flowspec.workload import build_workload, read_trace
 
 SCENARIOS = Path(__file__).resolve().parents[2] / "scenarios"
 SMALL = ["workload.n_requests=1", "decoding.max_new_tokens=40", "workload.prompt_tokens=64"]
@@ -86,11 +86,16 @@ def test_poisson_arrivals_queue_fifo_and_are_reproducible() -> None:
 
 
 def test_closed_loop_single_arrivals_wait_only_for_the_drain() -> None:
-    """`single`: each request arrives when the previous one finishes and starts once the segments
-    still in flight have drained (a fraction of the request's own service time)."""
+    """`single`: each request arrives when the previous one finishes, once D0 has done its last
+    step's bookkeeping (as in the runtime, where it arrives after `handle` returns), and starts
+    once the segments still in flight have drained (a fraction of the request's own service time)."""
     scenario = load_scenario(SCENARIOS / "tiny.yaml", ["workload.n_requests=3"])
-    frame = simulate(scenario).frames()["requests"]
-    assert frame.t_arrival_s.iloc[1:].to_numpy() == pytest.approx(frame.t_finish_s.iloc[:-1].to_numpy())
+    frames = simulate(scenario).frames()
+    frame, spans = frames["requests"], frames["stage_spans"]
+    steps = spans[spans.kind == "step"]
+    finished = frame.t_finish_s.iloc[:-1].to_numpy()
+    last_step_s = [float((steps.t_end_s - steps.t_start_s)[steps.t_start_s == t].max()) for t in finished]
+    assert frame.t_arrival_s.iloc[1:].to_numpy() == pytest.approx(finished + last_step_s)
     wait = frame.t_start_s - frame.t_arrival_s
     assert (wait >= 0).all() and (wait < 0.1 * (frame.t_finish_s - frame.t_start_s)).all()
 
