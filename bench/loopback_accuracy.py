@@ -6,6 +6,8 @@ predicted and the error.
 
 - calibrated: `flowspec simulate`'s own model — the scenario's device profiles and acceptance
   profile — on the run's requests (prompt and output lengths): what a user gets before any run;
+- calibrated-on-run: the same with an acceptance profile calibrated from this run's own node
+  outcomes, which separates the synthetic acceptance model's error from a different prompt mix;
 - replay: `flowspec replay` — the run's own drafts and target decisions, so only timing differs.
 
 Usage (measure on a quiet machine; writes the run folder and runs/loopback-accuracy.csv):
@@ -18,17 +20,21 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 
 from flowspec import metrics
 from flowspec.config import Policy, load_scenario
+from sim.calibrate import calibrate
 from sim.experiment import simulate
 from sim.replay import first_divergence, load_run, replay
 
 
-def calibrated(args: argparse.Namespace, run, policy: Policy, requests: pd.DataFrame) -> dict[str, pd.DataFrame]:
+def calibrated(args: argparse.Namespace, run, policy: Policy, requests: pd.DataFrame,
+               extra: Sequence[str] = ()) -> dict[str, pd.DataFrame]:  # fmt: skip
     """The simulator's own model on the run's requests: each request simulated alone (they are served
     one after another) with its prompt length and the output length it really had (EOS included),
     acceptance from the scenario's acceptance profile; frames concatenated."""
@@ -36,7 +42,8 @@ def calibrated(args: argparse.Namespace, run, policy: Policy, requests: pd.DataF
     for r in requests.itertuples():
         sc = load_scenario(args.scenario, [*args.overrides, f"policy={policy}", "workload.arrivals=single",
                                            "workload.n_requests=1", f"workload.prompt_tokens={r.n_prompt_tokens}",
-                                           f"decoding.max_new_tokens={r.n_output_tokens}", f"seed={r.request_id}"])  # fmt: skip
+                                           f"decoding.max_new_tokens={r.n_output_tokens}", f"seed={r.request_id}",
+                                           *extra])  # fmt: skip
         for name, frame in simulate(sc, base_dir=args.scenario.parent, run_id=f"calibrated/{r.request_id}").frames().items():
             parts.setdefault(name, []).append(frame)
     return {name: pd.concat(frames, ignore_index=True) for name, frames in parts.items()}
@@ -62,11 +69,17 @@ def main(argv: list[str] | None = None) -> int:
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
     run = load_run(run_dir)
+    own = Path(tempfile.mkdtemp(prefix="flowspec-acceptance-")) / "this-run"
+    calibrate([run_dir], own, min_sets=20)  # the run's own acceptance: separates model error from prompt mix
     rows = []
     for policy in policies:
         measured = run.frames[str(policy)]
         m = metrics.summary(measured).iloc[0]
-        predicted = {"calibrated": metrics.summary(calibrated(args, run, policy, measured["requests"])).iloc[0]}
+        predicted = {
+            "calibrated": metrics.summary(calibrated(args, run, policy, measured["requests"])).iloc[0],
+            "calibrated-on-run": metrics.summary(calibrated(args, run, policy, measured["requests"],
+                                                            [f"acceptance.profile={own.with_suffix('.csv')}"])).iloc[0],
+        }  # fmt: skip
         replayed = replay(run, policy).frames()
         predicted["replay"] = metrics.summary(replayed).iloc[0]
         same = first_divergence(measured["commands"], replayed["commands"]) is None
