@@ -1,0 +1,209 @@
+"""The `flowspec` commands of the validation loop: profile a device or a link, replay a run in the
+simulator, calibrate acceptance from runs (DESIGN §8). Same rules as `cli`: thin click layers over
+plain functions, bad input is `error: ...` and exit 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cli import chosen_policies, main, policy_option, reports_scenario_errors
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@policy_option
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="CSV [RUN_DIR/replay.csv].")
+@reports_scenario_errors
+def replay(run_dir: Path, policies: tuple[str, ...], out: Path | None) -> None:
+    """Replay a runtime run in the simulator: its requests, drafts and target decisions.
+
+    Only timing can differ, so the simulator's core must issue exactly the runtime's commands (it
+    is checked) and the table shows the simulator's timing error alone: tokens/s and accepted
+    tokens per step, measured and predicted, per policy. Exits 1 if a command sequence differs.
+    """
+    import report
+    from flowspec.replay import ReplayMismatch
+    from sim.replay import first_divergence, load_run, replay as replay_run, summary_pair
+
+    run = load_run(run_dir)
+    chosen = [p for p in (chosen_policies(policies, run.scenario.policy) if policies else run.policies)]
+    rows, diverged = [], []
+    for policy in chosen:
+        if str(policy) not in run.frames:
+            raise click.BadParameter(f"{run_dir} has no {policy} run (it has: {', '.join(run.frames)})",
+                                     param_hint="--policy")  # fmt: skip
+        measured = run.frames[str(policy)]
+        try:
+            predicted = replay_run(run, policy).frames()
+            divergence = first_divergence(measured["commands"], predicted["commands"])
+        except ReplayMismatch as e:  # the replay asked for a draft or decision the run never made
+            predicted, divergence = {}, str(e)
+        if divergence:
+            diverged.append(f"{policy}: {divergence}")
+        rows.append({"policy": str(policy), **summary_pair(measured, predicted), "same_commands": divergence is None})
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    out = out or run_dir / "replay.csv"
+    frame.to_csv(out, index=False)
+    click.echo(report.format_table(frame))
+    click.echo(f"\nwrote {out}")
+    if diverged:
+        click.echo("error: the simulator's core diverged from the run's:\n  " + "\n  ".join(diverged), err=True)
+        raise SystemExit(1)
+
+
+@main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Profile to write, e.g. profiles/acceptance/NAME (writes NAME.csv and NAME.json).")
+@click.option("--min-sets", type=click.IntRange(min=1), default=30, show_default=True,
+              help="Candidate sets a depth needs to get its own row.")
+@click.option("--notes", default="", help="What the runs were (prompts, machine), for the card.")
+@reports_scenario_errors
+def calibrate(run_dirs: tuple[Path, ...], out: Path, min_sets: int, notes: str) -> None:
+    """An acceptance profile for the simulator from the node outcomes of runtime runs.
+
+    Per tree depth and drafter rank: the probability that the target's token is that child, from
+    every policy folder in RUN_DIRS (folders written by `flowspec run`), with the candidate sets
+    behind each cell in the card.
+    """
+    import report
+    from sim.calibrate import calibrate as calibrate_runs
+
+    command = "flowspec calibrate " + " ".join(sys.argv[2:])
+    table = calibrate_runs(list(run_dirs), out, min_sets=min_sets, command=command, notes=notes)
+    click.echo(report.format_table(table))
+    click.echo(f"\nwrote {out.with_suffix('.csv')} and {out.with_suffix('.json')}")
+
+
+@main.group()
+def profile() -> None:
+    """Measure this device or a link and write a profile the simulator reads (profiles/README.md)."""
+
+
+# `flowspec profile device` and `flowspec profile link` are defined below this line.
+
+
+@profile.command("device")
+@click.option("--model", help="Target: smollm2-135m-instruct (the default), a HF model directory or a .gguf file.")
+@click.option("--drafter", help="auto, ngram, eagle or lm, as runtime.drafter [auto: the shipped head with prompt "
+                                "lookup for the default model, prompt lookup otherwise].")  # fmt: skip
+@click.option("--draft-model", help="EAGLE head folder (--drafter eagle) or draft LM directory (--drafter lm).")
+@click.option("--device", help="cpu, cuda, mps or auto (cuda, else mps, else cpu) [cpu, as the runtime's stages].")
+@click.option("--dtype", help="float32, float16 or bfloat16 [float32, as the runtime].")
+@click.option("--threads", type=int, help="torch threads [1, as each runtime stage].")
+@click.option("--budget-s", type=float, help="Measurement time to aim at; the grid thins to fit [300].")
+@click.option("--grid", "grid_specs", multiple=True, metavar="KEY=V1,V2,...",
+              help="Grid axis (repeatable): n_tokens, kv_len, draft_rows, draft_context or tree_size.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Profile folder, profiles/<device>/<model> (its names become the card's device and model).")
+@reports_scenario_errors
+def profile_device_command(model: str | None, drafter: str | None, draft_model: str | None, device: str | None,
+                           dtype: str | None, threads: int | None, budget_s: float | None,
+                           grid_specs: tuple[str, ...], out: Path) -> None:  # fmt: skip
+    """Measure this device for the simulator: layers, stage overhead, embedding, LM head, the
+    drafter the runtime will use, and D0's bookkeeping per step; write stage_forward.csv + meta.json.
+
+    Every component times the runtime's own code on the device and dtype given (profiles/README.md
+    says what each one covers). Progress goes to stderr; the card records the machine, the stack
+    and this command line.
+    """
+    from runtime.device_profile import Grid, ProfileOptions, profile_device
+    from sim.costs import DeviceProfile
+
+    given = {"model": model, "drafter": drafter, "draft_model": draft_model, "device": device, "dtype": dtype,
+             "threads": threads, "budget_s": budget_s}  # fmt: skip
+    opts = ProfileOptions(out=out, grid=Grid().with_specs(grid_specs), **{k: v for k, v in given.items() if v is not None})
+    result = profile_device(opts, echo=lambda m: click.echo(m, err=True))
+    click.echo(headline(DeviceProfile.load(result.out)))
+    click.echo(f"wrote {result.out}/stage_forward.csv and meta.json ({len(result.rows)} rows, "
+               f"{result.meta['wall_s']:.0f} s); it loads in the simulator as devices.stage: {result.out}")
+
+
+def headline(p: Any) -> str:
+    """A few numbers of a loaded DeviceProfile, to eyeball before using it."""
+    lines = [f"{p.meta['device']} / {p.meta['model']} on {p.meta.get('cpu_model')} ({p.meta['dtype']}):"]
+    for name in ("layer", "stage_overhead", "embed", "head", "draft", "d0_step"):
+        if p.has(name):
+            g = p.grids[name]
+            cells = ", ".join(f"n={n}: {g.at(n, g.kv_axis[0]):.3g}" for n in g.n_axis if n in (1, 4, 16, 64, 256))
+            lines.append(f"  {name:15s} ms at kv_len {g.kv_axis[0]:<5d} {cells}")
+    return "\n".join(lines)
+
+
+@profile.command("link")
+@click.option("--listen", metavar="[HOST:]PORT",
+              help="Answer a peer's measurements here (HOST: every interface if left out; PORT 0: a free one).")
+@click.option("--peer", metavar="HOST:PORT", help="Measure the link to a listener there; needs --out.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Profile folder, e.g. profiles/links/NAME.")
+@click.option("--sizes", metavar="N,N,...", help="Message sizes in bytes, K = KiB, M = MiB [default: 16 B to 4 MiB, "
+              "every power of 2].")  # fmt: skip
+@click.option("--budget-s", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+              help="Time budget of the measurement; every size still gets a few samples.")
+@click.option("--duration-s", type=click.FloatRange(min=0, min_open=True),
+              help="Stop the listener after this long [default: run until Ctrl-C].")
+@click.option("--timeout-s", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              help="Give up when the listener is silent for this long.")
+@click.option("--notes", help="A caveat for the card: what the link is (hosts, cable, Wi-Fi, shaping).")
+def profile_link(listen: str | None, peer: str | None, out: Path | None, sizes: str | None, budget_s: float,
+                 duration_s: float | None, timeout_s: float, notes: str | None) -> None:  # fmt: skip
+    """Measure a link over ZeroMQ: one-way time and throughput by message size.
+
+    Start `--listen [HOST:]PORT` on one host, then `--peer HOST:PORT --out profiles/links/NAME` on
+    the other: the peer writes transfer.csv and meta.json (profiles/README.md, "Link profile"). A
+    scenario uses it as a hop's link: network.links: [{profile: links/NAME}, ...].
+    """
+    import shlex
+
+    from runtime import link_profile as lp
+
+    if (listen is None) == (peer is None):
+        raise click.UsageError("give exactly one of --listen [HOST:]PORT and --peer HOST:PORT")
+    try:
+        if listen is not None:
+            if out or sizes:
+                raise click.UsageError("--out and --sizes go with --peer (the peer measures and writes the profile)")
+            host, port = lp.parse_address(listen, default_host="0.0.0.0")
+            command = shlex.join(["flowspec", "profile", "link", "--listen", listen]
+                                 + (["--duration-s", f"{duration_s:g}"] if duration_s else []))  # fmt: skip
+
+            def ready(address: str) -> None:
+                click.echo(f"listening on {address}; on the other host: flowspec profile link --peer "
+                           f"THIS_HOST:{address.rsplit(':', 1)[1]} --out profiles/links/NAME (stop with Ctrl-C)")  # fmt: skip
+                sys.stdout.flush()  # a script or a test waits for this line
+
+            try:
+                served = lp.serve(host, port, duration_s=duration_s, command=command, on_ready=ready)
+            except lp.LinkProfileError as e:  # the address is taken or not this host's
+                click.echo(f"error: {e}", err=True)
+                raise SystemExit(1) from None
+            click.echo(f"stopped after {served} messages")
+            return
+        if out is None:
+            raise click.UsageError("--peer needs --out FOLDER (e.g. profiles/links/NAME)")
+        if duration_s is not None:
+            raise click.UsageError("--duration-s goes with --listen")
+        host, port = lp.parse_address(peer, default_host=None)  # type: ignore[arg-type]
+        grid = lp.parse_sizes(sizes) if sizes else lp.DEFAULT_SIZES
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    command = shlex.join(["flowspec", "profile", "link", "--peer", peer, "--out", str(out), "--budget-s", f"{budget_s:g}"]
+                         + (["--sizes", sizes] if sizes else []))  # type: ignore[list-item]  # fmt: skip
+    try:
+        m = lp.measure(host, port, sizes=grid, budget_s=budget_s, timeout_s=timeout_s, command=command)
+    except lp.LinkProfileError as e:
+        click.echo(f"error: {e}", err=True)
+        raise SystemExit(1) from None
+    lp.write_profile(out, m, budget_s=budget_s, notes=notes)
+    click.echo(f"{'nbytes':>9}  {'one-way ms':>10}  {'p10':>8}  {'p90':>8}  {'Mbit/s':>9}")
+    for p in m.points:
+        click.echo(f"{p.nbytes:>9}  {p.one_way_ms_median:>10.4f}  {p.one_way_ms_p10:>8.4f}  {p.one_way_ms_p90:>8.4f}  "
+                   f"{p.throughput_mbps:>9.1f}")  # fmt: skip
+    click.echo(f"wrote {out}/ (transfer.csv, meta.json) in {m.elapsed_s:.1f} s; listener {m.listener['hostname']}, "
+               f"peer {m.peer['hostname']}")  # fmt: skip
