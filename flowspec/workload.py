@@ -43,10 +43,10 @@ class Request:
 
 @dataclass(frozen=True, slots=True)
 class Arrival:
-    """When a request arrives and the lengths the workload gives it (None: the prompt's own)."""
+    """When a request arrives and the lengths the workload gives it."""
 
     t_arrival_s: float | None
-    prompt_tokens: int | None
+    prompt_tokens: int
     max_new_tokens: int
 
 
@@ -76,8 +76,8 @@ def build_workload(scenario: Scenario, base_dir: Path | None = None) -> list[Req
     vocab = scenario.model.vocab_size
     out = []
     for i, a in enumerate(arrivals(scenario, base_dir, rng)):
-        n_prompt = a.prompt_tokens or scenario.workload.prompt_tokens
-        out.append(Request(i, a.t_arrival_s, tuple(int(t) for t in rng.integers(1, vocab, size=n_prompt)), a.max_new_tokens))
+        prompt = tuple(int(t) for t in rng.integers(1, vocab, size=a.prompt_tokens))
+        out.append(Request(i, a.t_arrival_s, prompt, a.max_new_tokens))
     return out
 
 

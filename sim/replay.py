@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from flowspec import metrics
 from flowspec.config import Policy, Scenario, ScenarioError, load_scenario
 from flowspec.policy import device_scenario
 from flowspec.records import RunResult
@@ -163,8 +164,6 @@ def first_divergence(recorded: pd.DataFrame, replayed: pd.DataFrame) -> str | No
 
 def summary_pair(measured: dict[str, pd.DataFrame], predicted: dict[str, pd.DataFrame]) -> dict[str, float]:
     """Tokens/s and accepted tokens per step, measured and predicted."""
-    from flowspec import metrics
-
     m, p = metrics.summary(measured).iloc[0], metrics.summary(predicted).iloc[0]
     out = {}
     for key in ("tokens_per_s", "accepted_per_step"):
