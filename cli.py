@@ -50,7 +50,7 @@ def scenario_arguments(command: F) -> F:
 def _input_errors() -> tuple[type[Exception], ...]:
     """Errors that mean bad input (scenario, profile, trace file, model path): exit 2, no traceback."""
     from runtime.models import ModelError  # lazily: `flowspec check` needs neither backend
-    from sim.costs import ProfileError
+    from flowspec.costs import ProfileError
     from sim.replay import RunFolderError
 
     return (ScenarioError, ProfileError, ModelError, RunFolderError)

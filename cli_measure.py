@@ -115,7 +115,7 @@ def profile_device_command(model: str | None, drafter: str | None, draft_model: 
     and this command line.
     """
     from runtime.device_profile import Grid, ProfileOptions, profile_device
-    from sim.costs import DeviceProfile
+    from flowspec.costs import DeviceProfile
 
     given = {"model": model, "drafter": drafter, "draft_model": draft_model, "device": device, "dtype": dtype,
              "threads": threads, "budget_s": budget_s}  # fmt: skip

@@ -30,7 +30,7 @@ costs untimed work, e.g. a drafter's new context), so a burst of foreign load on
 spreads over the curve instead of bending one point. `--budget-s` is split over the components;
 each warms every point, then takes as many samples as fit (3 to 25), thinning interior grid
 values when even 3 would not fit, and says so in the card. Rule: this module measures and writes
-the schema of profiles/README.md; `sim.costs` validates it (runtime never imports sim).
+the schema of profiles/README.md; `flowspec.costs` validates it.
 """
 
 from __future__ import annotations

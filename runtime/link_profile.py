@@ -25,8 +25,8 @@ if that overruns it (the card records the elapsed time). Every receive waits thr
 sends time out too: a listener that vanished is an error that names its address, not a hang.
 
 Rules: the profile written here follows profiles/README.md ("Link profile") to the letter;
-`sim.links.LinkProfile.load` is its validator (the runtime never imports the simulator, so the
-column names are spelled in both; the tests load what this writes).
+`flowspec.links.LinkProfile.load` is its validator, and its column names are the ones written here
+(the tests load what this writes).
 """
 
 from __future__ import annotations
@@ -48,15 +48,12 @@ import numpy as np
 import zmq
 from tqdm import tqdm
 
+from flowspec.links import TRANSFER_COLUMNS
 from runtime.provenance import cpu_model, git_revision
 
 log = logging.getLogger("flowspec.runtime")
 
 PROTOCOL = 1
-TRANSFER_COLUMNS = ("nbytes", "one_way_ms_median", "one_way_ms_p10", "one_way_ms_p90", "n_echoes",
-                    "throughput_mbps", "n_streamed")  # fmt: skip
-# 16 B (a prune, one token id row) to 4 MiB (128 rows of 4096 fp32 hidden states is 2 MiB).
-DEFAULT_SIZES = tuple(2**k for k in range(4, 23))
 WARMUP_S = 0.5  # untimed empty echoes before the first size
 WARMUP_ECHOES = 5  # untimed, before each size in each pass: buffers grown, pages touched
 PASSES = 3

@@ -7,8 +7,7 @@ everything that decides the numbers: the CPU's model name and the GPU's, the tor
 and thread count, the torch and transformers versions, the commit and whether the checkout was
 clean, the machine's load average around the run, the drafter timed, the grid and budget, and a
 command line that repeats the measurement with every option spelled out. `COLUMNS` is the schema
-`sim/costs.py` validates (profiles/README.md); it is written here, not imported, because the
-runtime never imports the simulator.
+`flowspec.costs` validates (profiles/README.md).
 """
 
 from __future__ import annotations
@@ -24,12 +23,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from flowspec.config import Scenario
+from flowspec.costs import STAGE_COLUMNS
 from runtime.provenance import cpu_model, git_revision
 
 if TYPE_CHECKING:
     from runtime.device_profile import Measurement, ProfileOptions
 
-COLUMNS = ("component", "n_tokens", "kv_len", "dtype", "latency_ms_median", "latency_ms_p10", "latency_ms_p90", "n_samples")
+COLUMNS = STAGE_COLUMNS
 METHOD = (
     "layer = (LayerSlice forward over every decoder layer - the same forward with no layers) / n_layers, "
     "one segment of n_tokens rows (explicit positions, additive mask from a [n, kv_len + n] visibility matrix, "

@@ -52,8 +52,8 @@ from flowspec.pipeline import PipelineCore
 from flowspec.records import LinkTransfer, RunResult, StageSpan
 from flowspec.synthetic import ContextOracle
 from flowspec.tree import Drafter
-from sim.costs import ProfileError
-from sim.platform import Platform
+from flowspec.costs import ProfileError
+from flowspec.platform import Platform
 from flowspec.workload import Request
 
 

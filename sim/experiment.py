@@ -25,25 +25,16 @@ from flowspec import metrics
 from flowspec.config import Policy, Scenario, apply_overrides, scenario_from_dict, scenario_to_dict
 from flowspec.policy import device_scenario
 from flowspec.synthetic import ContextOracle, GroundTruth, HashLM, OracleDrafter
-from sim.costs import AcceptanceProfile
+from flowspec.costs import AcceptanceProfile
 from flowspec.records import RunResult
 from sim.engine import SimEngine
-from sim.platform import PROFILES_DIR, Colocated, Platform, ProfiledPlatform, resolve_profile
+from flowspec.platform import PROFILES_DIR, Platform, build_platform, resolve_profile
 from flowspec.workload import build_workload
 
 
 def rank_table(profile: AcceptanceProfile) -> np.ndarray:
     """[depths, ranks + 1] probabilities (last column: none of the children), depth 1 first."""
     return np.array([profile.for_depth(d) for d in range(1, profile.max_depth + 1)])
-
-
-def build_platform(scenario: Scenario, profiles_dir: Path = PROFILES_DIR) -> Platform:
-    """The profiled platform of `scenario` as its policy runs it (`device_scenario`)."""
-    scenario = device_scenario(scenario)
-    platform: Platform = ProfiledPlatform(scenario, profiles_dir)
-    if scenario.policy is Policy.SINGLE_SD:  # D0 shares the stage's device: messages cost nothing
-        platform = Colocated(platform)
-    return platform
 
 
 def build_engine(

@@ -29,8 +29,8 @@ from flowspec.records import RunResult
 from flowspec.replay import ReplayDrafter, ReplayMismatch, ReplayTarget
 from flowspec.workload import Request, json_lines
 from sim.engine import SimEngine, SimulationError
-from sim.experiment import build_platform, with_policy
-from sim.platform import PROFILES_DIR
+from sim.experiment import with_policy
+from flowspec.platform import PROFILES_DIR, build_platform
 
 TRACE_FRAMES = {
     "commands": ("seq", "command", "request_id", "detail"),

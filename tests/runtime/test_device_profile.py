@@ -19,9 +19,9 @@ import cli
 from flowspec.config import Scenario
 from runtime.eagle import EagleHead, save_eagle
 from runtime.profiling import Point, Timer, sample_points
-from sim.costs import DeviceProfile
+from flowspec.costs import DeviceProfile
 from sim.experiment import build_engine
-from sim.platform import ProfiledPlatform
+from flowspec.platform import ProfiledPlatform
 
 GRID = ["n_tokens=1,4,16", "kv_len=0,48", "draft_rows=1,4", "draft_context=2,24", "tree_size=1,8,32"]
 

@@ -16,9 +16,9 @@ import zmq
 from click.testing import CliRunner
 
 import cli
-from runtime.link_profile import TRANSFER_COLUMNS, parse_address, parse_sizes
-from sim.links import TRANSFER_COLUMNS as SIM_COLUMNS
-from sim.links import LinkProfile, ProfiledLink
+from runtime.link_profile import parse_address, parse_sizes
+from flowspec.links import TRANSFER_COLUMNS
+from flowspec.links import LinkProfile, ProfiledLink
 
 pytestmark = [pytest.mark.runtime, pytest.mark.timeout(60)]
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,7 +50,7 @@ def listener() -> Iterator[tuple[str, int]]:
 
 def test_measured_loopback_profile_loads_and_prices_messages(listener, tmp_path):
     """The peer command measures a 3-size grid within its budget and writes a profile that
-    `sim.links` validates; its card names both hosts and the stack; the simulator prices each
+    `flowspec.links` validates; its card names both hosts and the stack; the simulator prices each
     measured size at its measured one-way time and more bytes beyond the grid at more time."""
     host, port = listener
     out = tmp_path / "links" / "lo"
@@ -69,7 +69,7 @@ def test_measured_loopback_profile_loads_and_prices_messages(listener, tmp_path)
     assert meta["method"].startswith(f"flowspec profile link --peer {host}:{port} --out {out} --budget-s 1.5 --sizes 16,4K,64K")
     with open(out / "transfer.csv") as f:
         rows = [line.split(",") for line in f.read().splitlines()]
-    assert tuple(rows[0]) == TRANSFER_COLUMNS == SIM_COLUMNS
+    assert tuple(rows[0]) == TRANSFER_COLUMNS
     assert all(int(r[4]) >= 5 and int(r[6]) >= 4 for r in rows[1:])  # the minimum samples per size
     link = ProfiledLink(profile)
     for n, w in zip(profile.nbytes, profile.one_way_ms):

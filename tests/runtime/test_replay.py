@@ -19,7 +19,7 @@ from cli import main
 from flowspec.config import Policy, scenario_from_dict
 from runtime.outputs import run_and_save
 from sim.calibrate import acceptance_table
-from sim.costs import AcceptanceProfile
+from flowspec.costs import AcceptanceProfile
 from sim.replay import RunFolderError, load_run
 
 pytestmark = pytest.mark.runtime

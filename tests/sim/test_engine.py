@@ -8,7 +8,7 @@ import pytest
 from flowspec.config import DecodingConfig, ExpansionConfig, PipelineConfig, Policy, Scenario, TreeConfig
 from flowspec.synthetic import TableDrafter, ContextOracle, GroundTruth, HashLM, OracleDrafter
 from sim.engine import SimEngine
-from sim.platform import ConstantPlatform
+from flowspec.platform import ConstantPlatform
 from flowspec.workload import Request
 
 

@@ -11,7 +11,7 @@ from flowspec import metrics
 from flowspec.config import Policy, ScenarioError, load_scenario
 from sim.engine import SimEngine
 from sim.experiment import build_engine, simulate, sweep, with_policy
-from sim.platform import ProfiledPlatform
+from flowspec.platform import ProfiledPlatform
 from flowspec.workload import build_workload, read_trace
 
 SCENARIOS = Path(__file__).resolve().parents[2] / "scenarios"

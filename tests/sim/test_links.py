@@ -22,11 +22,11 @@ from flowspec.config import (
 )
 from flowspec.synthetic import ContextOracle, GroundTruth, HashLM, OracleDrafter
 from flowspec.workload import Request
-from sim.costs import ProfileError
+from flowspec.costs import ProfileError
 from sim.engine import SimEngine
 from sim.experiment import simulate
-from sim.links import TRANSFER_COLUMNS, LinkProfile, ProfiledLink
-from sim.platform import ConstantPlatform, ProfiledPlatform
+from flowspec.links import TRANSFER_COLUMNS, LinkProfile, ProfiledLink
+from flowspec.platform import ConstantPlatform, ProfiledPlatform
 
 PROFILES = Path(__file__).resolve().parents[2] / "profiles"
 TINY = Path(__file__).resolve().parents[2] / "scenarios" / "tiny.yaml"

@@ -1,4 +1,4 @@
-"""Cost models of the simulator, fed from `profiles/` (schema: profiles/README.md).
+"""Cost models fed from `profiles/` (schema: profiles/README.md): what the simulator charges and what an emulated runtime pads its compute to.
 
 Theory of operation
 -------------------

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-The engine sees a link as two numbers per message (see `sim.platform`): `send_ms(nbytes)`, how
+The engine sees a link as two numbers per message (see `flowspec.platform`): `send_ms(nbytes)`, how
 long the message occupies the sender's link (later messages from that sender wait behind it), and
 `latency_ms`, how long it then travels before delivery. A link is given either by numbers
 (`RatedLink`: per-message overhead plus bytes at a bandwidth, then a fixed latency) or by a
@@ -26,7 +26,7 @@ profiles/README.md, "Link profile"), which `ProfiledLink` prices:
   too slow and others too fast; `ProfiledLink.stream_error` says how far, and is logged at load.
 
 Profiles are validated on load (`ProfileError` naming the file, row, column or key, as in
-`sim.costs`), never mid-run. Only numpy and pandas are imported: data in, floats out.
+`flowspec.costs`), never mid-run. Only numpy and pandas are imported: data in, floats out.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from typing import Protocol
 
 import numpy as np
 
-# The readers of sim.costs, so that device and link profiles word their errors the same way.
-from sim.costs import LinkCostModel, ProfileError, _float, _int, _read_csv, _read_json
+# The readers of flowspec.costs, so that device and link profiles word their errors the same way.
+from flowspec.costs import LinkCostModel, ProfileError, _float, _int, _read_csv, _read_json
 
 log = logging.getLogger("flowspec.sim")
 

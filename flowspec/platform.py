@@ -10,7 +10,7 @@ Links: every device has one egress link. A message occupies its sender's link fo
 `send_ms` (per-message overhead + bytes at the link's bandwidth) and then travels `latency_ms`
 before it is delivered. One link per sender serves messages in order, so delivery between any two
 devices is FIFO — as ZeroMQ delivers per peer. Each device's link is its own (`network.links`:
-numbers or a measured link profile, see `sim.links`); the ring's hop i -> i+1 and D0's prunes to
+numbers or a measured link profile, see `flowspec.links`); the ring's hop i -> i+1 and D0's prunes to
 every stage are priced on the sender's link.
 """
 
@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from flowspec.config import LinkConfig, Scenario
-from sim.costs import DeviceProfile, DraftNodeCostModel, LinkCostModel, StageCostModel
-from sim.links import Link, LinkProfile, ProfiledLink, RatedLink
+from flowspec.config import LinkConfig, Policy, Scenario
+from flowspec.policy import device_scenario
+from flowspec.costs import DeviceProfile, DraftNodeCostModel, LinkCostModel, StageCostModel
+from flowspec.links import Link, LinkProfile, ProfiledLink, RatedLink
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 
@@ -160,3 +161,13 @@ class Colocated:
 
     def latency_ms(self, src: int, dst: int) -> float:
         return 0.0
+
+
+def build_platform(scenario: Scenario, profiles_dir: Path = PROFILES_DIR) -> Platform:
+    """The profiled platform of `scenario` as its policy runs it (`device_scenario`): what the
+    simulator charges and what an emulated runtime pads its compute and paces its links to."""
+    scenario = device_scenario(scenario)
+    platform: Platform = ProfiledPlatform(scenario, profiles_dir)
+    if scenario.policy is Policy.SINGLE_SD:  # D0 shares the stage's device: messages cost nothing
+        platform = Colocated(platform)
+    return platform

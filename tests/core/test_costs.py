@@ -1,4 +1,4 @@
-"""sim/costs.py: profile validation, interpolation, cost arithmetic and the shipped profiles.
+"""flowspec/costs.py: profile validation, interpolation, cost arithmetic and the shipped profiles.
 
 Expected numbers are worked out by hand from the tiny profile below, so a change to the
 interpolation or to a cost formula shows up as a literal mismatch. No torch, no transformers.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from sim.costs import (
+from flowspec.costs import (
     AcceptanceProfile,
     DeviceProfile,
     DraftNodeCostModel,
