@@ -54,6 +54,8 @@ from runtime.provenance import cpu_model, git_revision
 log = logging.getLogger("flowspec.runtime")
 
 PROTOCOL = 1
+# 16 B (a prune, one token id row) to 4 MiB (128 rows of 4096 fp32 hidden states is 2 MiB).
+DEFAULT_SIZES = tuple(2**k for k in range(4, 23))
 WARMUP_S = 0.5  # untimed empty echoes before the first size
 WARMUP_ECHOES = 5  # untimed, before each size in each pass: buffers grown, pages touched
 PASSES = 3
