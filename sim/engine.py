@@ -6,9 +6,10 @@ The simulator charges time; the core decides. Processes:
 
 - D0 (`_draft_node`): takes events from its inbox one at a time, charges their cost (the target's
   LM head over a returned segment), feeds the core, charges the core's own bookkeeping for the
-  step by tree size (a "step" span), and executes its commands. A `Draft` command
-  keeps D0 busy for the drafting time before `DraftDone` goes back into the core, so verification,
-  pruning and drafting are serialized on D0 as on the real device.
+  step by tree size (a "step" span), then the drafting time when the commands hold a `Draft`, and
+  only then executes them and feeds `DraftDone` back: verification, drafting and the sends
+  (the prune among them) are serialized on D0 in the runtime's order, where the drafter runs
+  inside `handle`.
 - Stages (`_stage`): a FIFO inbox each, a `StageLedger` each, and the ledger protocol the runtime
   stage workers follow: wait for the prunes a segment reflects, sync, admit, forward (timed by the
   platform at the ledger's KV length), sync and admit again, send the survivors on. A running
@@ -148,12 +149,16 @@ class SimEngine:
             if isinstance(event, SegmentReturned) and cmds:  # a step D0 worked on; see _charge_step
                 yield from self._charge_step(max(size, self.core.tree_size), request_id, event.segment_id)
             while cmds:
-                draft = self._execute(cmds)
+                # The drafter runs inside `handle` on the real draft node, whose commands (the
+                # prune among them) go out only once it returns: charge the draft, then send.
+                draft = next((c for c in cmds if isinstance(c, Draft)), None)
+                if draft is not None:
+                    kv_len = len(self.prompts[draft.request_id]) + len(self.core.outputs[draft.request_id])
+                    cost_ms = self.platform.draft_ms(draft.n_calls, draft.n_rows, kv_len)
+                    yield from self._busy(0, draft.request_id, -1, "draft", draft.n_rows, kv_len, cost_ms)
+                self._execute(cmds)
                 if draft is None:
                     break
-                kv_len = len(self.prompts[draft.request_id]) + len(self.core.outputs[draft.request_id])
-                cost_ms = self.platform.draft_ms(draft.n_calls, draft.n_rows, kv_len)
-                yield from self._busy(0, draft.request_id, -1, "draft", draft.n_rows, kv_len, cost_ms)
                 cmds = self.core.handle(DraftDone(draft.draft_id), now=env.now)
 
     def _charge_step(self, tree_size: int, request_id: int, segment_id: int):
@@ -173,9 +178,8 @@ class SimEngine:
                                     segment_id=segment_id, kind=kind, n_tokens=n_tokens, kv_len=kv_len,
                                     t_start_s=t0, t_end_s=self.env.now))  # fmt: skip
 
-    def _execute(self, cmds: list[Command]) -> Draft | None:
-        """Start every send; return the Draft command (at most one), which D0 must work through."""
-        draft = None
+    def _execute(self, cmds: list[Command]) -> None:
+        """Start every send and finish every request the commands name."""
         for cmd in cmds:
             if isinstance(cmd, SendSegment):
                 seg = cmd.segment
@@ -191,12 +195,8 @@ class SimEngine:
                 for stage in self.stages:
                     self._send(0, stage.rank, "prune", cmd.prune.nbytes,
                                lambda s=stage, p=cmd.prune: self._prune_arrives(s, p))  # fmt: skip
-            elif isinstance(cmd, Draft):
-                assert draft is None
-                draft = cmd
             elif isinstance(cmd, FinishRequest):
                 self.finished[cmd.request_id].succeed()
-        return draft
 
     # ---- stages ---------------------------------------------------------------------------------
 

@@ -96,8 +96,9 @@ def test_flowspec_first_steps_exact_timeline() -> None:
     Costs: forward 10 ms, hop 2 ms, LM head 1 ms, 1 ms per drafter call. Prefill: V1 2–12,
     V2 14–24, D0 head 26–27 (token 10), drafting 2 calls 27–29; segments [10], [11, 13], [12, 15]
     reach V1 at 31: V1 runs them 31–41, 41–51, 51–61; V2 43–53 and 53–63. D0 verifies [10] at
-    55–56 (target 12: re-root two segments ahead), broadcasts prune v1 (stages get it at 58),
-    drafts 56–57 and sends [17], which V1 gets at 59 but runs 61–71 (busy with [12, 15] until 61).
+    55–56 (target 12: re-root two segments ahead), drafts 56–57, then broadcasts prune v1 and
+    sends [17] (the runtime's order: its drafter runs before the step's commands go out); the
+    stages get both at 59, and V1 runs [17] 61–71 (busy with [12, 15] until 61).
     V2's [11, 13] finishes at 63 and is pruned empty; [12, 15] runs on V2 63–73, reaches D0 at
     75, is verified 75–76 (12 → 15 accepted, bonus 18 outside the tree; 4 tokens: done), and the
     exit prune reaches the stages at 78, in the middle of V2's forward of [17] (73–83), which
@@ -125,7 +126,7 @@ def test_flowspec_first_steps_exact_timeline() -> None:
         (0, 1, "segment", 0.0, 0.002), (1, 2, "segment", 0.012, 0.014), (2, 0, "segment", 0.024, 0.026),
         (0, 1, "segment", 0.029, 0.031), (0, 1, "segment", 0.029, 0.031), (0, 1, "segment", 0.029, 0.031),
         (1, 2, "segment", 0.041, 0.043), (1, 2, "segment", 0.051, 0.053), (2, 0, "segment", 0.053, 0.055),
-        (0, 1, "prune", 0.056, 0.058), (0, 2, "prune", 0.056, 0.058), (0, 1, "segment", 0.057, 0.059),
+        (0, 1, "prune", 0.057, 0.059), (0, 1, "segment", 0.057, 0.059), (0, 2, "prune", 0.057, 0.059),
         (1, 2, "segment", 0.061, 0.063), (2, 0, "segment", 0.063, 0.065),
         (1, 2, "segment", 0.071, 0.073), (2, 0, "segment", 0.073, 0.075),
         (0, 1, "prune", 0.076, 0.078), (0, 2, "prune", 0.076, 0.078),
@@ -143,7 +144,7 @@ def test_draft_node_bookkeeping_is_charged_per_step_before_its_messages() -> Non
     size (the larger of before and after): the last prompt chunk starts a round with a 5-node tree
     (head 26–27, step 27–28, drafting 28–30); segments reach V1 at 32 (V1 32–42, 42–52, 52–62; V2
     44–54, 54–64). [10] comes back at 56: head 56–57, step 57–58 (the 5-node tree, re-rooted to 3),
-    prune v1 leaves at 58, drafting 58–59, [17] leaves at 59 and waits on V1 until 62 (62–72).
+    drafting 58–59, then prune v1 and [17] leave at 59; [17] waits on V1 until 62 (62–72).
     [12, 15] runs on V2 64–74, is back at 76: head 76–77, step 77–78 (3 nodes; the request ends),
     so the exit prune leaves at 78. The empty [11, 13] (back at 66) and the empty [17] change
     nothing, so they cost no step; neither does DraftDone.
@@ -167,7 +168,7 @@ def test_draft_node_bookkeeping_is_charged_per_step_before_its_messages() -> Non
         (0, "verify", 2, 0, 0.076, 0.077), (0, "step", 3, 0, 0.077, 0.078),
     ]  # fmt: skip
     prunes = [t for t in transfers(result) if t[2] == "prune"]
-    assert prunes == [(0, 1, "prune", 0.058, 0.060), (0, 2, "prune", 0.058, 0.060),
+    assert prunes == [(0, 1, "prune", 0.059, 0.061), (0, 2, "prune", 0.059, 0.061),
                       (0, 1, "prune", 0.078, 0.080), (0, 2, "prune", 0.078, 0.080)]  # fmt: skip
 
 
