@@ -1,5 +1,5 @@
 """The `flowspec` commands of the validation loop: profile a device or a link, replay a run in the
-simulator, calibrate acceptance from runs (DESIGN §8). Same rules as `cli`: thin click layers over
+simulator, calibrate acceptance from runs, validate the simulator against the runtime (DESIGN §8). Same rules as `cli`: thin click layers over
 plain functions, bad input is `error: ...` and exit 2.
 """
 
@@ -11,7 +11,138 @@ from typing import Any
 
 import click
 
-from cli import chosen_policies, main, policy_option, reports_scenario_errors
+from cli import _runtime_failures, chosen_policies, main, policy_option, reports_scenario_errors, scenario_arguments
+
+
+@main.command()
+@scenario_arguments
+@policy_option
+@click.option("--mode", type=click.Choice(["both", "replay", "calibrated"]), default="both", show_default=True,
+              help="replay: the run's own drafts and decisions (timing error alone); calibrated: the scenario's "
+                   "acceptance profile (timing and acceptance error together).")  # fmt: skip
+@click.option("--dilation", metavar="K|auto",
+              help="Emulate the scenario's testbed at dilation K (emulate.dilation); auto: size K from a short run.")
+@click.option("--prompt", help="One prompt for the runtime run.")
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="JSONL prompts for the runtime run (as `flowspec run`).")
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Validate this existing run folder instead of running the runtime.")
+@click.option("--tolerance", type=click.FloatRange(min=0), default=0.10, show_default=True,
+              help="Largest tokens/s error allowed in replay mode.")
+@click.option("--tolerance-calibrated", type=click.FloatRange(min=0), default=0.15, show_default=True,
+              help="Largest tokens/s error allowed in calibrated mode.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder [runs/<name>-validate].")
+@reports_scenario_errors
+def validate(scenario: Path, overrides: tuple[str, ...], policies: tuple[str, ...], mode: str, dilation: str | None,
+             prompt: str | None, prompts_file: Path | None, run_dir: Path | None, tolerance: float,
+             tolerance_calibrated: float, out: Path | None) -> None:  # fmt: skip
+    """Run SCENARIO for real, predict the run with the simulator, and report the distance.
+
+    The runtime runs (on loopback, an emulated testbed with emulate.dilation > 0, or real boards),
+    then the simulator predicts each policy on the same requests in replay mode and in calibrated
+    mode. Per policy it reports tokens/s, step time and accepted tokens per step, each device's busy
+    share and idle causes: measured, predicted, error. Writes validate.csv and validate.png into the
+    run folder. Exits 1 when a tokens/s error exceeds its tolerance, an emulated compute overran its
+    padding, or a replay's commands differ from the run's.
+    """
+    import report
+    from flowspec.config import load_scenario
+    from sim import validation
+    from sim.replay import load_run
+
+    sc = load_scenario(scenario, [*overrides, *_dilation_override(scenario, overrides, dilation, prompt, prompts_file)])
+    folder = run_dir or out or Path("runs") / f"{sc.name}-validate"
+    problems: list[str] = []
+    if run_dir is None:
+        from runtime.outputs import run_and_save
+
+        chosen = chosen_policies(policies, sc.policy)
+        done, error, _ = run_and_save(sc, chosen, folder, base_dir=scenario.parent, prompt=prompt,
+                                      prompts_file=prompts_file, echo=click.echo, stream=False)  # fmt: skip
+        if error is not None:
+            if not isinstance(error, _runtime_failures()):
+                raise error
+            problems.append(f"the runtime stopped: {error}")
+    run = load_run(folder)
+    chosen = [p for p in run.policies if not policies or "all" in policies or str(p) in policies]
+    modes = validation.MODES if mode == "both" else (mode,)
+    click.echo(f"predicting {len(chosen)} polic{'y' if len(chosen) == 1 else 'ies'} with the simulator ({', '.join(modes)})",
+               err=True)  # fmt: skip
+    table, same = validation.compare(run, chosen, modes, echo=lambda m: click.echo(m, err=True))
+    table.to_csv(folder / "validate.csv", index=False)
+    heads = validation.headline(table)
+    report.plot_validation(heads, folder / "validate.png", tolerance)
+    click.echo(report.format_table(heads))
+    shares = table[(table.observable == "busy")].pivot_table(index=["policy", "mode"], columns="device",
+                                                              values="error", sort=False)  # fmt: skip
+    click.echo("\nbusy share per device, predicted - measured\n" + report.format_table(shares.reset_index()))
+    limits = {"replay": tolerance, "calibrated": tolerance_calibrated}
+    for r in table[table.observable == "tokens_per_s"].itertuples():
+        if not abs(r.error) <= limits[r.mode]:
+            problems.append(f"{r.policy} ({r.mode}): tokens/s predicted {r.predicted:.3g}, measured {r.measured:.3g}, "
+                            f"error {r.error:+.1%} (tolerance {limits[r.mode]:.0%})")  # fmt: skip
+    problems += [f"{p} (replay): the simulator's commands differ from the run's" for p, ok in same.items() if not ok]
+    problems += _overruns(run, chosen)
+    for m in modes:
+        measured, predicted = validation.ranking(table, m)
+        click.echo(f"ranking by tokens/s ({m}): {'same' if measured == predicted else 'DIFFERENT'}: "
+                   f"measured {' > '.join(measured)}; predicted {' > '.join(predicted)}")  # fmt: skip
+    click.echo(f"\nwrote {folder}/validate.csv, validate.png")
+    if problems:
+        click.echo("validation failed:\n  " + "\n  ".join(problems), err=True)
+        raise SystemExit(1)
+
+
+def _dilation_override(scenario: Path, overrides: tuple[str, ...], dilation: str | None, prompt: str | None,
+                       prompts_file: Path | None) -> list[str]:  # fmt: skip
+    """`--dilation K` as an override; `auto`: K sized from a short emulated run (one request, 8 tokens,
+    flowspec) by `runtime.emulation.dilation_for`."""
+    if dilation is None:
+        return []
+    if dilation != "auto":
+        try:
+            return [f"emulate.dilation={float(dilation)}"]
+        except ValueError:
+            raise click.BadParameter(f"must be a number or auto, got {dilation!r}", param_hint="--dilation") from None
+    import tempfile
+
+    import pandas as pd
+
+    from flowspec.config import load_scenario
+    from runtime.emulation import dilation_for
+    from runtime.outputs import run_and_save
+
+    probe = load_scenario(scenario, [*overrides, "emulate.dilation=1", "workload.n_requests=1", "decoding.max_new_tokens=8",
+                                     "policy=flowspec"])  # fmt: skip
+    click.echo("--dilation auto: a short emulated run at dilation 1 to time this machine against the profiles", err=True)
+    with tempfile.TemporaryDirectory(prefix="flowspec-dilation-") as tmp:
+        _, error, _ = run_and_save(probe, [probe.policy], Path(tmp), base_dir=scenario.parent, prompt=prompt,
+                                   prompts_file=prompts_file, echo=lambda *_a, **_k: None, stream=False)  # fmt: skip
+        if error is not None:
+            raise error
+        k = dilation_for(pd.read_parquet(Path(tmp) / str(probe.policy) / "computes.parquet"))
+    click.echo(f"--dilation auto: {k:g}", err=True)
+    return [f"emulate.dilation={k}"]
+
+
+def _overruns(run, policies) -> list[str]:
+    """One line per policy whose emulated computes overran their padding."""
+    from flowspec import metrics
+    from sim.validation import run_frames
+
+    out = []
+    slack = run.scenario.emulate.slack_ms
+    for policy in policies:
+        frames = run_frames(run, policy)
+        if "computes" not in frames:
+            continue
+        table = metrics.overruns(frames["computes"], slack)
+        bad = table[table.n_overruns > 0]
+        if len(bad):
+            where = ", ".join(f"{'D0' if r.device == 0 else f'V{r.device}'} {r.n_overruns}/{r.n_computes}"
+                              for r in bad.itertuples())  # fmt: skip
+            out.append(f"{policy}: computes overran their padding ({where}): raise emulate.dilation")
+    return out
 
 
 @main.command()

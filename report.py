@@ -375,6 +375,37 @@ def plot_speedup(table: pd.DataFrame, path: str | Path, baseline: str = "chunk-p
     return _save(fig, path)
 
 
+def plot_validation(headline: pd.DataFrame, path: str | Path, tolerance: float | None = None) -> Path:
+    """Predicted against measured tokens/s, one point per policy and mode (``sim.validation.headline``),
+    with the y = x line and, given `tolerance`, the band within which a prediction passes."""
+    fig, (ax,) = _figure(1, 6.0, 5.0)
+    if headline.empty:
+        _empty(ax, "nothing validated")
+        return _save(fig, path)
+    hi = 1.15 * float(np.nanmax(headline[["tokens_per_s_measured", "tokens_per_s_predicted"]].to_numpy()))
+    xs = np.array([0.0, hi])
+    ax.plot(xs, xs, color="black", lw=1, label="predicted = measured")
+    if tolerance:
+        ax.fill_between(xs, xs * (1 - tolerance), xs * (1 + tolerance), color="#9e9e9e", alpha=0.25,
+                        label=f"±{tolerance:.0%}")  # fmt: skip
+    for mode, marker in (("replay", "o"), ("calibrated", "s")):
+        part = headline[headline["mode"] == mode]
+        if part.empty:
+            continue
+        ax.scatter(part["tokens_per_s_measured"], part["tokens_per_s_predicted"], marker=marker, label=mode, zorder=3)
+        for r in part.itertuples():
+            ax.annotate(str(r.policy), (r.tokens_per_s_measured, r.tokens_per_s_predicted), fontsize=7,
+                        xytext=(4, 3), textcoords="offset points")  # fmt: skip
+    ax.set_xlim(0, hi)
+    ax.set_ylim(0, hi)
+    ax.set_xlabel("measured tokens/s (runtime)")
+    ax.set_ylabel("predicted tokens/s (simulator)")
+    ax.set_title("Simulator vs runtime", loc="left", fontweight="bold")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    return _save(fig, path)
+
+
 def plot_sweep(frame: pd.DataFrame, x: str, y: str = "tokens_per_s", hue: str | None = "policy",
                *, path: str | Path, y_key: str | None = None) -> Path:
     """A line plot of metric `y` against swept key `x`, one line per `hue` value.

@@ -31,6 +31,7 @@ __all__ = [
     "LOSSLESS_POLICIES",
     "DecodingConfig",
     "DrafterKind",
+    "EmulateConfig",
     "ExpansionConfig",
     "LinkConfig",
     "ModelConfig",
@@ -354,6 +355,25 @@ class RuntimeConfig(Section):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class EmulateConfig(Section):
+    """An emulated testbed: the runtime on one machine standing in for the scenario's boards and links."""
+
+    dilation: float = 0.0
+    """Time dilation k; 0: no emulation. With k > 0 each device pads every compute to k x the time
+    the simulator charges for it (devices, model), each link is paced to bandwidth / k with
+    latency x k (network), and reported times are divided by k."""
+    slack_ms: float = 1.0
+    """Real milliseconds a compute may run past its padded time before it counts as an overrun
+    (Python and ZeroMQ work the cost model does not charge)."""
+
+    def _check(self) -> None:
+        if not (self.dilation == 0 or 1 <= self.dilation <= 1000):
+            raise ScenarioError(f"dilation must be 0 (off) or between 1 and 1000, got {self.dilation!r}")
+        if not 0 <= self.slack_ms <= 1000:
+            raise ScenarioError(f"slack_ms must be between 0 and 1000, got {self.slack_ms!r}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Scenario(Section):
     name: str = "scenario"
     """Label for outputs; the loader uses the file stem when the YAML omits it."""
@@ -372,6 +392,7 @@ class Scenario(Section):
     network: NetworkConfig = field(default_factory=NetworkConfig)
     acceptance: AcceptanceConfig = field(default_factory=AcceptanceConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    emulate: EmulateConfig = field(default_factory=EmulateConfig)
 
     def _check(self) -> None:
         if not self.name:
@@ -393,6 +414,8 @@ class Scenario(Section):
         hosts = self.runtime.hosts
         if hosts and len(hosts) != n_stages + 1:
             raise ScenarioError(f"runtime.hosts must list {n_stages + 1} addresses (D0, then each stage), got {len(hosts)}")
+        if hosts and self.emulate.dilation:
+            raise ScenarioError("emulate.dilation: an emulated testbed runs on one machine; leave runtime.hosts empty")
         if hosts and not self.runtime.base_port:
             raise ScenarioError("runtime.base_port must be set (> 0) when runtime.hosts lists a testbed")
 

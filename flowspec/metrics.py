@@ -219,6 +219,24 @@ def link_bytes(link_transfers: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values(keys, ignore_index=True)
 
 
+def overruns(computes: pd.DataFrame, slack_ms: float) -> pd.DataFrame:
+    """Per device of an emulated run: padded computes, how many overran (real time past the
+    padding by more than `slack_ms`), the worst excess (real ms) and the mean real / padded ratio
+    (how much of its padding a device's real compute used: 1 / the dilation it would need)."""
+    cols = {"device": np.int64, "n_computes": np.int64, "n_overruns": np.int64, "worst_excess_ms": float,
+            "mean_real_over_padded": float}  # fmt: skip
+    if computes.empty:
+        return pd.DataFrame({c: pd.Series(dtype=d) for c, d in cols.items()})
+    real, padded = numeric(computes, "real_ms"), numeric(computes, "padded_ms")
+    excess = real - padded
+    frame = pd.DataFrame({"device": computes["device"].astype(np.int64), "excess": excess,
+                          "over": excess > slack_ms, "ratio": real / padded.where(padded > 0)})  # fmt: skip
+    out = frame.groupby("device").agg(n_computes=("excess", "size"), n_overruns=("over", "sum"),
+                                      worst_excess_ms=("excess", "max"), mean_real_over_padded=("ratio", "mean"))
+    out["n_overruns"] = out["n_overruns"].astype(np.int64)
+    return out.reset_index()
+
+
 def frame_of(frames: Mapping[str, pd.DataFrame], name: str) -> pd.DataFrame:
     """`frames[name]`, or that record kind's empty frame when it is missing."""
     frame = frames.get(name)

@@ -140,6 +140,23 @@ class LinkTransfer:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ComputeRecord:
+    """One padded compute of an emulated run (`runtime.emulation`): what the cost model charges for
+    it, the real time it was padded to (dilation x model) and the real time it took. It overran
+    when real_ms exceeds padded_ms by more than emulate.slack_ms."""
+
+    run_id: str
+    source: str
+    request_id: int
+    device: int  # 0: the draft node
+    kind: str  # "prefill" | "tree" (stages) | "verify" | "step" (the draft node: bookkeeping and drafting)
+    t_start_s: float  # emulated
+    model_ms: float  # emulated
+    padded_ms: float  # real
+    real_ms: float  # real
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CommandRecord:
     """One command the core issued (traced runs): what a replay must reproduce exactly."""
 
@@ -185,6 +202,7 @@ RECORD_TYPES: dict[str, type] = {
     "stage_spans": StageSpan,
     "link_transfers": LinkTransfer,
 }
+EMULATION_TYPES: dict[str, type] = {"computes": ComputeRecord}
 TRACE_TYPES: dict[str, type] = {
     "commands": CommandRecord,
     "proposals": ProposalRecord,
@@ -213,11 +231,14 @@ class RunRecords:
     commands: list[CommandRecord] = field(default_factory=list)
     proposals: list[ProposalRecord] = field(default_factory=list)
     decisions: list[DecisionRecord] = field(default_factory=list)
+    computes: list[ComputeRecord] = field(default_factory=list)
     traced: bool = False
+    emulated: bool = False
 
     def frames(self) -> dict[str, pd.DataFrame]:
-        """Frames of every record kind; the trace kinds only when the run was traced."""
-        kinds = RECORD_TYPES | (TRACE_TYPES if self.traced else {})
+        """Frames of every record kind; the trace kinds only when the run was traced, the computes
+        only when it was emulated."""
+        kinds = RECORD_TYPES | (TRACE_TYPES if self.traced else {}) | (EMULATION_TYPES if self.emulated else {})
         return {name: to_frame(getattr(self, name), rtype) for name, rtype in kinds.items()}
 
 

@@ -50,11 +50,12 @@ from flowspec.messages import (
     SendSegment,
 )
 from flowspec.pipeline import PipelineCore, ProtocolError
-from flowspec.records import RunResult, StageSpan
+from flowspec.records import ComputeRecord, LinkTransfer, RunResult, StageSpan
 from flowspec.workload import Request
 from flowspec.tree import Drafter, DraftTree, IntArray
 from runtime import wire
 from runtime.channel import Endpoint, RemoteError, StageTimeout
+from runtime.emulation import Emulation, PacedEndpoint, Pad
 from runtime.model_slice import hidden_from_wire
 
 
@@ -96,7 +97,7 @@ class DraftNode:
         self.addresses: dict[int, str] = {}
         self.last_seen: dict[int, float] = {}
         self._last_heartbeat = 0.0
-        self._reports: dict[int, list] = {}
+        self._reports: dict[int, dict] = {}
 
     # ---- start-up -------------------------------------------------------------------------------
 
@@ -145,7 +146,7 @@ class DraftNode:
         if msg.type == "error":
             raise RemoteError(f"stage {msg.sender} failed:\n{msg.fields['message']}")
         if msg.type == "report":
-            self._reports[msg.sender] = list(msg.fields["spans"])  # type: ignore[arg-type]
+            self._reports[msg.sender] = msg.fields
 
     # ---- one run --------------------------------------------------------------------------------
 
@@ -157,9 +158,19 @@ class DraftNode:
         *,
         run_id: str = "run",
         on_tokens: Callable[[int, tuple[int, ...]], None] | None = None,
+        emulated: Scenario | None = None,
     ) -> RunResult:
         """Serve `requests` (ids are list positions, arrivals as they say) with `scenario.policy`; every
-        stage ends clean. The run is traced (`flowspec.replay`), so the simulator can replay it."""
+        stage ends clean. The run is traced (`flowspec.replay`), so the simulator can replay it.
+        `emulated`: the policy's scenario as the simulator reads it, for an emulated testbed
+        (`runtime.emulation`); its times are then reported divided by the dilation."""
+        self.emulation = Emulation.of(emulated)
+        self.pad = None if self.emulation is None else Pad(self.emulation)
+        self.dilation = 1.0 if self.emulation is None else self.emulation.dilation
+        self.link = PacedEndpoint(self.endpoint, self.emulation, 0)
+        self.prompt_len = {r.request_id: len(r.prompt) for r in requests}
+        self.computes: list[ComputeRecord] = []
+        self.transfers: list[LinkTransfer] = []
         timed = TimedDrafter(drafter)
         core = PipelineCore(scenario, timed, np.random.default_rng(scenario.seed), run_id=run_id, source="runtime",
                             trace=True)  # fmt: skip
@@ -204,41 +215,94 @@ class DraftNode:
                 break
             wait = heartbeat_s
             if not closed_loop and pending:
-                wait = min(wait, max(0.0, arrivals[pending[0]] - self.now()))
-            msg = self.endpoint.recv(wait)
+                wait = min(wait, max(0.0, arrivals[pending[0]] - self.now()) * self.dilation)
+            msg = self.link.recv(wait)
             while msg is not None:
                 event = self._on_message(msg)
                 if event is not None:
                     events.append(event)
                     break  # handle returns in arrival order, between them the commands they cause
-                msg = self.endpoint.recv(0.0)
+                msg = self.link.recv(0.0)
             self._keep_alive(heartbeat_s)
         wall_s = self.now()
+        self.link.settle()  # the last prunes are still on D0's emulated link
         self._flush()
         records = core.records
         records.stage_spans = sorted(self.spans, key=lambda s: (s.t_start_s, s.stage))
+        if self.pad is not None:
+            records.emulated = True
+            self._emulation_records(0, self.pad.rows, self.link.transfers)
+            records.computes = sorted(self.computes, key=lambda c: (c.t_start_s, c.device))
+            records.link_transfers = sorted(self.transfers, key=lambda t: (t.t_send_s, t.src, t.dst))
         return RunResult(core.outputs, records, wall_s)
 
     def now(self) -> float:
-        return time.monotonic() - self.t0
+        """Seconds since the run started: emulated seconds (real / dilation) on an emulated testbed."""
+        return self._emulated(time.monotonic())
+
+    def _emulated(self, t_monotonic: float) -> float:
+        return (t_monotonic - self.t0) / self.dilation
 
     def _handle(self, event: Event) -> list[Command]:
         before = self.timed.elapsed_s
+        t_real = time.monotonic()
         t = self.now()
+        size = self.core.tree_size
         cmds = self.core.handle(event, now=t)
         drafted = self.timed.elapsed_s - before
-        if drafted > 0:
+        if self.pad is not None:
+            self._pad_step(event, cmds, t_real, size)
+        elif drafted > 0:
             self.spans.append(StageSpan(run_id=self.run_id, source="runtime", request_id=self.core.active_request_id,
                                         stage=0, segment_id=-1, kind="draft", n_tokens=0, kv_len=0,
                                         t_start_s=t, t_end_s=t + drafted))  # fmt: skip
+        em = self.emulation
         for cmd in cmds:
             if isinstance(cmd, SendSegment):
-                self.endpoint.send(1, wire.encode_segment(cmd.segment, 0))
+                nbytes = 0 if em is None else em.segment_nbytes(len(cmd.segment), first_hop=True)
+                self.link.send_paced(1, wire.encode_segment(cmd.segment, 0), nbytes, "segment")
             elif isinstance(cmd, BroadcastPrune):
                 frames = wire.encode_prune(cmd.prune)
                 for rank in range(1, self.n_stages + 1):
-                    self.endpoint.send(rank, frames)
+                    self.link.send_paced(rank, frames, cmd.prune.nbytes, "prune")
         return cmds
+
+    def _pad_step(self, event: Event, cmds: list[Command], t_real: float, size: int) -> None:
+        """Emulated D0: bookkeeping and drafting padded to what the simulator charges for them —
+        the step by tree size when a returned segment led to commands, the draft when one ran
+        (`sim.engine` charges the same, in the same order) — before the commands go out."""
+        assert self.emulation is not None and self.pad is not None
+        platform = self.emulation.platform
+        step_ms = platform.step_ms(max(1, size, self.core.tree_size)) if isinstance(event, SegmentReturned) and cmds else 0.0
+        draft = next((c for c in cmds if isinstance(c, Draft)), None)
+        draft_ms = 0.0
+        if draft is not None:
+            kv_len = self.prompt_len[draft.request_id] + len(self.core.outputs[draft.request_id])
+            draft_ms = platform.draft_ms(draft.n_calls, draft.n_rows, kv_len)
+        if step_ms + draft_ms == 0:
+            return
+        request_id = self.core.active_request_id if draft is None else draft.request_id
+        end = self.pad.done(request_id, "step", t_real, step_ms + draft_ms)
+        self.link.hold(end)
+        t0, t_step = self._emulated(t_real), self._emulated(t_real + self.emulation.padded_s(step_ms))
+        segment_id = getattr(event, "segment_id", -1)
+        for kind, a, b, n in (("step", t0, t_step, max(size, self.core.tree_size)),
+                              ("draft", t_step, self._emulated(end), 0 if draft is None else draft.n_rows)):  # fmt: skip
+            if b > a:
+                self.spans.append(StageSpan(run_id=self.run_id, source="runtime", request_id=request_id, stage=0,
+                                            segment_id=segment_id if kind == "step" else -1, kind=kind, n_tokens=n,
+                                            kv_len=0, t_start_s=a, t_end_s=b))  # fmt: skip
+
+    def _emulation_records(self, device: int, computes: list, transfers: list) -> None:
+        """Rows of one device's padded computes and paced messages (monotonic clock) as records."""
+        for request_id, kind, t_start, model_ms, padded_ms, real_ms in computes:
+            self.computes.append(ComputeRecord(run_id=self.run_id, source="runtime", request_id=request_id,
+                                               device=device, kind=kind, t_start_s=self._emulated(t_start),
+                                               model_ms=model_ms, padded_ms=padded_ms, real_ms=real_ms))  # fmt: skip
+        for dst, kind, nbytes, t_send, t_recv in transfers:
+            self.transfers.append(LinkTransfer(run_id=self.run_id, source="runtime", src=device, dst=dst, kind=kind,
+                                               nbytes=nbytes, t_send_s=self._emulated(t_send),
+                                               t_recv_s=self._emulated(t_recv)))  # fmt: skip
 
     def _on_message(self, msg: wire.Message) -> Event | None:
         self._control(msg)
@@ -251,7 +315,7 @@ class DraftNode:
         hidden = msg.arrays.get("hidden")
         if hidden is None:
             raise ProtocolError(f"segment message from rank {msg.sender}: field hidden: missing")
-        t = self.now()
+        t_real = time.monotonic()
         h = hidden_from_wire(hidden, msg.dtypes["hidden"])
         temperature = self.temperature
         # A prompt chunk needs the target's decision on its last row only, and only if it is the
@@ -270,10 +334,14 @@ class DraftNode:
         observe = getattr(self.timed.inner, "observe", None)  # drafters that read the target's features
         if observe is not None and len(seg):
             observe(seg.request_id, seg.node_ids, seg.parent_ids, seg.tokens, seg.positions, h, seg.reset)
+        t_end = time.monotonic()
+        if self.pad is not None and len(logits):  # as the simulator: the LM head over the rows it ran on
+            t_end = self.pad.done(seg.request_id, "verify", t_real, self.emulation.platform.verify_ms(len(logits)))
+            self.link.hold(t_end)
         if len(seg):
             self.spans.append(StageSpan(run_id=self.run_id, source="runtime", request_id=seg.request_id, stage=0,
                                         segment_id=seg.segment_id, kind="verify", n_tokens=len(logits), kv_len=0,
-                                        t_start_s=t, t_end_s=self.now()))  # fmt: skip
+                                        t_start_s=self._emulated(t_real), t_end_s=self._emulated(t_end)))  # fmt: skip
         return SegmentReturned(seg.segment_id, seg.node_ids, seg.version, argmax=argmax, probs=probs)
 
     def _keep_alive(self, heartbeat_s: float) -> None:
@@ -303,11 +371,12 @@ class DraftNode:
                 missing = [r for r in range(1, self.n_stages + 1) if r not in self._reports]
                 raise StageTimeout(f"stage(s) {', '.join(map(str, missing))} did not report within "
                                    f"{self.scenario.runtime.timeout_s:g} s")  # fmt: skip
-        for rank, rows in sorted(self._reports.items()):
-            for request_id, segment_id, kind, n_tokens, kv_len, t_start, t_end in rows:
+        for rank, report in sorted(self._reports.items()):
+            for request_id, segment_id, kind, n_tokens, kv_len, t_start, t_end in report["spans"]:
                 self.spans.append(StageSpan(run_id=self.run_id, source="runtime", request_id=request_id, stage=rank,
                                             segment_id=segment_id, kind=kind, n_tokens=n_tokens, kv_len=kv_len,
-                                            t_start_s=t_start - self.t0, t_end_s=t_end - self.t0))  # fmt: skip
+                                            t_start_s=self._emulated(t_start), t_end_s=self._emulated(t_end)))  # fmt: skip
+            self._emulation_records(rank, report["computes"], report["transfers"])
 
     def stop(self) -> None:
         try:

@@ -141,8 +141,9 @@ class Cluster:
     """D0 in this process and its stages: child processes on loopback, or (with runtime.hosts) the
     testbed's `flowspec stage` processes, which connect to D0 themselves. See the module docstring."""
 
-    def __init__(self, scenario: Scenario, target: Target, *, echo: Echo = quiet) -> None:
+    def __init__(self, scenario: Scenario, target: Target, *, echo: Echo = quiet, emulated: Scenario | None = None) -> None:
         self.scenario = scenario
+        self.emulated = emulated  # the scenario as the simulator reads it, for an emulated testbed
         self.target = target
         self.echo = echo
         self.ranges = layer_ranges(scenario)
@@ -176,6 +177,10 @@ class Cluster:
         self.folder = Path(tempfile.mkdtemp(prefix="flowspec-stages-"))
         spec = self.folder / "scenario.yaml"
         spec.write_text(dump_scenario(self.scenario))
+        emulate: list[str] = []
+        if self.emulated is not None and self.emulated.emulate.dilation:
+            (self.folder / "emulated.yaml").write_text(dump_scenario(self.emulated))
+            emulate = ["--emulated", str(self.folder / "emulated.yaml")]
         self.endpoint = Endpoint(0)
         n = len(self.ranges)
         self.echo(f"starting {n} stage process(es) on loopback ({self.target.model_dir.name})")
@@ -183,7 +188,7 @@ class Cluster:
             log = self.folder / f"stage{rank}.log"
             self.logs[rank] = log
             cmd = [sys.executable, "-m", "runtime.stage", str(spec), "--rank", str(rank), "--d0",
-                   self.endpoint.address, "--model-dir", str(self.target.model_dir)]  # fmt: skip
+                   self.endpoint.address, "--model-dir", str(self.target.model_dir), *emulate]  # fmt: skip
             with open(log, "wb") as out:
                 self.procs[rank] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.node = DraftNode(self.scenario, self.endpoint, self.target.lm_head, self.ranges, check_peers=self.check)
@@ -250,8 +255,11 @@ def run_policies(
     drafter: Callable[[Scenario], Drafter],
     echo: Echo = quiet,
     on_tokens: Callable[[Policy, int, tuple[int, ...]], None] | None = None,
+    emulated: Scenario | None = None,
 ) -> Iterator[tuple[Policy, RunResult]]:
-    """Each policy's result on loopback, as soon as it exists (pipelined policies share a cluster)."""
+    """Each policy's result on loopback, as soon as it exists (pipelined policies share a cluster).
+    `emulated`: the scenario as the simulator reads it (its model, devices and network), when
+    emulate.dilation makes this an emulated testbed (`runtime.emulation`)."""
     groups: list[list[Policy]] = [[p for p in policies if p is not Policy.SINGLE_SD],
                                   [p for p in policies if p is Policy.SINGLE_SD]]  # fmt: skip
     for group in groups:
@@ -260,9 +268,11 @@ def run_policies(
         base = stage_scenario(scenario, group[0])
         if group[0] is Policy.SINGLE_SD and scenario.runtime.hosts:
             raise ScenarioError("policy single-sd runs on one device: leave runtime.hosts empty (loopback) for it")
-        with Cluster(base, target, echo=echo) as cluster:
+        emulated_base = None if emulated is None else stage_scenario(emulated, group[0])
+        with Cluster(base, target, echo=echo, emulated=emulated_base) as cluster:
             for policy in group:
                 sc = stage_scenario(scenario, policy)
                 tokens_cb = None if on_tokens is None else (lambda rid, toks, p=policy: on_tokens(p, rid, toks))
-                result = cluster.serve(sc, drafter(sc), requests, run_id=f"{sc.name}/{policy}", on_tokens=tokens_cb)
+                result = cluster.serve(sc, drafter(sc), requests, run_id=f"{sc.name}/{policy}", on_tokens=tokens_cb,
+                                       emulated=None if emulated is None else stage_scenario(emulated, policy))  # fmt: skip
                 yield policy, result

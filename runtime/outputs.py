@@ -9,6 +9,7 @@ it, since at T = 0 every lossless policy must produce the same output.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -78,6 +79,15 @@ def write_outputs(path: Path, requests: Sequence[Request], result: RunResult, to
             }) + "\n")  # fmt: skip
 
 
+def overrun_note(frames: dict[str, pd.DataFrame], emulated: Scenario | None) -> str:
+    """", N overruns in M padded computes" for an emulated run, loud when N > 0."""
+    if emulated is None:
+        return ""
+    table = metrics.overruns(frames["computes"], emulated.emulate.slack_ms)
+    n, total = int(table["n_overruns"].sum()), int(table["n_computes"].sum())
+    return f"; {n} OVERRUNS in {total} padded computes: the emulation is invalid" if n else f"; 0 overruns in {total} padded computes"
+
+
 def run_and_save(
     scenario: Scenario,
     policies: Sequence[Policy],
@@ -90,12 +100,20 @@ def run_and_save(
     stream: bool = True,
 ) -> tuple[dict[str, dict[str, pd.DataFrame]], BaseException | None, dict[str, RunResult]]:
     """Frames by policy for every policy that finished, the error that stopped the rest, results."""
+    emulated = scenario if scenario.emulate.dilation else None  # as the simulator reads it: model, devices, network
     target = Target.load(scenario, base_dir=base_dir, echo=lambda m: echo(m, err=True))
     scenario = target.scenario
+    if emulated is not None:  # the model's EOS decides when a request ends, in the replay too
+        emulated = dataclasses.replace(emulated, decoding=scenario.decoding)
     requests: list[Request] = requests_for(scenario, target.tokenizer, prompt=prompt, prompts_file=prompts_file,
                                            base_dir=base_dir)  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "resolved.yaml").write_text(dump_scenario(scenario))
+    if emulated is not None:
+        (folder / "emulated.yaml").write_text(dump_scenario(emulated))
+        echo(f"emulated testbed: dilation {emulated.emulate.dilation:g}, {emulated.model.n_layers}-layer model on "
+             f"{', '.join(sorted(set(emulated.stage_profiles)))} (D0 {emulated.devices.draft}); times below are emulated",
+             err=True)  # fmt: skip
     write_requests(folder / "requests.jsonl", requests)
     echo(f"{len(requests)} request(s), {scenario.decoding.max_new_tokens} new tokens at most, model "
          f"{target.model_dir.name}, drafter {drafter_kind(scenario)}{' + lookup' if merges_lookup(scenario) else ''}",
@@ -113,7 +131,7 @@ def run_and_save(
     try:
         for policy, result in run_policies(scenario, target, policies, requests, echo=lambda m: echo(m, err=True),
                                            drafter=lambda sc: make_drafter(sc, target, base_dir=base_dir),
-                                           on_tokens=on_tokens):  # fmt: skip
+                                           on_tokens=on_tokens, emulated=emulated):  # fmt: skip
             frames = result.frames()
             out = folder / str(policy)
             out.mkdir(parents=True, exist_ok=True)
@@ -130,8 +148,8 @@ def run_and_save(
                 reference = result.outputs
             elif scenario.decoding.temperature == 0:
                 same = ", same tokens as " + str(first) if result.outputs == reference else ", OUTPUT DIFFERS"
-            echo(f"  {policy}: {n_tokens} tokens in {result.elapsed_s:.2f} s ({n_tokens / result.elapsed_s:.1f} tok/s{same})",
-                 err=True)  # fmt: skip
+            echo(f"  {policy}: {n_tokens} tokens in {result.elapsed_s:.2f} s ({n_tokens / result.elapsed_s:.1f} tok/s{same})"
+                 f"{overrun_note(frames, emulated)}", err=True)  # fmt: skip
     except Exception as e:  # keep what is done; the caller reports and exits non-zero
         return done, e, results
     return done, None, results

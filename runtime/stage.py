@@ -42,6 +42,7 @@ from flowspec.messages import Segment
 from flowspec.pipeline import ProtocolError
 from runtime import wire
 from runtime.channel import Endpoint, RemoteError, StageTimeout
+from runtime.emulation import Emulation, PacedEndpoint, Pad
 from runtime.model_slice import LayerSlice, hidden_from_wire, hidden_to_wire
 from runtime.models import load_model
 
@@ -78,7 +79,7 @@ def testbed_plan(scenario: Scenario, rank: int) -> StagePlan:
 
 
 class StageWorker:
-    def __init__(self, plan: StagePlan, model_dir: Path, threads: int = 1) -> None:
+    def __init__(self, plan: StagePlan, model_dir: Path, threads: int = 1, emulated: Scenario | None = None) -> None:
         self.plan = plan
         self.model_dir = model_dir
         self.threads = threads
@@ -91,7 +92,9 @@ class StageWorker:
         self.last_from_d0 = time.monotonic()
         self.last_to_d0 = 0.0
         self._parent = os.getppid()
-        self.endpoint = Endpoint(plan.rank, plan.host, plan.port, plan.bind_host)
+        self.emulation = Emulation.of(emulated)  # None: compute and links as they are
+        self.pad = None if self.emulation is None else Pad(self.emulation)
+        self.endpoint = PacedEndpoint(Endpoint(plan.rank, plan.host, plan.port, plan.bind_host), self.emulation, plan.rank)
         self.endpoint.connect(0, plan.d0_address)
         self.next_rank = plan.rank + 1 if plan.rank < plan.n_stages else 0
         self.slice = None
@@ -171,7 +174,12 @@ class StageWorker:
                 raise ProtocolError(f"stage {self.plan.rank}: flush with {len(self.queue)} segment(s) still queued")
             off = self.clock_offset_s  # the best estimate now, for every span of the run
             spans = [[*row[:5], row[5] + off, row[6] + off] for row in self.spans]
-            self._to_d0(wire.encode("report", self.plan.rank, {"spans": spans}))
+            report: dict = {"spans": spans, "computes": [], "transfers": []}
+            if self.pad is not None:
+                report["computes"] = [[*row[:2], row[2] + off, *row[3:]] for row in self.pad.rows]
+                report["transfers"] = [[*row[:3], row[3] + off, row[4] + off] for row in self.endpoint.transfers]
+                self.pad.rows, self.endpoint.transfers = [], []
+            self._to_d0(wire.encode("report", self.plan.rank, report))
             self.spans = []
             self.ledger = StageLedger()
             self.slice.reset()
@@ -179,6 +187,13 @@ class StageWorker:
             raise RemoteError(f"stage {self.plan.rank}: rank {msg.sender} failed: {msg.fields['message']}")
         elif msg.type != "heartbeat":
             raise ProtocolError(f"{msg.type} message from rank {msg.sender}: not expected by stage {self.plan.rank}")
+
+    def _drain_until(self, deadline: float) -> None:
+        """Receive (and apply) messages until `deadline` (monotonic): the padding of a forward."""
+        while (left := deadline - time.monotonic()) > 0:
+            msg = self.endpoint.recv(left)
+            if msg is not None:
+                self._handle(msg)
 
     def _clock(self, msg: wire.Message) -> None:
         """Offset of D0's clock from this stage's: D0's time in the message minus now, plus the
@@ -213,6 +228,10 @@ class StageWorker:
         else:  # emptied by pruning: pass the marker on
             out = torch.zeros((0, self.slice.config.hidden_size))
         t_end = time.monotonic()
+        if self.pad is not None and len(seg):  # an emulated board: busy for its profiled time
+            model_ms = self.emulation.platform.stage_ms(self.plan.rank, len(seg), kv_len)
+            t_end = self.pad.done(seg.request_id, str(seg.kind), t_start, model_ms)
+            self._drain_until(t_end)
         if len(seg):  # on this stage's clock; moved to D0's when reported
             self.spans.append([seg.request_id, seg.segment_id, str(seg.kind), len(seg), kv_len, t_start, t_end])
         self._drain(0.0)  # prunes that arrived during the forward
@@ -220,7 +239,8 @@ class StageWorker:
         self._compact(slots)
         out = out[torch.from_numpy(rows)]
         frames = wire.encode_segment(seg, self.plan.rank, hidden_to_wire(out, self.plan.wire_dtype), self.plan.wire_dtype)
-        self.endpoint.send(self.next_rank, frames)
+        nbytes = 0 if self.emulation is None else self.emulation.segment_nbytes(len(seg), first_hop=False)
+        self.endpoint.send_paced(self.next_rank, frames, nbytes, "segment")
         if self.next_rank == 0:
             self.last_to_d0 = time.monotonic()
 
@@ -245,9 +265,9 @@ class StageWorker:
         self.endpoint.close()
 
 
-def run_stage(plan: StagePlan, model_dir: Path, threads: int = 1) -> int:
+def run_stage(plan: StagePlan, model_dir: Path, threads: int = 1, emulated: Scenario | None = None) -> int:
     """Serve until D0 says stop; the exit code (non-zero after a failure, which D0 is told about)."""
-    worker = StageWorker(plan, model_dir, threads)
+    worker = StageWorker(plan, model_dir, threads, emulated)
     try:
         worker.start()
         worker.serve()
@@ -270,13 +290,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--d0", required=True, help="D0's inbox address")
     parser.add_argument("--model-dir", type=Path, required=True)
+    parser.add_argument("--emulated", type=Path, help="the scenario as the simulator reads it: an emulated testbed")
     args = parser.parse_args(argv)
     scenario = load_scenario(args.scenario)
+    emulated = None if args.emulated is None else load_scenario(args.emulated)
     first, last = layer_ranges(scenario)[args.rank - 1]
     rt = scenario.runtime
     plan = StagePlan(args.rank, scenario.pipeline.n_stages, first, last, args.d0, "127.0.0.1", 0, None,
                      rt.timeout_s, rt.startup_timeout_s, scenario.model.dtype, watch_parent=True)  # fmt: skip
-    return run_stage(plan, args.model_dir, rt.torch_threads)
+    return run_stage(plan, args.model_dir, rt.torch_threads, emulated)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import numpy as np
 from flowspec.messages import Prune, Segment, SegmentKind
 from flowspec.pipeline import ProtocolError
 
-PROTOCOL_VERSION = 2  # 2: heartbeat and flush carry the sender's clock
+PROTOCOL_VERSION = 3  # 2: heartbeat and flush carry the sender's clock; 3: report carries computes and transfers
 
 DTYPES: dict[str, np.dtype] = {
     "int32": np.dtype("<i4"),
@@ -63,7 +63,8 @@ SCHEMAS: dict[str, tuple[dict[str, type], dict[str, tuple[tuple[str, ...], int, 
     # of them, so that its spans land on D0's time axis (see runtime.stage, `clock_offset_s`).
     "heartbeat": ({"clock_s": float}, {}),
     "flush": ({"clock_s": float}, {}),  # a run ended: report its spans, then forget it (KV, ledger, spans)
-    "report": ({"spans": list}, {}),
+    # computes and transfers: an emulated run's padded computes and paced messages (empty otherwise)
+    "report": ({"spans": list, "computes": list, "transfers": list}, {}),
 }  # fmt: skip
 
 

@@ -60,8 +60,9 @@ def load_run(folder: Path) -> RecordedRun:
     folder = Path(folder)
     if not folder.is_dir():
         raise RunFolderError(f"{folder}: no such run folder")
-    try:
-        scenario = load_scenario(folder / "resolved.yaml")
+    try:  # an emulated testbed's run is replayed on the testbed it emulated
+        emulated = folder / "emulated.yaml"
+        scenario = load_scenario(emulated if emulated.is_file() else folder / "resolved.yaml")
     except ScenarioError as e:
         raise RunFolderError(f"{e}") from None
     if scenario.decoding.temperature > 0:

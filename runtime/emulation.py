@@ -1,0 +1,183 @@
+"""An emulated edge testbed on one machine: compute padded to its profiled time, links paced.
+
+Theory of operation
+-------------------
+With `emulate.dilation` k > 0 the runtime stands in for the scenario's boards and links. The
+emulated scenario is the one the simulator reads — its `model` section, `devices` profiles and
+`network` links — while the processes execute the runtime's real model (SmolLM2 standing in for
+a 7B on Jetsons, say). Every cost comes from `flowspec.platform`, the simulator's own cost model,
+so the emulation and the simulator disagree only where the simulator's *model* is wrong (an order
+it does not respect, work it does not charge), which is what `flowspec validate` measures.
+
+- Compute: a device records when a compute starts, runs it for real, then waits until k times
+  what the platform charges for it has passed (`Pad`). While a stage waits it keeps receiving, as
+  a busy board's NIC does: prunes land in its ledger and apply after the forward, as in the
+  simulator. A compute whose real time exceeds its padded time by more than `emulate.slack_ms` is
+  an overrun; any overrun means the machine could not keep up at this k and the run is invalid.
+- Links (`PacedEndpoint`): each device has one egress link, as in the simulator; a message of the
+  emulated model's size holds it for k x its send time and arrives k x the latency later. The
+  sender keeps the frames until then, so nothing depends on the receiver's clock. Control traffic
+  (heartbeats, reports) is not paced: the simulator does not carry it.
+- Time: D0 reports every time divided by k, so frames, metrics and plots are in emulated time.
+
+What dilation cannot emulate: work outside the padded computes (the wire encoding after a forward,
+the poll loop, a message's real loopback time) shrinks by k in emulated time; that is why k should
+be only as large as overruns require (`flowspec validate` reports the residue).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from flowspec.config import Scenario
+from flowspec.messages import payload_nbytes
+from flowspec.platform import PROFILES_DIR, Platform, build_platform
+from runtime import wire
+from runtime.channel import Endpoint
+
+
+@dataclass(frozen=True, slots=True)
+class Emulation:
+    """The emulated testbed of one policy's run: its cost model and its dilation."""
+
+    dilation: float
+    slack_ms: float
+    platform: Platform
+    hidden_size: int  # the emulated model's: what its hidden states weigh on the wire
+    dtype_bytes: int
+
+    @classmethod
+    def of(cls, emulated: Scenario | None, profiles_dir=PROFILES_DIR) -> Emulation | None:
+        """None when `emulated` is None or not emulated; `emulated` is the policy's scenario as the
+        simulator reads it (`flowspec.policy.device_scenario` applied by `build_platform`)."""
+        if emulated is None or not emulated.emulate.dilation:
+            return None
+        model = emulated.model
+        return cls(emulated.emulate.dilation, emulated.emulate.slack_ms, build_platform(emulated, profiles_dir),
+                   model.hidden_size, model.dtype_bytes)  # fmt: skip
+
+    def padded_s(self, model_ms: float) -> float:
+        return self.dilation * model_ms / 1000.0
+
+    def segment_nbytes(self, n_rows: int, *, first_hop: bool) -> int:
+        return payload_nbytes(n_rows, hidden_size=self.hidden_size, dtype_bytes=self.dtype_bytes, first_hop=first_hop)
+
+
+@dataclass(slots=True)
+class Pad:
+    """The padded computes of one device, as rows [request_id, kind, t_start, model_ms, padded_ms,
+    real_ms] on this process's monotonic clock; `overruns` counts those past their padding."""
+
+    emulation: Emulation
+    rows: list[list] = field(default_factory=list)
+    overruns: int = 0
+
+    def done(self, request_id: int, kind: str, t_start: float, model_ms: float) -> float:
+        """Record a compute that started at `t_start` and has just ended; its padded end."""
+        now = time.monotonic()
+        padded_s = self.emulation.padded_s(model_ms)
+        real_s = now - t_start
+        if real_s * 1000.0 > padded_s * 1000.0 + self.emulation.slack_ms:
+            self.overruns += 1
+        self.rows.append([request_id, kind, t_start, model_ms, padded_s * 1000.0, real_s * 1000.0])
+        return t_start + max(padded_s, real_s)
+
+
+class PacedEndpoint:
+    """An `Endpoint` whose data messages travel an emulated link (or at once, without emulation).
+
+    `recv` and `hold` release due messages while they wait, so a caller that only ever waits
+    through them never delays a message past its arrival time by more than a poll."""
+
+    def __init__(self, inner: Endpoint, emulation: Emulation | None, rank: int) -> None:
+        self.inner = inner
+        self.emulation = emulation
+        self.rank = rank
+        self._due: list[tuple[float, int, int, list]] = []  # heap of (arrival, seq, dst, frames)
+        self._seq = itertools.count()
+        self._link_free = 0.0
+        self.transfers: list[list] = []  # [dst, kind, nbytes, t_send, t_recv], monotonic clock
+
+    @property
+    def address(self) -> str:
+        return self.inner.address
+
+    def connect(self, rank: int, address: str) -> None:
+        self.inner.connect(rank, address)
+
+    def send(self, rank: int, frames: list) -> None:
+        """Control traffic: at once."""
+        self.inner.send(rank, frames)
+
+    def send_all(self, frames: list) -> None:
+        self.inner.send_all(frames)
+
+    def send_paced(self, rank: int, frames: list, nbytes: int, kind: str) -> None:
+        em = self.emulation
+        if em is None:
+            self.inner.send(rank, frames)
+            return
+        now = time.monotonic()
+        t_send = max(now, self._link_free)
+        self._link_free = t_send + em.padded_s(em.platform.send_ms(self.rank, nbytes))
+        t_recv = self._link_free + em.padded_s(em.platform.latency_ms(self.rank, rank))
+        self.transfers.append([rank, kind, nbytes, t_send, t_recv])
+        heapq.heappush(self._due, (t_recv, next(self._seq), rank, frames))
+        self._release()
+
+    def _release(self) -> None:
+        now = time.monotonic()
+        while self._due and self._due[0][0] <= now:
+            _, _, rank, frames = heapq.heappop(self._due)
+            self.inner.send(rank, frames)
+
+    def recv(self, timeout_s: float) -> wire.Message | None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self._release()
+            now = time.monotonic()
+            wait = deadline - now
+            if self._due:
+                wait = min(wait, self._due[0][0] - now)
+            msg = self.inner.recv(max(0.0, wait))
+            if msg is not None or time.monotonic() >= deadline:
+                self._release()
+                return msg
+
+    def hold(self, until: float) -> None:
+        """Wait without receiving until `until` (monotonic), releasing messages as they fall due."""
+        while True:
+            self._release()
+            now = time.monotonic()
+            if now >= until:
+                return
+            time.sleep(max(0.0, min(until, self._due[0][0] if self._due else until) - now))
+
+    def settle(self) -> None:
+        """Wait until every paced message has been handed to ZeroMQ."""
+        while self._due:
+            self.hold(self._due[0][0])
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def dilation_for(computes, *, quantile: float = 0.99, margin: float = 1.25) -> float:
+    """The dilation an emulation needs, from the computes of a calibration run (any dilation): the
+    `quantile` of real / modelled time over every compute the model charges, times `margin`, at
+    least 1, rounded up to a whole number.
+
+    >>> import pandas as pd
+    >>> dilation_for(pd.DataFrame({"model_ms": [1.0, 2.0, 0.0], "real_ms": [3.0, 2.0, 0.5]}), quantile=1.0)
+    4.0
+    """
+    import math
+
+    charged = computes[computes["model_ms"] > 0]
+    if charged.empty:
+        raise ValueError("no compute the cost model charges: nothing to size the dilation by")
+    ratio = float((charged["real_ms"] / charged["model_ms"]).quantile(quantile))
+    return float(max(1, math.ceil(ratio * margin)))

@@ -1,0 +1,146 @@
+"""How far the simulator's predictions are from the runtime's measurements (`flowspec validate`).
+
+Theory of operation
+-------------------
+A runtime run folder (`flowspec run`, on loopback, an emulated testbed or real boards) is
+predicted by the simulator in two modes, each policy on the run's own requests:
+
+- *replay* (`sim.replay`): the run's own drafts and target decisions, so only timing can differ.
+  The simulator's core must issue the runtime's command sequence exactly; an emulated run is
+  replayed on the testbed it emulated (`emulated.yaml`: its model, devices and network).
+- *calibrated*: the simulator as a user runs it before any run: the scenario's acceptance
+  profile drives the synthetic drafter and target, on the run's prompt lengths and output
+  lengths (each request simulated alone, as the runs serve them one after another).
+
+`compare` returns one long frame: per policy, mode and observable, the measured value, the
+predicted one and the error. Rates (`tokens_per_s`, `step_ms`, `accepted_per_step`) have a
+relative error, predicted / measured - 1; shares of a device's time (`busy`, `idle_<cause>`,
+one row per device) an absolute one, predicted - measured, since a share near 0 has no
+meaningful ratio. `ranking` says whether the policies rank alike by tokens/s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from flowspec import idle, metrics
+from flowspec.config import Policy, apply_overrides, scenario_from_dict, scenario_to_dict
+from flowspec.platform import PROFILES_DIR
+from sim.experiment import simulate, with_policy
+from sim.replay import RecordedRun, RunFolderError, first_divergence, replay
+
+MODES = ("replay", "calibrated")
+RATES = ("tokens_per_s", "step_ms", "accepted_per_step")
+COLUMNS = ("policy", "mode", "observable", "device", "measured", "predicted", "error")
+
+
+def run_frames(run: RecordedRun, policy: Policy) -> dict[str, pd.DataFrame]:
+    """Every frame the run wrote for `policy` (replay's loader reads only what replay needs)."""
+    folder = run.folder / str(policy)
+    frames = {}
+    for path in sorted(folder.glob("*.parquet")):
+        try:
+            frames[path.stem] = pd.read_parquet(path)
+        except Exception as e:  # pyarrow raises several types for a damaged file
+            raise RunFolderError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+    return frames
+
+
+def calibrated(run: RecordedRun, policy: Policy, measured: dict[str, pd.DataFrame], *,
+               profiles_dir: Path = PROFILES_DIR) -> dict[str, pd.DataFrame]:  # fmt: skip
+    """The simulator's own model on the run's requests: each request alone with its prompt length and
+    the output length it really had; EOS off (the synthetic target's ids mean nothing), seeds by id;
+    the requests' frames laid end to end on one time axis, with their run's request ids."""
+    base = scenario_to_dict(with_policy(run.scenario, policy))
+    parts: dict[str, list[pd.DataFrame]] = {}
+    requests = measured["requests"].sort_values("request_id")
+    offset_s = 0.0
+    for r in requests.itertuples():
+        data = apply_overrides(base, ["workload.arrivals=single", "workload.n_requests=1",
+                                      f"workload.prompt_tokens={int(r.n_prompt_tokens)}",
+                                      f"decoding.max_new_tokens={int(r.n_output_tokens)}",
+                                      "decoding.eos_token_id=null", f"seed={int(r.request_id)}"])  # fmt: skip
+        sc = scenario_from_dict(data, f"{run.folder} (calibrated, request {r.request_id})")
+        result = simulate(sc, profiles_dir=profiles_dir, run_id=f"{sc.name}/{policy}/calibrated")
+        for name, frame in result.frames().items():  # one after another on one time axis, as served
+            times = [c for c in frame.columns if c.startswith("t_") and c.endswith("_s")]
+            frame = frame.assign(**{c: frame[c] + offset_s for c in times})
+            if "request_id" in frame:
+                frame["request_id"] = int(r.request_id)
+            parts.setdefault(name, []).append(frame)
+        offset_s += result.elapsed_s
+    return {name: pd.concat(frames, ignore_index=True) for name, frames in parts.items()}
+
+
+def observables(frames: dict[str, pd.DataFrame]) -> list[tuple[str, str, float]]:
+    """(observable, device, value) of one run: its rates, then each device's shares of its time."""
+    s = metrics.summary(frames).iloc[0]
+    req = metrics.frame_of(frames, "requests")
+    decode_s = float((metrics.numeric(req, "t_finish_s") - metrics.numeric(req, "t_first_token_s")).sum())
+    step_ms = 1000 * decode_s / s.n_steps if s.n_steps else np.nan
+    rows = [("tokens_per_s", "", float(s.tokens_per_s)), ("step_ms", "", step_ms),
+            ("accepted_per_step", "", float(s.accepted_per_step))]  # fmt: skip
+    table = idle.idle_attribution(frames)
+    for r in table.to_dict("records"):
+        device = "D0" if r["stage"] == 0 else f"V{r['stage']}"
+        window = r["window_s"]
+        rows.append(("busy", device, r["busy_s"] / window if window else np.nan))
+        for key in (k for k in r if k.startswith("idle_") and k.endswith("_s")):
+            rows.append((key.removesuffix("_s"), device, (r[key] or 0.0) / window if window else np.nan))
+    return rows
+
+
+def _pair(policy: str, mode: str, measured: list, predicted: list) -> list[dict]:
+    got = {(o, d): v for o, d, v in predicted}
+    rows = []
+    for observable, device, m in measured:
+        p = got.get((observable, device), np.nan)
+        if observable in RATES:
+            error = p / m - 1 if m and np.isfinite(m) else np.nan
+        else:
+            error = p - m
+        rows.append(dict(zip(COLUMNS, (policy, mode, observable, device, m, p, error))))
+    return rows
+
+
+def compare(run: RecordedRun, policies: Sequence[Policy], modes: Sequence[str] = MODES, *,
+            profiles_dir: Path = PROFILES_DIR, echo=lambda _m: None) -> tuple[pd.DataFrame, dict[str, bool]]:  # fmt: skip
+    """The long table of measured vs predicted (module docstring), and per policy whether replay's
+    command sequence equals the run's (True where replay was not asked for)."""
+    rows: list[dict] = []
+    same: dict[str, bool] = {}
+    for policy in policies:
+        measured = run_frames(run, policy)
+        m = observables(measured)
+        same[str(policy)] = True
+        if "replay" in modes:
+            echo(f"  {policy}: replay")
+            replayed = replay(run, policy, profiles_dir=profiles_dir).frames()
+            same[str(policy)] = first_divergence(measured["commands"], replayed["commands"]) is None
+            rows += _pair(str(policy), "replay", m, observables(replayed))
+        if "calibrated" in modes:
+            echo(f"  {policy}: calibrated")
+            rows += _pair(str(policy), "calibrated", m, observables(calibrated(run, policy, measured,
+                                                                               profiles_dir=profiles_dir)))
+    return pd.DataFrame(rows, columns=list(COLUMNS)), same
+
+
+def headline(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per policy and mode: the rates measured, predicted and their errors."""
+    rates = table[table.observable.isin(RATES)]
+    wide = rates.pivot_table(index=["policy", "mode"], columns="observable", values=["measured", "predicted", "error"],
+                             aggfunc="first", sort=False)  # fmt: skip
+    wide.columns = [f"{obs}_{what}" for what, obs in wide.columns]
+    order = [f"{o}_{w}" for o in RATES for w in ("measured", "predicted", "error") if f"{o}_{w}" in wide.columns]
+    return wide[order].reset_index()
+
+
+def ranking(table: pd.DataFrame, mode: str) -> tuple[list[str], list[str]]:
+    """Policies by tokens/s, fastest first: measured, and as `mode` predicts."""
+    t = table[(table.observable == "tokens_per_s") & (table["mode"] == mode)]
+    return (t.sort_values("measured", ascending=False).policy.tolist(),
+            t.sort_values("predicted", ascending=False).policy.tolist())  # fmt: skip
