@@ -13,6 +13,10 @@ import click
 
 from cli import _runtime_failures, chosen_policies, main, policy_option, reports_scenario_errors, scenario_arguments
 
+# --dilation auto times this machine's computes against the profiles at this dilation: padded, so
+# five processes contend less than at 1, whose inflated ratios would oversize the dilation.
+PROBE_DILATION = 8.0
+
 
 @main.command()
 @scenario_arguments
@@ -50,13 +54,14 @@ def validate(scenario: Path, overrides: tuple[str, ...], policies: tuple[str, ..
     from sim import validation
     from sim.replay import load_run
 
-    sc = load_scenario(scenario, [*overrides, *_dilation_override(scenario, overrides, dilation, prompt, prompts_file)])
+    chosen = chosen_policies(policies, load_scenario(scenario, overrides).policy)
+    sc = load_scenario(scenario, [*overrides, *_dilation_override(scenario, overrides, dilation, chosen, prompt,
+                                                                   prompts_file)])  # fmt: skip
     folder = run_dir or out or Path("runs") / f"{sc.name}-validate"
     problems: list[str] = []
     if run_dir is None:
         from runtime.outputs import run_and_save
 
-        chosen = chosen_policies(policies, sc.policy)
         done, error, _ = run_and_save(sc, chosen, folder, base_dir=scenario.parent, prompt=prompt,
                                       prompts_file=prompts_file, echo=click.echo, stream=False)  # fmt: skip
         if error is not None:
@@ -93,10 +98,11 @@ def validate(scenario: Path, overrides: tuple[str, ...], policies: tuple[str, ..
         raise SystemExit(1)
 
 
-def _dilation_override(scenario: Path, overrides: tuple[str, ...], dilation: str | None, prompt: str | None,
-                       prompts_file: Path | None) -> list[str]:  # fmt: skip
-    """`--dilation K` as an override; `auto`: K sized from a short emulated run (one request, 8 tokens,
-    flowspec) by `runtime.emulation.dilation_for`."""
+def _dilation_override(scenario: Path, overrides: tuple[str, ...], dilation: str | None, policies: list,
+                       prompt: str | None, prompts_file: Path | None) -> list[str]:  # fmt: skip
+    """`--dilation K` as an override; `auto`: K sized by `runtime.emulation.dilation_for` from a short
+    emulated run of every policy (one request, 8 tokens): each policy's largest computes differ
+    (serial verifies a whole tree on D0 at once, ar-pp one row)."""
     if dilation is None:
         return []
     if dilation != "auto":
@@ -112,15 +118,16 @@ def _dilation_override(scenario: Path, overrides: tuple[str, ...], dilation: str
     from runtime.emulation import dilation_for
     from runtime.outputs import run_and_save
 
-    probe = load_scenario(scenario, [*overrides, "emulate.dilation=1", "workload.n_requests=1", "decoding.max_new_tokens=8",
-                                     "policy=flowspec"])  # fmt: skip
-    click.echo("--dilation auto: a short emulated run at dilation 1 to time this machine against the profiles", err=True)
+    probe = load_scenario(scenario, [*overrides, f"emulate.dilation={PROBE_DILATION}", "workload.n_requests=1",
+                                     "decoding.max_new_tokens=8"])  # fmt: skip
+    click.echo(f"--dilation auto: a short emulated run at dilation {PROBE_DILATION:g} to time this machine against "
+               "the profiles", err=True)  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="flowspec-dilation-") as tmp:
-        _, error, _ = run_and_save(probe, [probe.policy], Path(tmp), base_dir=scenario.parent, prompt=prompt,
-                                   prompts_file=prompts_file, echo=lambda *_a, **_k: None, stream=False)  # fmt: skip
+        done, error, _ = run_and_save(probe, policies, Path(tmp), base_dir=scenario.parent, prompt=prompt,
+                                      prompts_file=prompts_file, echo=lambda *_a, **_k: None, stream=False)  # fmt: skip
         if error is not None:
             raise error
-        k = dilation_for(pd.read_parquet(Path(tmp) / str(probe.policy) / "computes.parquet"))
+        k = dilation_for(pd.concat([frames["computes"] for frames in done.values()], ignore_index=True))
     click.echo(f"--dilation auto: {k:g}", err=True)
     return [f"emulate.dilation={k}"]
 

@@ -157,10 +157,14 @@ class DevicesConfig(Section):
     """One profile per verification stage (V1 first), for heterogeneous pipelines."""
     slowdown: float = 1.0
     """Multiplies every compute time: a board this much slower than its profile."""
+    host_cores: int = 0
+    """Every device runs on one host with this many cores (a loopback run: one process per device);
+    at most this many compute at once and the others wait. 0: each device is its own board."""
 
     def _check(self) -> None:
         if not self.slowdown > 0:
             raise ScenarioError(f"slowdown must be > 0, got {self.slowdown!r}")
+        _at_least(self, "host_cores", 0)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

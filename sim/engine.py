@@ -17,6 +17,8 @@ The simulator charges time; the core decides. Processes:
 - Links (`_send`): each device has one egress link that carries one message at a time, in order;
   a message holds it for its send time, then travels the latency. Delivery between two devices
   is FIFO, as in ZeroMQ.
+- A shared host (`devices.host_cores`, a loopback run): a compute first waits for one of the host's
+  cores, first come first served, and holds it while it runs.
 - The workload (`_arrivals`): requests arrive at their times, or — closed loop — when the previous
   one finished.
 
@@ -94,6 +96,8 @@ class SimEngine:
         self.stages = [_Stage(rank, inbox=simpy.Store(self.env)) for rank in range(1, n_stages + 1)]
         self._link_free = [0.0] * (n_stages + 1)  # when each device's egress link falls free
         self.d0_inbox = simpy.Store(self.env)
+        cores = scenario.devices.host_cores
+        self.cores = simpy.Resource(self.env, capacity=cores) if cores else None
         self.finished: dict[int, simpy.Event] = {r.request_id: self.env.event() for r in requests}
         self.prompts = {r.request_id: list(r.prompt) for r in requests}
         self.spans: list[StageSpan] = []
@@ -172,6 +176,15 @@ class SimEngine:
             yield from self._busy(0, request_id, segment_id, "step", tree_size, 0, cost_ms)
 
     def _busy(self, rank: int, request_id: int, segment_id: int, kind: str, n_tokens: int, kv_len: int, cost_ms: float):
+        if self.cores is not None:  # devices sharing a host's cores: wait for one, hold it while computing
+            with self.cores.request() as core:
+                yield core
+                yield from self._compute(rank, request_id, segment_id, kind, n_tokens, kv_len, cost_ms)
+        else:
+            yield from self._compute(rank, request_id, segment_id, kind, n_tokens, kv_len, cost_ms)
+
+    def _compute(self, rank: int, request_id: int, segment_id: int, kind: str, n_tokens: int, kv_len: int,
+                 cost_ms: float):  # fmt: skip
         t0 = self.env.now
         yield self.env.timeout(cost_ms / 1000.0)
         self.spans.append(StageSpan(run_id=self.run_id, source="sim", request_id=request_id, stage=rank,

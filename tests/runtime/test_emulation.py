@@ -24,7 +24,7 @@ from flowspec.synthetic import ReferenceDrafter
 from flowspec.workload import one_after_another
 from runtime import wire
 from runtime.channel import Endpoint
-from runtime.emulation import Emulation, PacedEndpoint
+from runtime.emulation import Emulation, PacedEndpoint, dilation_for
 from runtime.launcher import Cluster, Target, stage_scenario
 
 pytestmark = pytest.mark.runtime
@@ -162,3 +162,13 @@ def test_validate_reports_the_distance_and_fails_beyond_the_tolerance(tiny, tmp_
                                       "--tolerance", "100"])  # fmt: skip
     assert again.exit_code == 0, again.output
     assert "ranking by tokens/s (replay)" in again.output
+
+
+def test_the_dilation_covers_the_slowest_computes_with_a_margin() -> None:
+    """Real/model ratios 2, 3 and 10 (and an uncharged compute, ignored): the 99th percentile is
+    9.86, times 1.25 is 12.3, so 13; a machine faster than every profile still gets 1."""
+    computes = pd.DataFrame({"model_ms": [5.0, 1.0, 2.0, 0.0], "real_ms": [10.0, 3.0, 20.0, 0.4]})
+    assert dilation_for(computes) == 13.0
+    assert dilation_for(pd.DataFrame({"model_ms": [5.0], "real_ms": [1.0]})) == 1.0
+    with pytest.raises(ValueError, match="no compute the cost model charges"):
+        dilation_for(pd.DataFrame({"model_ms": [0.0], "real_ms": [1.0]}))

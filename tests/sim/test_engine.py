@@ -260,3 +260,23 @@ def test_chain_saving_over_per_token_traversal(n_stages: int, k: int) -> None:
         per_token_s[policy] = 1 / _decode_rate(result)
     saving_s = per_token_s[Policy.AR_PP] - per_token_s[Policy.FLOWSPEC_NOEXPAND]
     assert saving_s == pytest.approx((n_stages - 1) * t1 / 1000 * (k - 1) / k, rel=1e-9)
+
+
+def test_devices_sharing_a_host_wait_for_its_cores() -> None:
+    """ar-pp prefill of a 130-token prompt (chunks of 43, 43, 44) on 2 stages, 10 ms per forward,
+    2 ms per hop, on a host with one core: V1 runs chunk 0 2–12 and chunk 1 12–22; chunk 0 reaches
+    V2 at 14 but the core is V1's until 22, so V2 runs it 22–32 (it asked before V1's chunk 2, which
+    arrived at 2 but was queued behind chunk 1); V1's chunk 2 runs 32–42, V2's chunk 1 (here since
+    24) 42–52 and chunk 2 52–62. With two cores, V2 runs chunk 0 at 14, as on separate boards."""
+    def run(host_cores: int):
+        scenario = Scenario(policy=Policy.AR_PP, pipeline=PipelineConfig(n_stages=2), decoding=DecodingConfig(max_new_tokens=1),
+                            model={"n_layers": 4}, devices={"host_cores": host_cores})  # fmt: skip
+        platform = ConstantPlatform(stage_ms_each=10, latency_ms_each=2)
+        return SimEngine(scenario, platform, PathDrafter(), ScriptedTarget({}), [Request(0, 0.0, tuple(range(130)), 1)]).run()
+
+    assert [(s[0], s[4], s[5]) for s in spans(run(1))] == [
+        (1, 0.002, 0.012), (1, 0.012, 0.022), (2, 0.022, 0.032), (1, 0.032, 0.042), (2, 0.042, 0.052), (2, 0.052, 0.062),
+    ]  # fmt: skip
+    assert [(s[0], s[4], s[5]) for s in spans(run(2))] == [(s[0], s[4], s[5]) for s in spans(run(0))] == [
+        (1, 0.002, 0.012), (1, 0.012, 0.022), (2, 0.014, 0.024), (1, 0.022, 0.032), (2, 0.024, 0.034), (2, 0.034, 0.044),
+    ]  # fmt: skip
