@@ -134,21 +134,17 @@ def _dilation_override(scenario: Path, overrides: tuple[str, ...], dilation: str
 
 def _overruns(run, policies) -> list[str]:
     """One line per policy whose emulated computes overran their padding."""
-    from flowspec import metrics
+    from runtime.outputs import overrun_summary
     from sim.validation import run_frames
 
     out = []
-    slack = run.scenario.emulate.slack_ms
     for policy in policies:
         frames = run_frames(run, policy)
         if "computes" not in frames:
             continue
-        table = metrics.overruns(frames["computes"], slack)
-        bad = table[table.n_overruns > 0]
-        if len(bad):
-            where = ", ".join(f"{'D0' if r.device == 0 else f'V{r.device}'} {r.n_overruns}/{r.n_computes}"
-                              for r in bad.itertuples())  # fmt: skip
-            out.append(f"{policy}: computes overran their padding ({where}): raise emulate.dilation")
+        n, line = overrun_summary(frames["computes"], run.scenario.emulate.slack_ms)
+        if n:
+            out.append(f"{policy}: {line}: raise emulate.dilation")
     return out
 
 

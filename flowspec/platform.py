@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 from flowspec.config import LinkConfig, Policy, Scenario
+from flowspec.messages import Command, Draft, Event, SegmentReturned
 from flowspec.policy import device_scenario
 from flowspec.costs import DeviceProfile, DraftNodeCostModel, LinkCostModel, StageCostModel
 from flowspec.links import Link, LinkProfile, ProfiledLink, RatedLink
@@ -171,3 +172,20 @@ def build_platform(scenario: Scenario, profiles_dir: Path = PROFILES_DIR) -> Pla
     if scenario.policy is Policy.SINGLE_SD:  # D0 shares the stage's device: messages cost nothing
         platform = Colocated(platform)
     return platform
+
+
+def d0_step_cost_ms(platform: Platform, event: Event, cmds: list[Command], tree_size: int) -> float:
+    """D0's bookkeeping for handling `event`: charged only for a returned segment that led to
+    commands (a verification, or the last prompt chunk starting a round) — one that changed nothing
+    (emptied by pruning, a chunk of a tree verified whole) costs microseconds. `tree_size` is the
+    larger of the tree before and after. The profile's `d0_step` includes the DraftDone that
+    follows, so DraftDone is never charged. Both backends charge exactly this."""
+    if not (isinstance(event, SegmentReturned) and cmds):
+        return 0.0
+    return platform.step_ms(max(1, tree_size))
+
+
+def d0_draft_cost_ms(platform: Platform, draft: Draft, kv_len: int) -> float:
+    """The drafter's forwards a `Draft` command asks for, over a context of `kv_len` tokens (the
+    request's prompt and outputs so far)."""
+    return platform.draft_ms(draft.n_calls, draft.n_rows, kv_len)

@@ -50,6 +50,7 @@ from flowspec.messages import (
     SendSegment,
 )
 from flowspec.pipeline import PipelineCore, ProtocolError
+from flowspec.platform import d0_draft_cost_ms, d0_step_cost_ms
 from flowspec.records import ComputeRecord, LinkTransfer, RunResult, StageSpan
 from flowspec.workload import Request
 from flowspec.tree import Drafter, DraftTree, IntArray
@@ -273,12 +274,12 @@ class DraftNode:
         (`sim.engine` charges the same, in the same order) — before the commands go out."""
         assert self.emulation is not None and self.pad is not None
         platform = self.emulation.platform
-        step_ms = platform.step_ms(max(1, size, self.core.tree_size)) if isinstance(event, SegmentReturned) and cmds else 0.0
+        step_ms = d0_step_cost_ms(platform, event, cmds, max(size, self.core.tree_size))
         draft = next((c for c in cmds if isinstance(c, Draft)), None)
         draft_ms = 0.0
         if draft is not None:
             kv_len = self.prompt_len[draft.request_id] + len(self.core.outputs[draft.request_id])
-            draft_ms = platform.draft_ms(draft.n_calls, draft.n_rows, kv_len)
+            draft_ms = d0_draft_cost_ms(platform, draft, kv_len)
         if step_ms + draft_ms == 0:
             return
         request_id = self.core.active_request_id if draft is None else draft.request_id

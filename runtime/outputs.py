@@ -79,13 +79,22 @@ def write_outputs(path: Path, requests: Sequence[Request], result: RunResult, to
             }) + "\n")  # fmt: skip
 
 
+def overrun_summary(computes: pd.DataFrame, slack_ms: float) -> tuple[int, str]:
+    """An emulated run's overrun count and its line: "N overruns in M padded computes (D0 a/b, ...)",
+    naming each device that overran with its overruns / computes."""
+    table = metrics.overruns(computes, slack_ms)
+    n, total = int(table["n_overruns"].sum()), int(table["n_computes"].sum())
+    bad = ", ".join(f"{'D0' if r.device == 0 else f'V{r.device}'} {r.n_overruns}/{r.n_computes}"
+                    for r in table[table.n_overruns > 0].itertuples())  # fmt: skip
+    return n, f"{n} overruns in {total} padded computes" + (f" ({bad})" if bad else "")
+
+
 def overrun_note(frames: dict[str, pd.DataFrame], emulated: Scenario | None) -> str:
     """", N overruns in M padded computes" for an emulated run, loud when N > 0."""
     if emulated is None:
         return ""
-    table = metrics.overruns(frames["computes"], emulated.emulate.slack_ms)
-    n, total = int(table["n_overruns"].sum()), int(table["n_computes"].sum())
-    return f"; {n} OVERRUNS in {total} padded computes: the emulation is invalid" if n else f"; 0 overruns in {total} padded computes"
+    n, line = overrun_summary(frames["computes"], emulated.emulate.slack_ms)
+    return f"; {line.replace('overruns', 'OVERRUNS', 1)}: the emulation is invalid" if n else f"; {line}"
 
 
 def run_and_save(

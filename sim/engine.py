@@ -56,7 +56,7 @@ from flowspec.records import LinkTransfer, RunResult, StageSpan
 from flowspec.synthetic import ContextOracle
 from flowspec.tree import Drafter
 from flowspec.costs import ProfileError
-from flowspec.platform import Platform
+from flowspec.platform import Platform, d0_draft_cost_ms, d0_step_cost_ms
 from flowspec.workload import Request
 
 
@@ -150,30 +150,22 @@ class SimEngine:
                 yield from self._busy(0, self.core.active_request_id, event.segment_id, "verify", n_tokens, 0, cost_ms)
             size, request_id = self.core.tree_size, self.core.active_request_id
             cmds = self.core.handle(event, now=env.now)
-            if isinstance(event, SegmentReturned) and cmds:  # a step D0 worked on; see _charge_step
-                yield from self._charge_step(max(size, self.core.tree_size), request_id, event.segment_id)
+            # The real draft node sends a step's commands only once `handle` returns: charge its
+            # bookkeeping, then the draft, then send.
+            size = max(size, self.core.tree_size)
+            cost_ms = d0_step_cost_ms(self.platform, event, cmds, size)
+            if cost_ms > 0:
+                yield from self._busy(0, request_id, event.segment_id, "step", size, 0, cost_ms)
             while cmds:
-                # The drafter runs inside `handle` on the real draft node, whose commands (the
-                # prune among them) go out only once it returns: charge the draft, then send.
                 draft = next((c for c in cmds if isinstance(c, Draft)), None)
                 if draft is not None:
                     kv_len = len(self.prompts[draft.request_id]) + len(self.core.outputs[draft.request_id])
-                    cost_ms = self.platform.draft_ms(draft.n_calls, draft.n_rows, kv_len)
+                    cost_ms = d0_draft_cost_ms(self.platform, draft, kv_len)
                     yield from self._busy(0, draft.request_id, -1, "draft", draft.n_rows, kv_len, cost_ms)
                 self._execute(cmds)
                 if draft is None:
                     break
                 cmds = self.core.handle(DraftDone(draft.draft_id), now=env.now)
-
-    def _charge_step(self, tree_size: int, request_id: int, segment_id: int):
-        """D0's own bookkeeping for a returned segment that led to commands (a verification, or the
-        last prompt chunk starting a round), before those commands go out, as the runtime sends
-        them only once `handle` returns. The profile's `d0_step` includes the DraftDone that
-        follows, so DraftDone itself is not charged; a returned segment that changed nothing
-        (emptied by pruning, a chunk of a tree verified whole) costs microseconds and is not."""
-        cost_ms = self.platform.step_ms(max(1, tree_size))
-        if cost_ms > 0:
-            yield from self._busy(0, request_id, segment_id, "step", tree_size, 0, cost_ms)
 
     def _busy(self, rank: int, request_id: int, segment_id: int, kind: str, n_tokens: int, kv_len: int, cost_ms: float):
         if self.cores is not None:  # devices sharing a host's cores: wait for one, hold it while computing

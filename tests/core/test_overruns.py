@@ -30,3 +30,4 @@ def test_no_computes_give_an_empty_table_with_its_columns() -> None:
     assert table.empty and list(table.columns) == ["device", "n_computes", "n_overruns", "worst_excess_ms",
                                                     "mean_real_over_padded"]  # fmt: skip
     assert isinstance(table, pd.DataFrame)
+

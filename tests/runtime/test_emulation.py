@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from cli import main
 from flowspec import metrics
 from flowspec.config import Policy, scenario_from_dict
+from flowspec.records import ComputeRecord, to_frame
 from flowspec.platform import build_platform
 from flowspec.synthetic import ReferenceDrafter
 from flowspec.workload import one_after_another
@@ -26,6 +27,7 @@ from runtime import wire
 from runtime.channel import Endpoint
 from runtime.emulation import Emulation, PacedEndpoint, dilation_for
 from runtime.launcher import Cluster, Target, stage_scenario
+from runtime.outputs import overrun_summary
 
 pytestmark = pytest.mark.runtime
 
@@ -38,6 +40,19 @@ def test_a_paced_link_takes_k_times_bytes_over_bandwidth() -> None:
                              "network": {"bandwidth_mbps": rate_mbps, "latency_ms": latency_ms, "overhead_ms": 0}})  # fmt: skip
     emulation = Emulation.of(sc)
     assert emulation is not None
+    serial_s = k * nbytes * 8 / (rate_mbps * 1e6)
+    expected = [i * serial_s + k * latency_ms / 1000 for i in (1, 2, 3)]
+    for _attempt in range(3):  # pacing never delivers early; a busy shared machine can deliver late
+        arrivals, transfers = _three_paced_messages(emulation, nbytes)
+        if all(abs(t - e) <= 0.1 * e for t, e in zip(arrivals, expected)):
+            break
+    assert all(abs(t - e) <= 0.1 * e for t, e in zip(arrivals, expected)), (arrivals, expected)
+    assert [round(t[3] - transfers[0][3], 3) for t in transfers] == [0.0, 0.04, 0.08]
+
+
+def _three_paced_messages(emulation: Emulation, nbytes: int) -> tuple[list[float], list[tuple]]:
+    """Arrival times of three paced messages sent back to back, after the first send, and the
+    sender's transfer records."""
     receiver, sender = Endpoint(1), Endpoint(0)
     try:
         sender.connect(1, receiver.address)
@@ -53,11 +68,7 @@ def test_a_paced_link_takes_k_times_bytes_over_bandwidth() -> None:
             if receiver.recv(0.0) is not None:
                 arrivals.append(time.monotonic() - t0)
             assert time.monotonic() - t0 < 5.0, arrivals
-        serial_s = k * nbytes * 8 / (rate_mbps * 1e6)
-        for i, t in enumerate(arrivals, start=1):
-            expected = i * serial_s + k * latency_ms / 1000
-            assert abs(t - expected) <= 0.1 * expected, (i, t, expected)
-        assert [round(t[3] - t0, 3) for t in paced.transfers] == [0.0, 0.04, 0.08]
+        return arrivals, list(paced.transfers)
     finally:
         sender.close()
         receiver.close()
@@ -148,7 +159,7 @@ def test_validate_reports_the_distance_and_fails_beyond_the_tolerance(tiny, tmp_
                                        "--out", str(out), "--tolerance", "0", "--tolerance-calibrated", "0"])  # fmt: skip
     assert result.exit_code == 1, result.output
     assert "serial (replay): tokens/s predicted" in result.output and "error" in result.output
-    assert "commands differ" not in result.output and "overran" not in result.output, result.output
+    assert "commands differ" not in result.output and "raise emulate.dilation" not in result.output, result.output
     table = pd.read_csv(out / "validate.csv")
     rates = table[table.observable == "tokens_per_s"]
     assert sorted(zip(rates.policy, rates["mode"])) == [("flowspec", "calibrated"), ("flowspec", "replay"),
@@ -172,3 +183,15 @@ def test_the_dilation_covers_the_slowest_computes_with_a_margin() -> None:
     assert dilation_for(pd.DataFrame({"model_ms": [5.0], "real_ms": [1.0]})) == 1.0
     with pytest.raises(ValueError, match="no compute the cost model charges"):
         dilation_for(pd.DataFrame({"model_ms": [0.0], "real_ms": [1.0]}))
+
+
+def test_the_overrun_line_names_each_device_that_overran() -> None:
+    frame = to_frame([_compute(0, 10.0, 4.0), _compute(1, 20.0, 21.5), _compute(2, 20.0, 30.0), _compute(2, 20.0, 5.0)],
+                     ComputeRecord)  # fmt: skip
+    assert overrun_summary(frame, slack_ms=1.0) == (2, "2 overruns in 4 padded computes (V1 1/1, V2 1/2)")
+    assert overrun_summary(frame, slack_ms=20.0) == (0, "0 overruns in 4 padded computes")
+
+
+def _compute(device: int, padded_ms: float, real_ms: float) -> ComputeRecord:
+    return ComputeRecord(run_id="r", source="runtime", request_id=0, device=device, kind="tree", t_start_s=0.0,
+                         model_ms=padded_ms / 2, padded_ms=padded_ms, real_ms=real_ms)  # fmt: skip
