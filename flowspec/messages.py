@@ -97,6 +97,49 @@ def payload_nbytes(n_rows: int, *, hidden_size: int, dtype_bytes: int, first_hop
     return n_rows * per_row
 
 
+def n_decided(seg: Segment) -> int:
+    """Rows of `seg` that go through the target's LM head: every row of a tree segment; of a prompt
+    chunk only the last row of the prompt's last chunk (the first token), for nobody reads the rest."""
+    if seg.kind is SegmentKind.PREFILL:
+        return 1 if seg.final and len(seg) else 0
+    return len(seg)
+
+
+LOGIT_BYTES = 4  # float32: what the last stage returns per vocabulary entry when D0 samples
+
+
+@dataclass(frozen=True, slots=True)
+class WireSizes:
+    """What the messages of one scenario weigh: every hop carries the rows' ids, the first token
+    ids, later ones hidden states; with the LM head on the last stage (`head_last`) the return hop
+    carries the target's decisions — one id per row at temperature 0, `vocab_size` logits per
+    decided row above it — and hidden states only when D0's drafter reads them (`features`).
+    Both backends price messages with this, the simulator and the emulated runtime alike."""
+
+    hidden_size: int
+    dtype_bytes: int
+    vocab_size: int = 0
+    head_last: bool = False
+    sampled: bool = False  # temperature > 0
+    features: bool = True
+
+    def segment(self, n_rows: int, *, first_hop: bool) -> int:
+        """A segment on a hop into a stage (D0 -> V1 is the first)."""
+        return payload_nbytes(n_rows, hidden_size=self.hidden_size, dtype_bytes=self.dtype_bytes, first_hop=first_hop)
+
+    def returned(self, n_rows: int, n_decided: int) -> int:
+        """A segment back from the last stage, `n_decided` of its rows through the LM head.
+
+        >>> WireSizes(576, 4, 49152, head_last=True, features=False).returned(16, 16)
+        256
+        """
+        if not self.head_last:
+            return self.segment(n_rows, first_hop=False)
+        hidden = n_rows * self.hidden_size * self.dtype_bytes if self.features else 0
+        decisions = n_decided * self.vocab_size * LOGIT_BYTES if self.sampled else n_rows * ID_BYTES
+        return n_rows * 3 * ID_BYTES + hidden + decisions
+
+
 # ---- events -------------------------------------------------------------------------------------
 
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from flowspec.config import LinkConfig, Policy, Scenario
-from flowspec.messages import Command, Draft, Event, SegmentReturned
+from flowspec.config import HeadPlacement, LinkConfig, Policy, Scenario
+from flowspec.messages import Command, Draft, Event, SegmentReturned, WireSizes
 from flowspec.policy import device_scenario
 from flowspec.costs import DeviceProfile, DraftNodeCostModel, LinkCostModel, StageCostModel
 from flowspec.links import Link, LinkProfile, ProfiledLink, RatedLink
@@ -34,8 +34,9 @@ class Platform(Protocol):
         """Forward of `n_tokens` rows over `kv_len` cached slots on verification stage `stage`."""
         ...
 
-    def verify_ms(self, n_rows: int) -> float:
-        """D0: the target's LM head over `n_rows` returned rows, and the verification itself."""
+    def verify_ms(self, n_rows: int, device: int = 0) -> float:
+        """The target's LM head over `n_rows` rows on `device`: D0 (0) over the rows the last
+        stage returned, or the last stage itself (N) with `pipeline.head: last`."""
         ...
 
     def draft_ms(self, n_calls: int, n_rows: int, kv_len: int) -> float:
@@ -71,7 +72,7 @@ class ConstantPlatform:
     def stage_ms(self, stage: int, n_tokens: int, kv_len: int) -> float:
         return self.stage_ms_each
 
-    def verify_ms(self, n_rows: int) -> float:
+    def verify_ms(self, n_rows: int, device: int = 0) -> float:
         return self.verify_ms_each
 
     def draft_ms(self, n_calls: int, n_rows: int, kv_len: int) -> float:
@@ -115,8 +116,8 @@ class ProfiledPlatform:
     def stage_ms(self, stage: int, n_tokens: int, kv_len: int) -> float:
         return self._stages[stage - 1].forward_ms(n_tokens, kv_len)
 
-    def verify_ms(self, n_rows: int) -> float:
-        return self._d0.verify_ms(n_rows)
+    def verify_ms(self, n_rows: int, device: int = 0) -> float:
+        return self._stages[device - 1].head_ms(n_rows) if device else self._d0.verify_ms(n_rows)
 
     def draft_ms(self, n_calls: int, n_rows: int, kv_len: int) -> float:
         return self._d0.draft_ms(n_calls, n_rows, kv_len) if n_calls else 0.0
@@ -148,8 +149,8 @@ class Colocated:
     def stage_ms(self, stage: int, n_tokens: int, kv_len: int) -> float:
         return self.inner.stage_ms(stage, n_tokens, kv_len)
 
-    def verify_ms(self, n_rows: int) -> float:
-        return self.inner.verify_ms(n_rows)
+    def verify_ms(self, n_rows: int, device: int = 0) -> float:
+        return self.inner.verify_ms(n_rows, device)
 
     def draft_ms(self, n_calls: int, n_rows: int, kv_len: int) -> float:
         return self.inner.draft_ms(n_calls, n_rows, kv_len)
@@ -189,3 +190,11 @@ def d0_draft_cost_ms(platform: Platform, draft: Draft, kv_len: int) -> float:
     """The drafter's forwards a `Draft` command asks for, over a context of `kv_len` tokens (the
     request's prompt and outputs so far)."""
     return platform.draft_ms(draft.n_calls, draft.n_rows, kv_len)
+
+
+def wire_sizes(scenario: Scenario) -> WireSizes:
+    """What `scenario`'s messages weigh (its model, where its LM head runs, its temperature)."""
+    model = scenario.model
+    return WireSizes(model.hidden_size, model.dtype_bytes, model.vocab_size,
+                     head_last=scenario.pipeline.head is HeadPlacement.LAST, sampled=scenario.decoding.temperature > 0,
+                     features=scenario.features_on_the_wire)  # fmt: skip

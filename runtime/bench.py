@@ -25,8 +25,11 @@ CAVEAT = ("On 2 cores at most two of the processes (D0 + stages) compute at once
 
 
 def bench_runtime(scenario: Scenario, policies: Sequence[Policy], *, base_dir: Path | None,
-                  echo: Callable[[str], None]) -> pd.DataFrame:  # fmt: skip
+                  echo: Callable[[str], None], outputs_dir: Path | None = None) -> pd.DataFrame:  # fmt: skip
+    """The table above; with `outputs_dir`, each policy's generations in <outputs_dir>/<policy>/outputs.jsonl."""
     import torch
+
+    from runtime.outputs import write_outputs
 
     target = Target.load(scenario, base_dir=base_dir, echo=echo)
     scenario = target.scenario
@@ -56,6 +59,9 @@ def bench_runtime(scenario: Scenario, policies: Sequence[Policy], *, base_dir: P
                                        drafter=lambda sc: make_drafter(sc, target, base_dir=base_dir)):  # fmt: skip
         n = sum(len(v) for v in result.outputs.values())
         summary = metrics.summary(result.frames())
+        if outputs_dir is not None:
+            (outputs_dir / str(policy)).mkdir(parents=True, exist_ok=True)
+            write_outputs(outputs_dir / str(policy) / "outputs.jsonl", requests, result, target.tokenizer)
         rows.append({"policy": str(policy), "tokens": n, "wall_s": result.elapsed_s, "tokens_per_s": n / result.elapsed_s,
                      "vs_generate": (n / result.elapsed_s) / (n_ref / generate_s),
                      "accepted_per_step": float(summary["accepted_per_step"].iloc[0]),

@@ -56,7 +56,7 @@ from flowspec.messages import Segment, SegmentKind
 from flowspec.tree import DraftTree
 from runtime import wire
 from runtime.model_slice import LayerSlice, hidden_from_wire, hidden_to_wire
-from runtime.models import Echo, ModelError, quiet
+from runtime.models import Echo, ModelError, quiet, torch_device
 from runtime.profile_card import card, write
 from runtime.profiling import Budget, Point, Timer, d0_steps, sample_points, summarize
 
@@ -137,19 +137,6 @@ class ProfileOptions:
         return " ".join(["flowspec profile device", *words, f"--out {shlex.quote(str(self.out))}"])
 
 
-def torch_device(name: str) -> torch.device:
-    """The torch device for `--device`; a clear error when this machine has none of that kind."""
-    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
-    if name == "auto":
-        name = "cuda" if cuda else "mps" if mps else "cpu"
-    if name == "cuda" and not cuda:
-        raise ProfileOptionError(f"--device cuda: torch {torch.__version__} sees no CUDA device on this machine "
-                                 "(torch.cuda.is_available() is False)")  # fmt: skip
-    if name == "mps" and not mps:
-        raise ProfileOptionError(f"--device mps: torch {torch.__version__} sees no Apple MPS device on this machine")
-    return torch.device(name)
-
-
 @dataclass(frozen=True)
 class Profile:
     rows: list[dict]
@@ -159,7 +146,7 @@ class Profile:
 
 def profile_device(opts: ProfileOptions, *, echo: Echo = quiet) -> Profile:
     """Measure every component (see the module docstring) and write `opts.out`."""
-    device = torch_device(opts.device)
+    device = torch_device(opts.device, f"--device {opts.device}")
     threads_before = torch.get_num_threads()
     torch.set_num_threads(opts.threads)
     load_start = os.getloadavg()

@@ -35,7 +35,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from flowspec.config import Scenario
+from flowspec.config import HeadPlacement, Scenario
 from flowspec.messages import (
     BroadcastPrune,
     Command,
@@ -45,9 +45,10 @@ from flowspec.messages import (
     Event,
     FinishRequest,
     RequestArrived,
-    SegmentKind,
+    Segment,
     SegmentReturned,
     SendSegment,
+    n_decided,
 )
 from flowspec.pipeline import PipelineCore, ProtocolError
 from flowspec.platform import d0_draft_cost_ms, d0_step_cost_ms
@@ -56,8 +57,9 @@ from flowspec.workload import Request
 from flowspec.tree import Drafter, DraftTree, IntArray
 from runtime import wire
 from runtime.channel import Endpoint, RemoteError, StageTimeout
-from runtime.emulation import Emulation, PacedEndpoint, Pad
+from runtime.emulation import Emulation, PacedEndpoint, Pad, pair_transfers
 from runtime.model_slice import hidden_from_wire
+from runtime.models import torch_device
 
 
 class TimedDrafter:
@@ -91,7 +93,10 @@ class DraftNode:
     ) -> None:
         self.scenario = scenario
         self.endpoint = endpoint
-        self.lm_head = lm_head
+        device, dtype = scenario.stage_compute(0)
+        self.device = torch_device(device, f"runtime.device: {device}")
+        self.lm_head = lm_head.to(self.device, getattr(torch, dtype))  # the target's decisions, in its precision
+        self.head_last = scenario.pipeline.head is HeadPlacement.LAST
         self.layer_ranges = layer_ranges
         self.n_stages = len(layer_ranges)
         self.check_peers = check_peers
@@ -172,6 +177,8 @@ class DraftNode:
         self.prompt_len = {r.request_id: len(r.prompt) for r in requests}
         self.computes: list[ComputeRecord] = []
         self.transfers: list[LinkTransfer] = []
+        self._sent: dict[int, list] = {}  # by device: data messages sent, and received (runs not emulated)
+        self._arrived: dict[int, list] = {}
         timed = TimedDrafter(drafter)
         core = PipelineCore(scenario, timed, np.random.default_rng(scenario.seed), run_id=run_id, source="runtime",
                             trace=True)  # fmt: skip
@@ -234,7 +241,13 @@ class DraftNode:
             records.emulated = True
             self._emulation_records(0, self.pad.rows, self.link.transfers)
             records.computes = sorted(self.computes, key=lambda c: (c.t_start_s, c.device))
-            records.link_transfers = sorted(self.transfers, key=lambda t: (t.t_send_s, t.src, t.dst))
+        else:  # each message's send (its sender's record) and arrival (its receiver's), paired
+            self._sent[0], self._arrived[0] = self.link.transfers, self.link.arrivals
+            for src, dst, kind, nbytes, t_send, t_recv in pair_transfers(self._sent, self._arrived):
+                self.transfers.append(LinkTransfer(run_id=self.run_id, source="runtime", src=src, dst=dst, kind=kind,
+                                                   nbytes=nbytes, t_send_s=self._emulated(t_send),
+                                                   t_recv_s=self._emulated(t_recv)))  # fmt: skip
+        records.link_transfers = sorted(self.transfers, key=lambda t: (t.t_send_s, t.src, t.dst))
         return RunResult(core.outputs, records, wall_s)
 
     def now(self) -> float:
@@ -260,7 +273,7 @@ class DraftNode:
         em = self.emulation
         for cmd in cmds:
             if isinstance(cmd, SendSegment):
-                nbytes = 0 if em is None else em.segment_nbytes(len(cmd.segment), first_hop=True)
+                nbytes = 0 if em is None else em.wire.segment(len(cmd.segment), first_hop=True)
                 self.link.send_paced(1, wire.encode_segment(cmd.segment, 0), nbytes, "segment")
             elif isinstance(cmd, BroadcastPrune):
                 frames = wire.encode_prune(cmd.prune)
@@ -313,37 +326,61 @@ class DraftNode:
             raise ProtocolError(f"{msg.type} message from rank {msg.sender}: D0 expects segments from "
                                 f"stage {self.n_stages} only while serving")  # fmt: skip
         seg = wire.to_segment(msg)
-        hidden = msg.arrays.get("hidden")
-        if hidden is None:
-            raise ProtocolError(f"segment message from rank {msg.sender}: field hidden: missing")
         t_real = time.monotonic()
-        h = hidden_from_wire(hidden, msg.dtypes["hidden"])
-        temperature = self.temperature
-        # A prompt chunk needs the target's decision on its last row only, and only if it is the
-        # prompt's last chunk (the first token); the LM head over every prompt row would cost D0
-        # tens of milliseconds per chunk for rows nobody reads (they are marked -1).
-        heads = slice(len(seg) - 1 if seg.final else len(seg), None) if seg.kind is SegmentKind.PREFILL else slice(None)
-        with torch.inference_mode():
-            logits = h[heads] @ self.lm_head.T  # [rows, V]
-            if temperature > 0:
-                probs = torch.softmax(logits.double() / temperature, dim=-1).numpy()
-                argmax = None
-            else:
-                argmax = np.full(len(seg), -1, dtype=np.int64)
-                argmax[heads] = logits.argmax(dim=-1).numpy()
-                probs = None
+        hidden = msg.arrays.get("hidden")
+        h = None if hidden is None else hidden_from_wire(hidden, msg.dtypes["hidden"])
         observe = getattr(self.timed.inner, "observe", None)  # drafters that read the target's features
+        n_rows = n_decided(seg)
+        if self.head_last:  # the last stage decided: its argmax ids, or logits to sample from
+            argmax, probs = self._decisions(msg, seg, n_rows)
+        else:
+            if h is None:
+                raise ProtocolError(f"segment message from rank {msg.sender}: field hidden: missing")
+            argmax, probs = self._verify(seg, h, n_rows)
         if observe is not None and len(seg):
+            if h is None:
+                raise ProtocolError(f"segment message from rank {msg.sender}: field hidden: missing (the drafter reads it)")
             observe(seg.request_id, seg.node_ids, seg.parent_ids, seg.tokens, seg.positions, h, seg.reset)
         t_end = time.monotonic()
-        if self.pad is not None and len(logits):  # as the simulator: the LM head over the rows it ran on
-            t_end = self.pad.done(seg.request_id, "verify", t_real, self.emulation.platform.verify_ms(len(logits)))
+        if self.head_last:
+            return SegmentReturned(seg.segment_id, seg.node_ids, seg.version, argmax=argmax, probs=probs)
+        if self.pad is not None and n_rows:  # as the simulator: the LM head over the rows it ran on
+            t_end = self.pad.done(seg.request_id, "verify", t_real, self.emulation.platform.verify_ms(n_rows))
             self.link.hold(t_end)
         if len(seg):
             self.spans.append(StageSpan(run_id=self.run_id, source="runtime", request_id=seg.request_id, stage=0,
-                                        segment_id=seg.segment_id, kind="verify", n_tokens=len(logits), kv_len=0,
+                                        segment_id=seg.segment_id, kind="verify", n_tokens=n_rows, kv_len=0,
                                         t_start_s=self._emulated(t_real), t_end_s=self._emulated(t_end)))  # fmt: skip
         return SegmentReturned(seg.segment_id, seg.node_ids, seg.version, argmax=argmax, probs=probs)
+
+    def _verify(self, seg: Segment, h: torch.Tensor, n_rows: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The target's LM head here (`pipeline.head: d0`) over the segment's decided rows — a
+        prompt chunk's last row only if it is the prompt's last chunk: the rest nobody reads, and
+        the head over every prompt row would cost D0 tens of milliseconds per chunk."""
+        with torch.inference_mode():
+            logits = h[len(seg) - n_rows :].to(self.device, self.lm_head.dtype) @ self.lm_head.T  # [rows, V]
+            return self._from_logits(seg, logits, n_rows)
+
+    def _decisions(self, msg: wire.Message, seg: Segment, n_rows: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The decisions a last stage with the LM head returned (`pipeline.head: last`)."""
+        if n_rows == 0:  # nothing decided (a prompt chunk before the last, a segment pruned empty)
+            return self._from_logits(seg, torch.zeros((0, self.lm_head.shape[0])), 0)
+        name = "logits" if self.temperature > 0 else "argmax"
+        got = msg.arrays.get(name)
+        expected = (n_rows, self.lm_head.shape[0]) if name == "logits" else (len(seg),)
+        if got is None or got.shape != expected:
+            raise ProtocolError(f"segment message from rank {msg.sender}: field {name}: "
+                                f"{'missing' if got is None else f'shape {list(got.shape)}'}, expected {list(expected)}")  # fmt: skip
+        if name == "argmax":
+            return got.astype(np.int64), None
+        return self._from_logits(seg, torch.from_numpy(got.copy()), n_rows)
+
+    def _from_logits(self, seg: Segment, logits: torch.Tensor, n_rows: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        if self.temperature > 0:
+            return None, torch.softmax(logits.double() / self.temperature, dim=-1).cpu().numpy()
+        argmax = np.full(len(seg), -1, dtype=np.int64)
+        argmax[len(seg) - n_rows :] = logits.argmax(dim=-1).cpu().numpy()
+        return argmax, None
 
     def _keep_alive(self, heartbeat_s: float) -> None:
         now = time.monotonic()
@@ -377,7 +414,10 @@ class DraftNode:
                 self.spans.append(StageSpan(run_id=self.run_id, source="runtime", request_id=request_id, stage=rank,
                                             segment_id=segment_id, kind=kind, n_tokens=n_tokens, kv_len=kv_len,
                                             t_start_s=self._emulated(t_start), t_end_s=self._emulated(t_end)))  # fmt: skip
-            self._emulation_records(rank, report["computes"], report["transfers"])
+            if self.pad is not None:
+                self._emulation_records(rank, report["computes"], report["transfers"])
+            else:
+                self._sent[rank], self._arrived[rank] = report["transfers"], report["arrivals"]
 
     def stop(self) -> None:
         try:

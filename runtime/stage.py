@@ -25,6 +25,7 @@ message with the traceback, and the process exits non-zero; `stop` ends it clean
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -36,15 +37,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowspec.config import Scenario, load_scenario
+from flowspec.config import HeadPlacement, Scenario, load_scenario
 from flowspec.kv import StageLedger
-from flowspec.messages import Segment
+from flowspec.messages import Segment, SegmentKind, n_decided
 from flowspec.pipeline import ProtocolError
 from runtime import wire
 from runtime.channel import Endpoint, RemoteError, StageTimeout
 from runtime.emulation import Emulation, PacedEndpoint, Pad
 from runtime.model_slice import LayerSlice, hidden_from_wire, hidden_to_wire
-from runtime.models import load_model
+from runtime.models import read_head, torch_device
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,8 +60,22 @@ class StagePlan:
     bind_host: str | None  # None: bind on `host`
     timeout_s: float
     startup_timeout_s: float
-    wire_dtype: str
+    device: str  # runtime.device (or this stage's override)
+    dtype: str  # the stage's weights, and its hidden states on the wire
     watch_parent: bool  # exit if the launcher that started us goes away (loopback runs)
+    head: bool = False  # the last stage with `pipeline.head: last`: it computes the target's decisions
+    sampled: bool = False  # temperature > 0: it returns logits, not argmax ids
+    features: bool = True  # it returns hidden states (always, unless `head` and D0's drafter does not read them)
+
+
+def _plan(scenario: Scenario, rank: int, d0: str, host: str, port: int, bind_host: str | None,
+          watch_parent: bool) -> StagePlan:  # fmt: skip
+    rt = scenario.runtime
+    first, last = layer_ranges(scenario)[rank - 1]
+    head = rank == scenario.pipeline.n_stages and scenario.pipeline.head is HeadPlacement.LAST
+    return StagePlan(rank, scenario.pipeline.n_stages, first, last, d0, host, port, bind_host, rt.timeout_s,
+                     rt.startup_timeout_s, *scenario.stage_compute(rank), watch_parent=watch_parent, head=head,
+                     sampled=scenario.decoding.temperature > 0, features=not head or scenario.features_on_the_wire)  # fmt: skip
 
 
 def layer_ranges(scenario: Scenario) -> list[tuple[int, int]]:
@@ -72,10 +87,8 @@ def layer_ranges(scenario: Scenario) -> list[tuple[int, int]]:
 def testbed_plan(scenario: Scenario, rank: int) -> StagePlan:
     """Where stage `rank` listens and whom it reports to, from `runtime.hosts` and `base_port`."""
     rt = scenario.runtime
-    first, last = layer_ranges(scenario)[rank - 1]
-    return StagePlan(rank, scenario.pipeline.n_stages, first, last, f"tcp://{rt.hosts[0]}:{rt.base_port}",
-                     rt.hosts[rank], rt.base_port + rank, "0.0.0.0", rt.timeout_s, rt.startup_timeout_s,
-                     scenario.model.dtype, watch_parent=False)  # fmt: skip
+    return _plan(scenario, rank, f"tcp://{rt.hosts[0]}:{rt.base_port}", rt.hosts[rank], rt.base_port + rank, "0.0.0.0",
+                 watch_parent=False)  # fmt: skip
 
 
 class StageWorker:
@@ -98,6 +111,7 @@ class StageWorker:
         self.endpoint.connect(0, plan.d0_address)
         self.next_rank = plan.rank + 1 if plan.rank < plan.n_stages else 0
         self.slice = None
+        self.lm_head = None
 
     # ---- start-up -------------------------------------------------------------------------------
 
@@ -106,9 +120,11 @@ class StageWorker:
         self._to_d0(wire.encode("hello", p.rank, {"address": self.endpoint.address, "first_layer": p.first_layer,
                                                  "n_layers": p.last_layer - p.first_layer}))  # fmt: skip
         torch.set_num_threads(self.threads)
-        model = load_model(self.model_dir)
-        self.slice = LayerSlice.from_model(model, p.first_layer, p.last_layer)
-        del model
+        self.device = torch_device(p.device, f"stage {p.rank}: device {p.device}")
+        dtype = getattr(torch, p.dtype)
+        self.slice = LayerSlice.from_checkpoint(self.model_dir, p.first_layer, p.last_layer, device=self.device,
+                                                dtype=dtype)  # its own layers only  # fmt: skip
+        self.lm_head = read_head(self.model_dir, with_embedding=False)[0].to(self.device, dtype) if p.head else None
         deadline = time.monotonic() + p.startup_timeout_s
         while True:
             msg = self.endpoint.recv(max(0.0, min(1.0, deadline - time.monotonic())))
@@ -174,11 +190,13 @@ class StageWorker:
                 raise ProtocolError(f"stage {self.plan.rank}: flush with {len(self.queue)} segment(s) still queued")
             off = self.clock_offset_s  # the best estimate now, for every span of the run
             spans = [[*row[:5], row[5] + off, row[6] + off] for row in self.spans]
-            report: dict = {"spans": spans, "computes": [], "transfers": []}
+            sent = [[*row[:3], row[3] + off, None if math.isnan(row[4]) else row[4] + off] for row in self.endpoint.transfers]
+            arrivals = [[src, kind, t + off] for src, kind, t in self.endpoint.arrivals]
+            report: dict = {"spans": spans, "computes": [], "transfers": sent, "arrivals": arrivals}
             if self.pad is not None:
                 report["computes"] = [[*row[:2], row[2] + off, *row[3:]] for row in self.pad.rows]
-                report["transfers"] = [[*row[:3], row[3] + off, row[4] + off] for row in self.endpoint.transfers]
-                self.pad.rows, self.endpoint.transfers = [], []
+                self.pad.rows = []
+            self.endpoint.transfers, self.endpoint.arrivals = [], []
             self._to_d0(wire.encode("report", self.plan.rank, report))
             self.spans = []
             self.ledger = StageLedger()
@@ -217,12 +235,14 @@ class StageWorker:
         t_start = time.monotonic()
         kv_len = self.ledger.kv_len
         if carried is None:
-            x = torch.from_numpy(np.ascontiguousarray(seg.tokens, dtype=np.int64))
+            x = torch.from_numpy(np.ascontiguousarray(seg.tokens, dtype=np.int64)).to(self.device)
         else:
-            x = hidden_from_wire(carried[0][rows], carried[1])
+            x = hidden_from_wire(carried[0][rows], carried[1]).to(self.device, getattr(torch, self.plan.dtype))
+        decided: np.ndarray | None = None  # pipeline.head: last: argmax per row, or logits per decided row
         if len(seg):
-            visible = torch.from_numpy(self.ledger.visibility(seg))
-            out = self.slice(x, torch.from_numpy(np.ascontiguousarray(seg.positions, dtype=np.int64)), visible)
+            visible = torch.from_numpy(self.ledger.visibility(seg)).to(self.device)
+            positions = torch.from_numpy(np.ascontiguousarray(seg.positions, dtype=np.int64)).to(self.device)
+            out = self.slice(x, positions, visible)
             self.ledger.append(seg)
             assert self.slice.kv_len == self.ledger.kv_len, (self.slice.kv_len, self.ledger.kv_len)
         else:  # emptied by pruning: pass the marker on
@@ -234,15 +254,46 @@ class StageWorker:
             self._drain_until(t_end)
         if len(seg):  # on this stage's clock; moved to D0's when reported
             self.spans.append([seg.request_id, seg.segment_id, str(seg.kind), len(seg), kv_len, t_start, t_end])
+        n_rows, per_row = n_decided(seg), not self.plan.sampled or seg.kind is not SegmentKind.PREFILL
+        if self.lm_head is not None and n_rows:
+            decided = self._decide(seg, out, n_rows)
+        out = out.cpu()
         self._drain(0.0)  # prunes that arrived during the forward
         slots, seg, rows = self.ledger.catch_up(seg)
         self._compact(slots)
-        out = out[torch.from_numpy(rows)]
-        frames = wire.encode_segment(seg, self.plan.rank, hidden_to_wire(out, self.plan.wire_dtype), self.plan.wire_dtype)
-        nbytes = 0 if self.emulation is None else self.emulation.segment_nbytes(len(seg), first_hop=False)
+        if decided is not None and per_row:
+            decided = decided[rows]  # argmax per row, or a tree segment's logits per row
+        if self.lm_head is None or self.plan.features:
+            hidden = out[torch.from_numpy(rows)]
+            frames = wire.encode_segment(seg, self.plan.rank, hidden_to_wire(hidden, self.plan.dtype), self.plan.dtype,
+                                         decided=decided)  # fmt: skip
+        else:
+            frames = wire.encode_segment(seg, self.plan.rank, decided=decided)
+        nbytes = 0
+        if self.emulation is not None:
+            nbytes = self.emulation.wire.returned(len(seg), n_decided(seg)) if self.next_rank == 0 else \
+                self.emulation.wire.segment(len(seg), first_hop=False)  # fmt: skip
         self.endpoint.send_paced(self.next_rank, frames, nbytes, "segment")
         if self.next_rank == 0:
             self.last_to_d0 = time.monotonic()
+
+    def _decide(self, seg: Segment, out: torch.Tensor, n_rows: int) -> np.ndarray:
+        """The target's decisions on the last `n_rows` rows (`pipeline.head: last`): argmax ids for
+        every row (-1 where none is decided) at temperature 0, else their fp32 logits [n_rows, V]."""
+        t_start = time.monotonic()
+        with torch.inference_mode():
+            logits = out[len(seg) - n_rows :] @ self.lm_head.T
+            if self.plan.sampled:
+                decided = logits.float().cpu().numpy()
+            else:
+                decided = np.full(len(seg), -1, dtype=np.int64)
+                decided[len(seg) - n_rows :] = logits.argmax(dim=-1).cpu().numpy()
+        t_end = time.monotonic()
+        if self.pad is not None:
+            t_end = self.pad.done(seg.request_id, "verify", t_start, self.emulation.platform.verify_ms(n_rows, self.plan.rank))
+            self._drain_until(t_end)
+        self.spans.append([seg.request_id, seg.segment_id, "verify", n_rows, 0, t_start, t_end])
+        return decided
 
     # ---- plumbing -------------------------------------------------------------------------------
 
@@ -294,11 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     scenario = load_scenario(args.scenario)
     emulated = None if args.emulated is None else load_scenario(args.emulated)
-    first, last = layer_ranges(scenario)[args.rank - 1]
-    rt = scenario.runtime
-    plan = StagePlan(args.rank, scenario.pipeline.n_stages, first, last, args.d0, "127.0.0.1", 0, None,
-                     rt.timeout_s, rt.startup_timeout_s, scenario.model.dtype, watch_parent=True)  # fmt: skip
-    return run_stage(plan, args.model_dir, rt.torch_threads, emulated)
+    plan = _plan(scenario, args.rank, args.d0, "127.0.0.1", 0, None, watch_parent=True)
+    return run_stage(plan, args.model_dir, scenario.runtime.torch_threads, emulated)
 
 
 if __name__ == "__main__":

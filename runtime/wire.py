@@ -29,7 +29,8 @@ import numpy as np
 from flowspec.messages import Prune, Segment, SegmentKind
 from flowspec.pipeline import ProtocolError
 
-PROTOCOL_VERSION = 3  # 2: heartbeat and flush carry the sender's clock; 3: report carries computes and transfers
+PROTOCOL_VERSION = 4  # 2: heartbeat and flush carry the sender's clock; 3: report carries computes and
+# transfers; 4: a segment may carry the target's decisions (argmax, logits), a report its arrivals
 
 DTYPES: dict[str, np.dtype] = {
     "int32": np.dtype("<i4"),
@@ -45,7 +46,8 @@ SCHEMAS: dict[str, tuple[dict[str, type], dict[str, tuple[tuple[str, ...], int, 
     "segment": (
         {"request_id": int, "round": int, "segment_id": int, "kind": str, "version": int, "reset": bool,
          "final": bool},
-        {**_ROW_ARRAYS, "hidden": (("float32", "float16", "bfloat16"), 2, True)},
+        {**_ROW_ARRAYS, "hidden": (("float32", "float16", "bfloat16"), 2, True),
+         "argmax": (("int32", "int64"), 1, True), "logits": (("float32",), 2, True)},
     ),
     "prune": (
         {"request_id": int, "round": int, "version": int, "n_accepted": int, "round_exit": bool},
@@ -64,7 +66,7 @@ SCHEMAS: dict[str, tuple[dict[str, type], dict[str, tuple[tuple[str, ...], int, 
     "heartbeat": ({"clock_s": float}, {}),
     "flush": ({"clock_s": float}, {}),  # a run ended: report its spans, then forget it (KV, ledger, spans)
     # computes and transfers: an emulated run's padded computes and paced messages (empty otherwise)
-    "report": ({"spans": list, "computes": list, "transfers": list}, {}),
+    "report": ({"spans": list, "computes": list, "transfers": list, "arrivals": list}, {}),
 }  # fmt: skip
 
 
@@ -154,7 +156,7 @@ def decode(frames: Sequence[bytes | memoryview], sender_hint: str = "?") -> Mess
     missing = [n for n, (_, _, optional) in array_specs.items() if not optional and n not in arrays]
     if missing:
         raise ProtocolError(f"{who}: missing array(s) {', '.join(missing)}")
-    rows = {n: len(a) for n, a in arrays.items()}
+    rows = {n: len(a) for n, a in arrays.items() if n != "logits"}  # logits: the decided rows only
     if len(set(rows.values())) > 1 and type_ == "segment":
         raise ProtocolError(f"{who}: arrays disagree on the row count: {rows}")
     return Message(type_, sender, fields, arrays, dtypes)
@@ -163,14 +165,20 @@ def decode(frames: Sequence[bytes | memoryview], sender_hint: str = "?") -> Mess
 # ---- the core's payloads --------------------------------------------------------------------------
 
 
-def encode_segment(seg: Segment, sender: int, hidden: np.ndarray | None = None,
-                   hidden_dtype: str | None = None) -> list[bytes | memoryview]:  # fmt: skip
-    """A segment and, after the first hop, its hidden states [L, H]."""
+def encode_segment(seg: Segment, sender: int, hidden: np.ndarray | None = None, hidden_dtype: str | None = None,
+                   *, decided: np.ndarray | None = None) -> list[bytes | memoryview]:  # fmt: skip
+    """A segment and, after the first hop, its hidden states [L, H]; from a last stage that runs the
+    target's LM head (`pipeline.head: last`), its decisions: argmax ids [L] (-1: none) or the
+    logits of its decided rows [n, V]."""
     arrays = {"node_ids": seg.node_ids, "tokens": seg.tokens, "parent_ids": seg.parent_ids, "positions": seg.positions}
     dtypes = {name: "int32" for name in arrays}
     if hidden is not None:
         arrays["hidden"] = hidden
         dtypes["hidden"] = hidden_dtype or hidden.dtype.name
+    if decided is not None:
+        name = "logits" if decided.ndim == 2 else "argmax"
+        arrays[name] = decided
+        dtypes[name] = "float32" if name == "logits" else "int32"
     fields = {"request_id": seg.request_id, "round": seg.round, "segment_id": seg.segment_id, "kind": str(seg.kind),
               "version": seg.version, "reset": seg.reset, "final": seg.final}  # fmt: skip
     return encode("segment", sender, fields, arrays, dtypes)

@@ -49,14 +49,14 @@ from flowspec.messages import (
     SegmentKind,
     SegmentReturned,
     SendSegment,
-    payload_nbytes,
+    n_decided,
 )
 from flowspec.pipeline import PipelineCore
 from flowspec.records import LinkTransfer, RunResult, StageSpan
 from flowspec.synthetic import ContextOracle
 from flowspec.tree import Drafter
 from flowspec.costs import ProfileError
-from flowspec.platform import Platform, d0_draft_cost_ms, d0_step_cost_ms
+from flowspec.platform import Platform, d0_draft_cost_ms, d0_step_cost_ms, wire_sizes
 from flowspec.workload import Request
 
 
@@ -102,8 +102,7 @@ class SimEngine:
         self.prompts = {r.request_id: list(r.prompt) for r in requests}
         self.spans: list[StageSpan] = []
         self.transfers: list[LinkTransfer] = []
-        model = scenario.model
-        self._row_bytes = (model.hidden_size, model.dtype_bytes)
+        self.wire = wire_sizes(scenario)
 
     # ---- running --------------------------------------------------------------------------------
 
@@ -194,7 +193,7 @@ class SimEngine:
                     output = self.core.outputs[seg.request_id]
                     self.target.register(seg.node_ids, seg.tokens, seg.parent_ids, seg.positions,
                                          self.prompts[seg.request_id] + output[:-1])  # fmt: skip
-                nbytes = self._nbytes(len(seg), first_hop=True)
+                nbytes = self.wire.segment(len(seg), first_hop=True)
                 self._send(0, 1, "segment", nbytes, lambda seg=seg: self.stages[0].inbox.put(seg))
             elif isinstance(cmd, BroadcastPrune):
                 for stage in self.stages:
@@ -226,32 +225,31 @@ class SimEngine:
                 ledger.append(seg)
                 cost_ms = self.platform.stage_ms(stage.rank, len(seg), kv_len)
                 yield from self._busy(stage.rank, seg.request_id, seg.segment_id, str(seg.kind), len(seg), kv_len, cost_ms)
+                if last and self.wire.head_last and n_decided(seg):  # the target's decisions, here
+                    cost_ms = self.platform.verify_ms(n_decided(seg), stage.rank)
+                    yield from self._busy(stage.rank, seg.request_id, seg.segment_id, "verify", n_decided(seg), 0, cost_ms)
                 _, seg, _ = ledger.catch_up(seg)  # prunes that arrived during the forward
-            nbytes = self._nbytes(len(seg), first_hop=False)
             if last:
+                nbytes = self.wire.returned(len(seg), n_decided(seg))
                 self._send(stage.rank, 0, "segment", nbytes, lambda s=seg: self._returned(s))
             else:
                 nxt = self.stages[stage.rank]
+                nbytes = self.wire.segment(len(seg), first_hop=False)
                 self._send(stage.rank, nxt.rank, "segment", nbytes, lambda s=seg, n=nxt: n.inbox.put(s))
 
     def _returned(self, seg: Segment) -> None:
         if seg.kind is SegmentKind.PREFILL:
-            # Only the last prompt chunk's last row goes through the LM head.
             argmax = np.full(len(seg), -1, dtype=np.int64)
             if seg.final:
                 argmax[-1] = self.target.after(self.prompts[seg.request_id])
-            n_rows = 1 if seg.final else 0
         else:
             argmax = self.target.argmax(seg.node_ids)
-            n_rows = len(seg)
+        n_rows = n_decided(seg)
         event = SegmentReturned(seg.segment_id, seg.node_ids, seg.version, argmax=argmax)
-        self.d0_inbox.put((event, self.platform.verify_ms(n_rows) if n_rows else 0.0, n_rows))
+        cost_ms = 0.0 if self.wire.head_last or not n_rows else self.platform.verify_ms(n_rows)
+        self.d0_inbox.put((event, cost_ms, n_rows))
 
     # ---- links ----------------------------------------------------------------------------------
-
-    def _nbytes(self, n_rows: int, first_hop: bool) -> int:
-        hidden, dtype_bytes = self._row_bytes
-        return payload_nbytes(n_rows, hidden_size=hidden, dtype_bytes=dtype_bytes, first_hop=first_hop)
 
     def _send(self, src: int, dst: int, kind: str, nbytes: int, deliver: Callable[[], object]) -> None:
         """Queue a message on the sender's link; `deliver` runs when it reaches `dst`.

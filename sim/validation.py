@@ -10,7 +10,11 @@ predicted by the simulator in two modes, each policy on the run's own requests:
   replayed on the testbed it emulated (`emulated.yaml`: its model, devices and network).
 - *calibrated*: the simulator as a user runs it before any run: the scenario's acceptance
   profile drives the synthetic drafter and target, on the run's prompt lengths and output
-  lengths (each request simulated alone, as the runs serve them one after another).
+  lengths (each request simulated alone, as the runs serve them one after another). One draw of
+  a few dozen tokens is as noisy as the run it predicts, so the run is simulated `replicates`
+  times with different seeds: the prediction is the replicates' mean, and their 5th and 95th
+  percentiles (`predicted_p05`, `predicted_p95`) say how far one run of this length may fall
+  from it by chance alone.
 
 `compare` returns one long frame: per policy, mode and observable, the measured value, the
 predicted one and the error. Rates (`tokens_per_s`, `step_ms`, `accepted_per_step`) have a
@@ -35,7 +39,9 @@ from sim.replay import RecordedRun, RunFolderError, first_divergence, replay
 
 MODES = ("replay", "calibrated")
 RATES = ("tokens_per_s", "step_ms", "accepted_per_step")
-COLUMNS = ("policy", "mode", "observable", "device", "measured", "predicted", "error")
+COLUMNS = ("policy", "mode", "observable", "device", "measured", "predicted", "error", "predicted_p05", "predicted_p95")
+REPLICATES = 16  # calibrated draws per run: the mean's noise is a quarter of one draw's
+SEED_STRIDE = 1_000_003  # replicate r of request i simulates with seed i + r * SEED_STRIDE
 
 
 def run_frames(run: RecordedRun, policy: Policy) -> dict[str, pd.DataFrame]:
@@ -50,11 +56,11 @@ def run_frames(run: RecordedRun, policy: Policy) -> dict[str, pd.DataFrame]:
     return frames
 
 
-def calibrated(run: RecordedRun, policy: Policy, measured: dict[str, pd.DataFrame], *,
+def calibrated(run: RecordedRun, policy: Policy, measured: dict[str, pd.DataFrame], *, replicate: int = 0,
                profiles_dir: Path = PROFILES_DIR) -> dict[str, pd.DataFrame]:  # fmt: skip
     """The simulator's own model on the run's requests: each request alone with its prompt length and
-    the output length it really had; EOS off (the synthetic target's ids mean nothing), seeds by id;
-    the requests' frames laid end to end on one time axis, with their run's request ids."""
+    the output length it really had; EOS off (the synthetic target's ids mean nothing), seeds by id
+    and `replicate`; the requests' frames laid end to end on one time axis, with their run's ids."""
     base = scenario_to_dict(with_policy(run.scenario, policy))
     parts: dict[str, list[pd.DataFrame]] = {}
     requests = measured["requests"].sort_values("request_id")
@@ -63,7 +69,8 @@ def calibrated(run: RecordedRun, policy: Policy, measured: dict[str, pd.DataFram
         data = apply_overrides(base, ["workload.arrivals=single", "workload.n_requests=1",
                                       f"workload.prompt_tokens={int(r.n_prompt_tokens)}",
                                       f"decoding.max_new_tokens={int(r.n_output_tokens)}",
-                                      "decoding.eos_token_id=null", f"seed={int(r.request_id)}"])  # fmt: skip
+                                      "decoding.eos_token_id=null",
+                                      f"seed={int(r.request_id) + SEED_STRIDE * replicate}"])  # fmt: skip
         sc = scenario_from_dict(data, f"{run.folder} (calibrated, request {r.request_id})")
         result = simulate(sc, profiles_dir=profiles_dir, run_id=f"{sc.name}/{policy}/calibrated")
         for name, frame in result.frames().items():  # one after another on one time axis, as served
@@ -94,20 +101,27 @@ def observables(frames: dict[str, pd.DataFrame]) -> list[tuple[str, str, float]]
     return rows
 
 
-def _pair(policy: str, mode: str, measured: list, predicted: list) -> list[dict]:
-    got = {(o, d): v for o, d, v in predicted}
+def _pair(policy: str, mode: str, measured: list, predicted: list[list]) -> list[dict]:
+    """Rows of measured against predicted; `predicted` holds one list of observables per draw."""
+    draws: dict[tuple[str, str], list[float]] = {}
+    for one in predicted:
+        for o, d, v in one:
+            draws.setdefault((o, d), []).append(v)
     rows = []
     for observable, device, m in measured:
-        p = got.get((observable, device), np.nan)
+        values = np.asarray(draws.get((observable, device), [np.nan]), dtype=float)
+        p = float(np.nanmean(values)) if np.isfinite(values).any() else np.nan
+        lo, hi = (float(np.nanquantile(values, q)) for q in (0.05, 0.95)) if len(values) > 1 and np.isfinite(p) \
+            else (np.nan, np.nan)  # fmt: skip
         if observable in RATES:
             error = p / m - 1 if m and np.isfinite(m) else np.nan
         else:
             error = p - m
-        rows.append(dict(zip(COLUMNS, (policy, mode, observable, device, m, p, error))))
+        rows.append(dict(zip(COLUMNS, (policy, mode, observable, device, m, p, error, lo, hi))))
     return rows
 
 
-def compare(run: RecordedRun, policies: Sequence[Policy], modes: Sequence[str] = MODES, *,
+def compare(run: RecordedRun, policies: Sequence[Policy], modes: Sequence[str] = MODES, *, replicates: int = REPLICATES,
             profiles_dir: Path = PROFILES_DIR, echo=lambda _m: None) -> tuple[pd.DataFrame, dict[str, bool]]:  # fmt: skip
     """The long table of measured vs predicted (module docstring), and per policy whether replay's
     command sequence equals the run's (True where replay was not asked for)."""
@@ -121,22 +135,26 @@ def compare(run: RecordedRun, policies: Sequence[Policy], modes: Sequence[str] =
             echo(f"  {policy}: replay")
             replayed = replay(run, policy, profiles_dir=profiles_dir).frames()
             same[str(policy)] = first_divergence(measured["commands"], replayed["commands"]) is None
-            rows += _pair(str(policy), "replay", m, observables(replayed))
+            rows += _pair(str(policy), "replay", m, [observables(replayed)])
         if "calibrated" in modes:
-            echo(f"  {policy}: calibrated")
-            rows += _pair(str(policy), "calibrated", m, observables(calibrated(run, policy, measured,
-                                                                               profiles_dir=profiles_dir)))
+            echo(f"  {policy}: calibrated, {replicates} draw(s)")
+            draws = [observables(calibrated(run, policy, measured, replicate=r, profiles_dir=profiles_dir))
+                     for r in range(replicates)]  # fmt: skip
+            rows += _pair(str(policy), "calibrated", m, draws)
     return pd.DataFrame(rows, columns=list(COLUMNS)), same
 
 
 def headline(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per policy and mode: the rates measured, predicted and their errors."""
+    """One row per policy and mode: the rates measured, predicted and their errors, and the band of
+    tokens/s the calibrated draws spanned (5th to 95th percentile; empty for replay)."""
     rates = table[table.observable.isin(RATES)]
     wide = rates.pivot_table(index=["policy", "mode"], columns="observable", values=["measured", "predicted", "error"],
                              aggfunc="first", sort=False)  # fmt: skip
     wide.columns = [f"{obs}_{what}" for what, obs in wide.columns]
     order = [f"{o}_{w}" for o in RATES for w in ("measured", "predicted", "error") if f"{o}_{w}" in wide.columns]
-    return wide[order].reset_index()
+    band = rates[rates.observable == "tokens_per_s"].set_index(["policy", "mode"])[["predicted_p05", "predicted_p95"]]
+    band.columns = ["tokens_per_s_p05", "tokens_per_s_p95"]
+    return wide[order].join(band).reset_index()
 
 
 def ranking(table: pd.DataFrame, mode: str) -> tuple[list[str], list[str]]:

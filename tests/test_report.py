@@ -183,7 +183,7 @@ def test_comparison_prints_and_saves_idle_by_cause(frames_by_policy, tmp_path):
 def test_gantt_shades_idle_time_with_a_legend_entry_per_cause(frames_by_policy, tmp_path, monkeypatch):
     """The Gantt legend names each idle cause drawn, and the bands sit in device rows only."""
     figures = []
-    monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig) or Path(path))
+    monkeypatch.setattr(report.plots, "_save", lambda fig, path: figures.append(fig) or Path(path))
     report.plot_gantt(frames_by_policy, tmp_path / "gantt.png")
     (fig,) = figures
     labels = [t.get_text() for legend in fig.legends for t in legend.get_texts()]

@@ -96,6 +96,11 @@ def test_unknown_nested_key_names_dotted_path():
         ({"seed": -3}, "seed must be >= 0, got -3"),
         ({"name": ""}, "name must not be empty"),
         ({"model": {"dtype": "int8"}}, "model.dtype must be one of bfloat16, float16, float32, got 'int8'"),
+        ({"runtime": {"device": "gpu"}}, "runtime.device must be one of cpu, cuda, cuda:N, mps, auto, got 'gpu'"),
+        ({"runtime": {"device": "cuda:x"}}, "runtime.device must be one of cpu, cuda, cuda:N, mps, auto, got 'cuda:x'"),
+        ({"runtime": {"stage_dtypes": ["float32", "fp8", "float32", "float32"]}},
+         "runtime.stage_dtypes must be one of bfloat16, float16, float32, got 'fp8'"),
+        ({"runtime": {"stage_devices": ["cpu", "cuda"]}}, "runtime.stage_devices must list 4 entries (pipeline.n_stages), got 2"),
         (
             {"tree": {"total": 53, "topk": 4, "depth": 3}},
             "tree.total must be <= topk + depth * topk**2 = 52 (the beam's candidates), got 53",
@@ -256,3 +261,9 @@ def test_file_errors_name_the_file(tmp_path, monkeypatch):
     assert error(load_scenario, "list.yaml") == "list.yaml: top level must be a mapping, got [1, 2]"
     Path("tiny.yaml").write_text("tree:\n  topk: 0\n")
     assert error(load_scenario, "tiny.yaml") == "tiny.yaml: tree.topk must be >= 1, got 0"
+
+
+def test_each_stage_computes_where_the_runtime_section_says():
+    s = scenario_from_dict({"pipeline": {"n_stages": 2}, "runtime": {"device": "cuda", "dtype": "bfloat16",
+                                                                     "stage_devices": ["cuda:1", "cpu"]}})  # fmt: skip
+    assert [s.stage_compute(r) for r in (0, 1, 2)] == [("cuda", "bfloat16"), ("cuda:1", "bfloat16"), ("cpu", "bfloat16")]

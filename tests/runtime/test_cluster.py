@@ -11,6 +11,7 @@ before it returns.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import dataclasses
@@ -83,6 +84,16 @@ def assert_on_one_clock(spans) -> None:
     assert (gap > -1e-2).all(), ("verify", gap.min())
 
 
+def assert_links_recorded(transfers, n_stages: int) -> None:
+    """Every hop of the ring carried segments and D0 sent prunes, each paired with its arrival: bytes
+    as sent, and an arrival after the send (10 ms of slack: each stage's clock offset is an estimate)."""
+    segments = transfers[transfers.kind == "segment"]
+    ring = {(r, (r + 1) % (n_stages + 1)) for r in range(n_stages + 1)} if n_stages > 1 else {(0, 1), (1, 0)}
+    assert set(zip(segments.src, segments.dst)) == ring
+    assert set(transfers[transfers.kind == "prune"].src) <= {0}
+    assert (transfers.nbytes > 0).all() and (transfers.t_recv_s - transfers.t_send_s > -1e-2).all()
+
+
 def run_scripts(cluster: Cluster, tiny, n_stages: int, policies: list[Policy]) -> int:
     """Every script under every policy on one running cluster; the number of runs."""
     prompts, outputs = tiny.prompts, tiny.outputs
@@ -103,6 +114,7 @@ def run_scripts(cluster: Cluster, tiny, n_stages: int, policies: list[Policy]) -
             check_pattern(name, policy, frames)
             assert set(frames["stage_spans"].stage) == set(range(cluster.node.n_stages + 1))
             assert_on_one_clock(frames["stage_spans"])
+            assert_links_recorded(frames["link_transfers"], cluster.node.n_stages)
             # Invariant 6: fed this run's drafts and target decisions, the simulator's core issues
             # exactly the commands the runtime's core issued, although its timing differs.
             replayed = replay_frames(stage_scenario(sc, policy), requests, frames)
@@ -162,3 +174,75 @@ def test_single_device_policy_equals_generate(tiny) -> None:
     with Cluster(stage_scenario(target.scenario, Policy.SINGLE_SD), target) as cluster:
         assert len(cluster.procs) == 1
         assert run_scripts(cluster, tiny, 3, [Policy.SINGLE_SD]) == len(SCRIPTS)
+
+
+def test_bfloat16_stages_run_end_to_end_and_send_bfloat16(tiny) -> None:
+    """runtime.dtype: bfloat16 on CPU: every stage computes and sends in bfloat16, D0 decides in it,
+    and every request gets its tokens (the outputs are the bf16 target's, not the fp32 one's)."""
+    sc = scenario(tiny.folder, 3, 4, tiny.n_new)
+    sc = dataclasses.replace(sc, runtime=dataclasses.replace(sc.runtime, dtype="bfloat16"))
+    target = Target.load(sc)
+    assert target.scenario.model.dtype == "bfloat16"  # the simulator prices what travels
+    references = [p + o for p, o in zip(tiny.prompts, tiny.outputs)]
+    with Cluster(stage_scenario(target.scenario, Policy.FLOWSPEC), target) as cluster:
+        assert cluster.node.lm_head.dtype == torch.bfloat16
+        result = cluster.serve(stage_scenario(target.scenario, Policy.FLOWSPEC), ReferenceDrafter(references, [0], tiny.vocab),
+                               one_after_another(tiny.prompts))  # fmt: skip
+    assert [len(result.outputs[i]) for i in range(2)] == [tiny.n_new, tiny.n_new]
+    assert set(result.frames()["stage_spans"].stage) == {0, 1, 2, 3}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_a_cuda_scenario_without_cuda_is_bad_input(tiny, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from cli import main
+
+    tiny_yaml = str(Path(__file__).parents[2] / "scenarios" / "tiny.yaml")
+    result = CliRunner().invoke(main, ["run", tiny_yaml, "--set", f"runtime.model={tiny.folder}",
+                                       "--set", "runtime.device=cuda", "--out", str(tmp_path / "out")])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "error: runtime.device: cuda: torch " in result.stderr and "sees no CUDA device" in result.stderr
+
+
+@pytest.mark.parametrize("n_stages", [3, 5])
+def test_the_lm_head_on_the_last_stage_is_lossless(tiny, n_stages: int) -> None:
+    """pipeline.head: last: the last stage decides (its spans hold every verification), returns
+    argmax ids instead of hidden states (the drafter reads none), and every policy still equals
+    generate; above temperature 0 it returns logits and D0 samples from them."""
+    sc = scenario(tiny.folder, n_stages, 4, tiny.n_new)
+    sc = dataclasses.replace(sc, pipeline=dataclasses.replace(sc.pipeline, head="last"))
+    target = Target.load(sc)
+    assert not target.scenario.features_on_the_wire
+    references = [p + o for p, o in zip(tiny.prompts, tiny.outputs)]
+    requests = one_after_another(tiny.prompts)
+    with Cluster(stage_scenario(target.scenario, Policy.FLOWSPEC), target) as cluster:
+        for policy in (Policy.FLOWSPEC, Policy.CHUNK_PP, Policy.PIPEDEC, Policy.AR_PP):
+            result = cluster.serve(stage_scenario(target.scenario, policy),
+                                   ReferenceDrafter(references, [0, 0, -1], tiny.vocab), requests)  # fmt: skip
+            assert [result.outputs[0], result.outputs[1]] == tiny.outputs, policy
+            spans = result.frames()["stage_spans"]
+            assert set(spans[spans.kind == "verify"].stage) == {n_stages}, policy
+    if n_stages == 3:  # the stages return what the temperature they started with needs
+        hot = dataclasses.replace(target.scenario, decoding=dataclasses.replace(target.scenario.decoding, temperature=0.8))
+        with Cluster(stage_scenario(hot, Policy.FLOWSPEC), dataclasses.replace(target, scenario=hot)) as cluster:
+            result = cluster.serve(stage_scenario(hot, Policy.FLOWSPEC), ReferenceDrafter(references, [0], tiny.vocab),
+                                   requests)  # fmt: skip
+        assert [len(result.outputs[0]), len(result.outputs[1])] == [tiny.n_new, tiny.n_new]
+
+
+def test_bench_runtime_leaves_every_policys_generations_behind(tiny, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from cli import main
+
+    tiny_yaml = str(Path(__file__).parents[2] / "scenarios" / "tiny.yaml")
+    out = tmp_path / "bench.csv"
+    result = CliRunner().invoke(main, ["bench", "runtime", tiny_yaml, "--set", f"runtime.model={tiny.folder}",
+                                       "--set", "decoding.max_new_tokens=6", "--set", "workload.n_requests=2",
+                                       "--set", "runtime.stop_at_eos=false", "--policy", "ar-pp", "--policy", "flowspec",
+                                       "--out", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    for policy in ("ar-pp", "flowspec"):
+        lines = [json.loads(line) for line in (tmp_path / "bench" / policy / "outputs.jsonl").read_text().splitlines()]
+        assert [r["request_id"] for r in lines] == [0, 1] and all(len(r["tokens"]) == 6 for r in lines), lines

@@ -103,7 +103,7 @@ def test_proposals_equal_a_from_scratch_forward(parts, tiny, close) -> None:
 def test_training_rollout_equals_the_runtime_chain(parts, root: int, close) -> None:
     """train-draft's rolled-out forward computes, at step k, exactly the f̂ the runtime drafter gives
     the depth-(k-1) node of a chain grown from `root`: same inputs, same mask, same positions."""
-    from runtime.train_draft import _Trainer
+    from runtime.drafthead.train import _Trainer
 
     target, head, seq, features = parts
     embed, lm_head = target.get_input_embeddings().weight.detach(), target.get_output_embeddings().weight.detach()

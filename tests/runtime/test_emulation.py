@@ -173,6 +173,12 @@ def test_validate_reports_the_distance_and_fails_beyond_the_tolerance(tiny, tmp_
                                       "--tolerance", "100"])  # fmt: skip
     assert again.exit_code == 0, again.output
     assert "ranking by tokens/s (replay)" in again.output
+    drawn = CliRunner().invoke(main, ["validate", str(scenario), "--run-dir", str(out), "--mode", "calibrated",
+                                      "--replicates", "4", "--tolerance-calibrated", "100"])  # fmt: skip
+    assert drawn.exit_code == 0, drawn.output
+    rates = pd.read_csv(out / "validate.csv").query("observable == 'tokens_per_s'")
+    assert (rates.predicted_p05 <= rates.predicted_p95).all() and (rates.predicted_p05 < rates.predicted_p95).any()
+    assert table.query("mode == 'replay'").predicted_p05.isna().all()  # one replay, no band
 
 
 def test_the_dilation_covers_the_slowest_computes_with_a_margin() -> None:

@@ -96,3 +96,47 @@ def test_forward_after_a_prune_equals_a_from_scratch_forward(model: LlamaForCaus
     # The same check fails if a pruned sibling stayed visible: the test can tell.
     wrong = reference_hidden(model, prompt + [11, 13, 12, 14, 16])
     assert (out_5[0] - wrong).abs().max().item() > 100 * close.tolerance(right)
+
+
+def test_a_slice_read_from_the_checkpoint_holds_its_layers_only_and_equals_the_model(model, tmp_path) -> None:
+    """A stage reads its own tensors by name: chained, the slices give the full model's output, and
+    each holds exactly the parameters of its layers (plus the embedding first, the norm last)."""
+    from runtime.models import read_tensors
+
+    model.save_pretrained(tmp_path)
+    names = read_tensors(tmp_path, lambda name: True).keys()
+    slices = [LayerSlice.from_checkpoint(tmp_path, a, b) for a, b in ((0, 1), (1, 3), (3, 4))]
+    for s, (a, b) in zip(slices, ((0, 1), (1, 3), (3, 4))):
+        mine = {n for n in names if any(n.startswith(f"model.layers.{i}.") for i in range(a, b))}
+        mine |= {"model.embed_tokens.weight"} if a == 0 else set()
+        mine |= {"model.norm.weight"} if b == 4 else set()
+        own = model.state_dict()
+        assert sum(p.numel() for p in s.parameters()) == sum(own[n].numel() for n in mine), (a, b)
+    prompt = [5, 17, 3, 44, 9, 60]
+    expected = run([LayerSlice.from_model(model, a, b) for a, b in ((0, 1), (1, 3), (3, 4))],
+                   [StageLedger() for _ in range(3)], prefill(prompt))  # fmt: skip
+    got = run(slices, [StageLedger() for _ in range(3)], prefill(prompt))
+    assert torch.equal(got, expected)
+
+
+def test_a_checkpoint_missing_a_tensor_is_named(model, tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    from runtime.models import ModelError
+
+    model.save_pretrained(tmp_path)
+    state = {k: v for k, v in model.state_dict().items() if k != "model.layers.2.mlp.up_proj.weight"}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
+    LayerSlice.from_checkpoint(tmp_path, 0, 2)  # layers 0-1 are whole
+    with pytest.raises(ModelError, match=r"'model.layers.2.' .*up_proj"):
+        LayerSlice.from_checkpoint(tmp_path, 2, 4)
+
+
+def test_a_bfloat16_slice_computes_in_bfloat16_close_to_float32(model, tmp_path) -> None:
+    model.save_pretrained(tmp_path)
+    full, half = (LayerSlice.from_checkpoint(tmp_path, 0, 4, dtype=d) for d in (torch.float32, torch.bfloat16))
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    prompt = [5, 17, 3, 44, 9, 60]
+    a, b = (run([s], [StageLedger()], prefill(prompt)) for s in (full, half))
+    assert b.dtype == torch.bfloat16
+    assert float((a - b.float()).abs().max()) < 0.1 * float(a.abs().max())  # bf16 keeps ~3 significant digits

@@ -90,6 +90,29 @@ def test_ar_pp_exact_timeline() -> None:
     assert transfers(result) == sorted(expected, key=lambda r: (r[3], r[0], r[1], r[2]))
 
 
+def test_the_lm_head_on_the_last_stage_verifies_there_and_returns_ids() -> None:
+    """The ar-pp timeline above with `pipeline.head: last`: V3 runs the LM head right after each
+    forward (36–37, 75–76, 114–115) and D0 none, so the cadence is unchanged (the same cost on
+    another device); a returned row carries its three ids and the argmax, 16 bytes, instead of
+    12 + 576 × 4 (prefill: 2 rows; then 1 row a token)."""
+    def run(head: str):
+        scenario = Scenario(policy=Policy.AR_PP, pipeline=PipelineConfig(n_stages=3, head=head),
+                            decoding=DecodingConfig(max_new_tokens=3), model={"n_layers": 6},
+                            runtime={"drafter": "ngram"})  # fmt: skip
+        target = ScriptedTarget({(3, 4): 7, (3, 4, 7): 8, (3, 4, 7, 8): 9})
+        platform = ConstantPlatform(stage_ms_each=10, verify_ms_each=1, latency_ms_each=2)
+        return SimEngine(scenario, platform, PathDrafter(), target, [Request(0, 0.0, (3, 4), 3)]).run()
+
+    d0, last = run("d0"), run("last")
+    assert last.outputs == d0.outputs == {0: [7, 8, 9]}
+    moved = [(3, k, n, kv, round(t0 - 0.002, 6), round(t1 - 0.002, 6)) if k == "verify" else (s, k, n, kv, t0, t1)
+             for s, k, n, kv, t0, t1 in spans(d0)]  # fmt: skip
+    assert spans(last) == sorted(moved, key=lambda r: (r[4], r[0]))
+    returned = [(r.nbytes, round(r.t_send_s, 6)) for r in last.frames()["link_transfers"].itertuples() if r.src == 3]
+    assert returned == [(32, 0.037), (16, 0.076), (16, 0.115)]
+    assert [r.nbytes for r in d0.frames()["link_transfers"].itertuples() if r.src == 3] == [2 * 2316, 2316, 2316]
+
+
 def test_flowspec_first_steps_exact_timeline() -> None:
     """flowspec on 2 stages: the tree, re-root and expansion of tests/core/test_pipeline.py, timed.
 

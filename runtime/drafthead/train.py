@@ -15,7 +15,7 @@ Theory of operation
    the target's own next token, weighted 0.8^(k-1). Without rollout a head is good at depth 1 and
    poor after (env-notes §6: 10-20% conditional acceptance from depth 2 on).
 4. Evaluate on held-out prompts: top-1 agreement on answer tokens, and an EAGLE-2 tree replay
-   (`runtime.draft_eval`): mean accepted tokens per verification and the share reaching each depth.
+   (`runtime.drafthead.evaluate`): mean accepted tokens per verification and the share reaching each depth.
 5. Save EAGLE's checkpoint layout (`runtime.eagle.save_eagle`, plus `draft_vocab`) and `card.json`
    with the measured numbers and provenance. A checkpoint (head, optimiser, step) is written every
    `save_every` steps; `resume` picks it up. Deterministic for a seed on one machine.
@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from flowspec.config import TreeConfig
-from runtime.draft_eval import replay_all, tree_card
+from runtime.drafthead.answers import Sample, load_samples, make_samples, save_samples
+from runtime.drafthead.evaluate import replay_all, tree_card
 from runtime.eagle import EagleDrafter, EagleHead, save_eagle
 
 
@@ -56,65 +57,6 @@ class TrainConfig:
     save_every: int = 50
     eval_prompts: int = 24  # held-out prompts replayed with the default tree for the card
     seed: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Sample:
-    tokens: torch.Tensor  # [T] prompt + answer
-    features: torch.Tensor  # [T, H] the target's post-norm last hidden states
-    next_tokens: torch.Tensor  # [T] the target's greedy token after each position
-    n_prompt: int
-    source: str = ""  # prompt set
-
-
-def save_samples(samples: list[Sample], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save([asdict(s) for s in samples], path)
-
-
-def load_samples(path: Path) -> list[Sample]:
-    return [Sample(**d) for d in torch.load(path, weights_only=True)]
-
-
-def make_samples(model, prompts: list[tuple[int, ...]], max_new_tokens: int, eos: int | None,
-                 progress: Callable[[int], None] = lambda n: None, *, batch_size: int = 16,
-                 sources: list[str] | None = None) -> list[Sample]:  # fmt: skip
-    """The target's greedy answers, `batch_size` prompts at a time (left-padded, similar lengths
-    together); features and next tokens come from one teacher-forced pass over each sequence, so
-    labels are the target's own argmax in exactly the context the head will see."""
-    head = model.get_output_embeddings()
-    pad = eos if eos is not None else 0
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: dict[int, Sample] = {}
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            width = max(len(prompts[i]) for i in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, i in enumerate(chunk):
-                ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
-                mask[row, width - len(prompts[i]) :] = 1
-            gen = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=eos, pad_token_id=pad)[:, width:]  # fmt: skip
-            seqs = []
-            for row, i in enumerate(chunk):
-                answer = gen[row].tolist()
-                if eos is not None and eos in answer:
-                    answer = answer[: answer.index(eos) + 1]
-                seqs.append(torch.tensor(list(prompts[i]) + answer))
-            longest = max(len(q) for q in seqs)
-            tf = torch.full((len(seqs), longest), pad, dtype=torch.long)
-            tf_mask = torch.zeros_like(tf)
-            for row, q in enumerate(seqs):  # right-padded: padding never precedes a real token
-                tf[row, : len(q)], tf_mask[row, : len(q)] = q, 1
-            features = model.model(tf, attention_mask=tf_mask).last_hidden_state
-            for row, i in enumerate(chunk):
-                n = len(seqs[row])
-                f = features[row, :n].clone()
-                out[i] = Sample(seqs[row], f, head(f).argmax(-1), len(prompts[i]), sources[i] if sources else "")
-            progress(len(chunk))
-    return [out[i] for i in range(len(prompts))]
 
 
 def held_out(sample: Sample, share: float) -> bool:
@@ -185,7 +127,7 @@ class _Trainer(nn.Module):
             positions = torch.arange(k, n + k)[None].expand(batch, -1)
             rope = self.rotary(x, positions)
             for layer in self.head.layers:
-                x = layer(x, attention_mask=mask[None, None], position_ids=positions, past_key_values=cache,
+                x = layer(x, attention_mask=mask[None, None], position_ids=positions, cache=cache,
                           use_cache=True, position_embeddings=rope)  # fmt: skip
             outs.append(x)
             previous = x
