@@ -17,7 +17,7 @@ from flowspec.workload import one_after_another
 from runtime.launcher import Cluster, Target, make_drafter, stage_scenario
 from runtime.drafthead.train import chain_score
 
-ROOT = Path(__file__).parents[2]
+ROOT = Path(__file__).parents[3]  # the repository: `python -m cli` must not find tests/runtime as `runtime`
 
 
 def test_trained_head_learns_loads_and_decodes_losslessly(tiny, tmp_path: Path) -> None:
