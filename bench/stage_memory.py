@@ -25,17 +25,19 @@ from flowspec.config import Policy, load_scenario
 from flowspec.workload import one_after_another
 from runtime.launcher import Cluster, Target, stage_scenario
 
-WHOLE = """
-import resource, sys, torch
+# Peaks are read from VmHWM, which starts afresh at exec; ru_maxrss would carry this process's over.
+PEAK = "import re; print(int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) * 1024)"
+WHOLE = f"""
+import sys, torch
+from pathlib import Path
 from runtime.models import load_model
 torch.set_num_threads(1)
-model = load_model(__import__("pathlib").Path(sys.argv[1]))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+model = load_model(Path(sys.argv[1]))
+{PEAK}
 """
-
-BARE = """
-import resource, torch, transformers, zmq
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+BARE = f"""
+import runtime.stage  # everything a stage process imports, before it loads anything
+{PEAK}
 """
 
 
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     bare = int(subprocess.run([sys.executable, "-c", BARE], capture_output=True, text=True, check=True).stdout.split()[-1])
     rows.append({"process": "D0 (growth while loading its part)", "layers": 0, "peak_mb": (d0_loaded - d0_before) / 2**20})
     rows.append({"process": "whole model, one process", "layers": target.scenario.model.n_layers, "peak_mb": whole / 2**20})
-    rows.append({"process": "torch + transformers + zmq imported, nothing loaded", "layers": 0, "peak_mb": bare / 2**20})
+    rows.append({"process": "a stage's imports alone, nothing loaded", "layers": 0, "peak_mb": bare / 2**20})
     frame = pd.DataFrame(rows)
     frame["share_of_whole"] = frame.peak_mb / (whole / 2**20)
     print(frame.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
