@@ -5,7 +5,7 @@ Theory of operation
 What a user asked for is written as soon as it exists: the resolved scenario before anything runs,
 each policy's record frames the moment that policy finishes, so a failure in a later policy (or a
 Ctrl-C) loses nothing already computed. Plots and traces are not made here — they read frames only
-and live in `report.py`, beside the CLI, so that they serve the runtime alike.
+and live in `report/`, beside the CLI, so that they serve the runtime alike.
 """
 
 from __future__ import annotations

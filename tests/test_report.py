@@ -1,4 +1,4 @@
-"""report.py on frames from the in-memory driver: tables, the Perfetto trace, and every plot."""
+"""report (the package) on frames from the in-memory driver: tables, the Perfetto trace, and every plot."""
 
 from __future__ import annotations
 
