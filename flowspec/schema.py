@@ -255,3 +255,10 @@ def _set_path(data: dict[str, Any], parts: list[str], value: Any, schema: type) 
                 raise ScenarioError(f"{path} must be a mapping, got {_show(child)}")
         node[slot] = child
         node = child
+
+
+def at_least(section: Section, name: str, minimum: int | float) -> None:
+    """`section.name` >= `minimum`, or a ScenarioError naming the field (prefixed by the caller's path)."""
+    value = getattr(section, name)
+    if value < minimum:
+        raise ScenarioError(f"{name} must be >= {minimum}, got {value!r}")

