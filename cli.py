@@ -367,18 +367,22 @@ def bench_sim(scenario: Path, overrides: tuple[str, ...], policies: tuple[str, .
 @click.option("--tree", "tree_spec", default=None, metavar="TOTAL,TOPK,DEPTH",
               help="EAGLE-2 tree; default: the runtime's default tree.")
 @click.option("--drafter", "drafters", multiple=True, type=click.Choice(BENCH_DRAFTERS),
-              help="Drafters to score (repeatable); default: all four.")
+              help="Drafters to score (repeatable); default: all.")
+@click.option("--profile", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write cProfile statistics of the replays to this file and print the top entries.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("runs/bench-draft.csv"), show_default=True)
 @reports_scenario_errors
 def bench_draft_command(head_dir: Path | None, target: str, prompt_files: tuple[Path, ...], per_set: int,
-                        max_new_tokens: int, tree_spec: str | None, drafters: tuple[str, ...], out: Path) -> None:  # fmt: skip
+                        max_new_tokens: int, tree_spec: str | None, drafters: tuple[str, ...], profile: Path | None,
+                        out: Path) -> None:  # fmt: skip
     """Drafters scored on the target's own answers: tokens per verification, depth reached, growth time.
 
     Replays an EAGLE-2 tree at every verification of the target's greedy answers (T = 0) for the
     EAGLE head over its draft vocabulary (eagle), the same with prompt lookup merged in as the
-    runtime drafts by default (eagle+lookup), the head over the full vocabulary (eagle-full), and
-    prompt lookup alone (lookup). Writes the table as CSV, every verification next to it, and a
-    plot of depth reached.
+    runtime drafts by default (eagle+lookup; int8 weights on x86, runtime.draft_int8), the same in
+    exact fp32 (eagle+lookup-fp32), the head over the full vocabulary (eagle-full), and prompt
+    lookup alone (lookup). Writes the table as CSV, every verification next to it, and a plot of
+    depth reached.
     """
     import report
     from flowspec.config import RuntimeConfig, TreeConfig
@@ -395,7 +399,8 @@ def bench_draft_command(head_dir: Path | None, target: str, prompt_files: tuple[
     head_dir = head_dir or default_head(target, "--head")
     summary, rows = bench_draft(target, head_dir, list(prompt_files), per_set=per_set, max_new_tokens=max_new_tokens,
                                 tree=tree, ngram_max=RuntimeConfig().ngram_max,
-                                echo=lambda m: click.echo(m, err=True), which=drafters or BENCH_DRAFTERS)  # fmt: skip
+                                echo=lambda m: click.echo(m, err=True), which=drafters or BENCH_DRAFTERS,
+                                profile=profile)  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     summary.to_csv(out, index=False)
     rows_path = out.with_name(out.stem + "-verifications.csv")

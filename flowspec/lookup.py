@@ -24,11 +24,31 @@ matches are mostly noise next to a head.
 from __future__ import annotations
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from flowspec.tree import Drafter, DraftTree, FloatArray, IntArray
 
 FILLER_LOGP = -30.0  # far below any vote share: a filler only enters a tree that has room to spare
+
+
+class NgramIndex:
+    """Where every n-gram (min_n <= n <= max_n) of a growing sequence occurred: n-gram -> the
+    positions of the tokens that followed it, ascending. Extended as the committed context grows
+    (a request's context only grows), rebuilt when it changes, so a proposal costs a dict lookup
+    per suffix length instead of a scan of the whole context per frontier row."""
+
+    def __init__(self, min_n: int, max_n: int) -> None:
+        self.min_n, self.max_n = min_n, max_n
+        self.seq: list[int] = []
+        self.follows: dict[tuple[int, ...], list[int]] = {}
+
+    def sync(self, seq: list[int]) -> None:
+        n_old = len(self.seq)
+        if len(seq) < n_old or seq[:n_old] != self.seq:
+            self.seq, self.follows, n_old = [], {}, 0
+        for q in range(max(n_old, self.min_n), len(seq)):  # q: a following token's position
+            for n in range(self.min_n, min(self.max_n, q) + 1):
+                self.follows.setdefault(tuple(seq[q - n : q]), []).append(q)
+        self.seq = list(seq)
 
 
 class PromptLookupDrafter:
@@ -37,39 +57,54 @@ class PromptLookupDrafter:
         self.vocab_size = vocab_size
         self.max_n = max_n
         self.min_n = min_n
+        self.index = NgramIndex(min_n, max_n)
 
     def lookup(self, seq: IntArray, k: int) -> tuple[list[int], list[float]]:
         """Up to k distinct next-token candidates for `seq`, best first, with their log-probs."""
+        seq = np.asarray(seq).tolist()
+        self.index.sync(seq[:-1])
+        return self._lookup(seq[:-1], seq[-1:], k)
+
+    def _lookup(self, context: list[int], path: list[int], k: int) -> tuple[list[int], list[float]]:
+        """`lookup` of context + path, with `self.index` synced on `context`: occurrences whose
+        following token lies in the context come from the index, the few later ones from a scan."""
+        seq_len, ctx_len = len(context) + len(path), len(context)
+        base = max(ctx_len - self.max_n, 0)
+        near = context[base:] + path  # positions base.. of the sequence: every suffix and later window
         tokens: list[int] = []
         logps: list[float] = []
-        for n in range(min(self.max_n, len(seq) - 1), self.min_n - 1, -1):
-            windows = sliding_window_view(seq[:-1], n)  # windows[i] = seq[i:i+n], followed by seq[i+n]
-            hits = np.flatnonzero((windows == seq[-n:]).all(axis=1))
-            if len(hits) == 0:
+        for n in range(min(self.max_n, seq_len - 1), self.min_n - 1, -1):
+            suffix = tuple(near[len(near) - n :])
+            follows = list(self.index.follows.get(suffix, ()))
+            follows += [q for q in range(max(n, ctx_len), seq_len) if tuple(near[q - n - base : q - base]) == suffix]
+            if not follows:
                 continue
-            following = seq[hits + n]
-            found, first_seen, counts = np.unique(following[::-1], return_index=True, return_counts=True)
-            order = np.lexsort((first_seen, -counts))  # most votes, then most recent
+            counts: dict[int, int] = {}
+            first_seen: dict[int, int] = {}
+            for rank, q in enumerate(reversed(follows)):  # most recent first
+                token = context[q] if q < ctx_len else near[q - base]
+                counts[token] = counts.get(token, 0) + 1
+                first_seen.setdefault(token, rank)
             confidence = n / (n + 1)
-            for i in order.tolist():
-                token = int(found[i])
+            for token in sorted(counts, key=lambda t: (-counts[t], first_seen[t])):  # most votes, then most recent
                 if token in tokens:
                     continue
                 tokens.append(token)
-                logps.append(float(np.log(confidence * counts[i] / len(hits))))
+                logps.append(float(np.log(confidence * counts[token] / len(follows))))
                 if len(tokens) == k:
                     return tokens, logps
         return tokens, logps
 
     def propose(self, context: IntArray, pool: DraftTree, frontier: IntArray, k: int) -> tuple[IntArray, FloatArray]:
         assert k < self.vocab_size, "k proposals need k distinct tokens"
-        context = np.asarray(context, dtype=np.int64)
+        context = np.asarray(context, dtype=np.int64).tolist()
+        self.index.sync(context)
         out_tokens = np.empty((len(frontier), k), dtype=np.int64)
         out_logp = np.empty((len(frontier), k))
         for row, node in enumerate(frontier.tolist()):
-            seq = np.concatenate([context, pool.tokens[pool.path(node)]])
-            tokens, logps = self.lookup(seq, k)
-            filler = int(seq[-1])
+            path = pool.tokens[pool.path(node)].tolist()
+            tokens, logps = self._lookup(context, path, k)
+            filler = path[-1]
             while len(tokens) < k:
                 filler = (filler + 1) % self.vocab_size
                 if filler not in tokens:
@@ -84,15 +119,17 @@ def merge_proposals(tokens_a: IntArray, logp_a: FloatArray, tokens_b: IntArray, 
                     k: int) -> tuple[IntArray, FloatArray]:  # fmt: skip
     """Per row, the k best distinct tokens of two [n, k] proposals, best first; a token in both
     keeps its better log-prob. Ties go to `a` (the model drafter)."""
-    tokens = np.concatenate([tokens_a, tokens_b], axis=1)
-    logp = np.concatenate([logp_a, logp_b], axis=1)
+    tokens = np.concatenate([tokens_a, tokens_b], axis=1).tolist()
+    logp = np.concatenate([logp_a, logp_b], axis=1).tolist()
     out_tokens = np.empty((len(tokens), k), dtype=np.int64)
     out_logp = np.empty((len(tokens), k))
-    for row in range(len(tokens)):
-        order = np.argsort(-logp[row], kind="stable")  # stable: a's column comes first on ties
-        _, first = np.unique(tokens[row, order], return_index=True)  # each token's best entry
-        best = order[np.sort(first)][:k]
-        out_tokens[row], out_logp[row] = tokens[row, best], logp[row, best]
+    for row, (row_tokens, row_logp) in enumerate(zip(tokens, logp)):
+        kept: dict[int, float] = {}  # token -> its best log-prob, best first
+        for j in sorted(range(len(row_tokens)), key=row_logp.__getitem__, reverse=True):
+            kept.setdefault(row_tokens[j], row_logp[j])
+            if len(kept) == k:
+                break
+        out_tokens[row], out_logp[row] = list(kept), list(kept.values())
     return out_tokens, out_logp
 
 

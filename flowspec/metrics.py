@@ -109,6 +109,26 @@ def accepted_per_step(steps: pd.DataFrame) -> float:
     return float(numeric(_verifying_steps(steps), "n_accepted").mean())
 
 
+def d0_span_ms(spans: pd.DataFrame) -> dict[str, float]:
+    """Median milliseconds of one draft-node span of each kind: `step` (one event's bookkeeping:
+    the core's decisions, pruning, tree growth outside the drafter, encoding and sending), `draft`
+    (one drafting call) and `verify` (the target's LM head over one returned segment, and reading
+    its rows); NaN for a kind that never ran.
+
+    >>> sp = pd.DataFrame({"stage": [0, 0, 0, 1], "kind": ["step", "draft", "step", "tree"],
+    ...                    "t_start_s": [0.0, 0.001, 0.004, 0.0], "t_end_s": [0.001, 0.004, 0.006, 0.01]})
+    >>> d0_span_ms(sp)
+    {'d0_step_ms': 1.5, 'd0_draft_ms': 3.0, 'd0_verify_ms': nan}
+    """
+    d0 = spans[numeric(spans, "stage") == 0] if not spans.empty else spans
+    out = {}
+    for kind in ("step", "draft", "verify"):
+        rows = d0[d0["kind"] == kind] if not d0.empty else d0
+        ms = (numeric(rows, "t_end_s") - numeric(rows, "t_start_s")) * 1e3
+        out[f"d0_{kind}_ms"] = round(float(ms.median()), 6) if len(rows) else float("nan")
+    return out
+
+
 def accepted_per_round(steps: pd.DataFrame) -> float:
     """Mean over rounds of the tokens accepted in the round's verifying steps (NaN when none).
 

@@ -3,7 +3,7 @@
 Every policy serves the same requests on the same stage processes, right after `generate` has
 produced the reference outputs in this process, so the ratios compare like with like on a shared,
 noisy machine. Each row also says whether the policy's tokens equal `generate`'s (they must, at
-T = 0). Caveat, printed with the table: on a 2-core machine at most two processes compute at once,
+T = 0), and the draft node's median time per bookkeeping step, drafting call and verification. Caveat, printed with the table: on a 2-core machine at most two processes compute at once,
 so a 4-stage pipeline on loopback measures CPU contention as much as scheduling.
 """
 
@@ -58,13 +58,15 @@ def bench_runtime(scenario: Scenario, policies: Sequence[Policy], *, base_dir: P
     for policy, result in run_policies(scenario, target, policies, requests, echo=echo,
                                        drafter=lambda sc: make_drafter(sc, target, base_dir=base_dir)):  # fmt: skip
         n = sum(len(v) for v in result.outputs.values())
-        summary = metrics.summary(result.frames())
+        frames = result.frames()
+        summary = metrics.summary(frames)
         if outputs_dir is not None:
             (outputs_dir / str(policy)).mkdir(parents=True, exist_ok=True)
             write_outputs(outputs_dir / str(policy) / "outputs.jsonl", requests, result, target.tokenizer)
         rows.append({"policy": str(policy), "tokens": n, "wall_s": result.elapsed_s, "tokens_per_s": n / result.elapsed_s,
                      "vs_generate": (n / result.elapsed_s) / (n_ref / generate_s),
                      "accepted_per_step": float(summary["accepted_per_step"].iloc[0]),
-                     "same_as_generate": result.outputs == reference})  # fmt: skip
+                     "same_as_generate": result.outputs == reference,
+                     **metrics.d0_span_ms(frames["stage_spans"])})  # fmt: skip
         echo(f"  {policy}: {n} tokens in {result.elapsed_s:.1f} s")
     return pd.DataFrame(rows)

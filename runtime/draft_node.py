@@ -266,10 +266,6 @@ class DraftNode:
         drafted = self.timed.elapsed_s - before
         if self.pad is not None:
             self._pad_step(event, cmds, t_real, size)
-        elif drafted > 0:
-            self.spans.append(StageSpan(run_id=self.run_id, source="runtime", request_id=self.core.active_request_id,
-                                        stage=0, segment_id=-1, kind="draft", n_tokens=0, kv_len=0,
-                                        t_start_s=t, t_end_s=t + drafted))  # fmt: skip
         em = self.emulation
         for cmd in cmds:
             if isinstance(cmd, SendSegment):
@@ -279,6 +275,15 @@ class DraftNode:
                 frames = wire.encode_prune(cmd.prune)
                 for rank in range(1, self.n_stages + 1):
                     self.link.send_paced(rank, frames, cmd.prune.nbytes, "prune")
+        if self.pad is None and (cmds or drafted > 0):  # measured, as the simulator charges it: bookkeeping, then drafting
+            t_step = t + max(self.now() - t - drafted, 0.0)
+            request_id = self.core.active_request_id
+            for kind, a, b, segment_id in (("step", t, t_step, getattr(event, "segment_id", -1)),
+                                           ("draft", t_step, t_step + drafted, -1)):  # fmt: skip
+                if b > a:
+                    self.spans.append(StageSpan(run_id=self.run_id, source="runtime", request_id=request_id, stage=0,
+                                                segment_id=segment_id, kind=kind, n_tokens=size if kind == "step" else 0,
+                                                kv_len=0, t_start_s=a, t_end_s=b))  # fmt: skip
         return cmds
 
     def _pad_step(self, event: Event, cmds: list[Command], t_real: float, size: int) -> None:

@@ -32,7 +32,8 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from flowspec.tree import DraftTree, FloatArray, IntArray
-from runtime.drafters import DraftKV, top_k
+from runtime import quantized
+from runtime.drafters import DraftKV, TopK
 from runtime.model_slice import LayerSlice
 from runtime.models import DEFAULT_MODEL, ModelError
 
@@ -171,19 +172,21 @@ class FeatureStore:
 
 class EagleDrafter:
     """`full_vocab` drafts over every token even when the head ships a draft vocabulary (whose LM
-    head rows cost a fraction of the full head's: SmolLM2's 49k-row head dominates growth time)."""
+    head rows cost a fraction of the full head's: SmolLM2's 49k-row head dominates growth time).
+    `int8` runs the head's MLP with int8 weights and shortlists its LM head in int8 (`runtime.quantized`)."""
 
-    def __init__(self, head: EagleHead, embed: torch.Tensor, lm_head: torch.Tensor, *, full_vocab: bool = False) -> None:
-        self.head = head
+    def __init__(self, head: EagleHead, embed: torch.Tensor, lm_head: torch.Tensor, *, full_vocab: bool = False,
+                 int8: bool = False) -> None:  # fmt: skip
+        self.head = quantized.int8_copy(head, quantized.DRAFT_INT8_WITHIN) if int8 and quantized.available() else head
         self.embed = embed
         self.vocab = None if full_vocab else head.draft_vocab
         if self.vocab is not None and int(self.vocab.max()) >= lm_head.shape[0]:
             raise ModelError(f"runtime.draft_model: draft_vocab holds token {int(self.vocab.max())}, "
                              f"the target has {lm_head.shape[0]}")  # fmt: skip
-        self.lm_head = lm_head if self.vocab is None else lm_head[self.vocab].contiguous()
+        self.top_k = TopK(lm_head if self.vocab is None else lm_head[self.vocab], int8=int8)
         self.vocab_ids = None if self.vocab is None else self.vocab.numpy()  # subset row -> token id
         self.store = FeatureStore()
-        self.kv = DraftKV(head.slice(), offset=1)  # row i reads (t_i, f_{i-1}): position 0 has none
+        self.kv = DraftKV(self.head.slice(), offset=1)  # row i reads (t_i, f_{i-1}): position 0 has none
 
     def observe(self, *args, **kwargs) -> None:
         self.store.observe(*args, **kwargs)
@@ -203,5 +206,5 @@ class EagleDrafter:
             features = [self.store.features(ctx, len(ctx) - 1)[0] if pool.parents[i] < 0
                         else self.kv.out[int(pool.ids[pool.parents[i]])] for i in rows.tolist()]  # fmt: skip
             self.kv.run(pool, rows, self.head.fuse(self.embed[torch.from_numpy(pool.tokens[rows])], torch.stack(features)))
-        tokens, logp = top_k(torch.stack([self.kv.out[int(pool.ids[n])] for n in frontier.tolist()]), self.lm_head, k)
+        tokens, logp = self.top_k(torch.stack([self.kv.out[int(pool.ids[n])] for n in frontier.tolist()]), k)
         return (tokens if self.vocab_ids is None else self.vocab_ids[tokens]), logp

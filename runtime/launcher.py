@@ -127,7 +127,7 @@ def _model_drafter(scenario: Scenario, target: Target, base_dir: Path | None) ->
 
         assert rt.draft_model is not None
         path = resolve_model(rt.draft_model, base_dir=base_dir)
-        return CausalLMDrafter(load_model(path), vocab_size=scenario.model.vocab_size)
+        return CausalLMDrafter(load_model(path), vocab_size=scenario.model.vocab_size, int8=rt.draft_int8)
     from runtime.eagle import EagleDrafter, default_head, load_eagle
 
     if rt.draft_model:
@@ -136,7 +136,7 @@ def _model_drafter(scenario: Scenario, target: Target, base_dir: Path | None) ->
     else:
         folder = default_head(rt.model)
     return EagleDrafter(load_eagle(folder, scenario.model.hidden_size), target.embed, target.lm_head,
-                        full_vocab=rt.draft_full_vocab)  # fmt: skip
+                        full_vocab=rt.draft_full_vocab, int8=rt.draft_int8)  # fmt: skip
 
 
 def stage_scenario(scenario: Scenario, policy: Policy) -> Scenario:

@@ -17,6 +17,9 @@ per verification (bonus included), the share of verifications reaching each dept
 
 from __future__ import annotations
 
+import cProfile
+import io
+import pstats
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -93,19 +96,22 @@ def tree_card(frame: pd.DataFrame, tree: TreeConfig) -> dict:
             "grow_ms": round(float(row["grow_ms"]), 2)}  # fmt: skip
 
 
-BENCH_DRAFTERS = ("eagle", "eagle+lookup", "eagle-full", "lookup")  # `bench draft --drafter` choices
+BENCH_DRAFTERS = ("eagle", "eagle+lookup", "eagle+lookup-fp32", "eagle-full", "lookup")  # `bench draft --drafter` choices
 
 
 def bench_draft(target_spec: str, head_dir: Path, prompt_files: list[Path], *, per_set: int, max_new_tokens: int,
                 tree: TreeConfig, ngram_max: int, echo: Callable[[str], None],
-                which: tuple[str, ...] = BENCH_DRAFTERS) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
+                which: tuple[str, ...] = BENCH_DRAFTERS, profile: Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
     """Per prompt set and drafter, the summary (see `summarise`) and every verification's row.
     Drafters: the EAGLE head over its draft vocabulary, alone and with prompt lookup merged in (the
-    runtime's default), the same head over the full vocabulary, and prompt lookup alone; all replay
-    the same target answers. `which` picks among them (BENCH_DRAFTERS)."""
+    runtime's default: int8 weights on x86), the same in exact fp32, the head over the full
+    vocabulary, and prompt lookup alone; all replay the same target answers. `which` picks among
+    them (BENCH_DRAFTERS). `profile`: cProfile statistics of the replays written there (growth
+    times then include the profiler's overhead)."""
     import torch
     from tqdm import tqdm
 
+    from flowspec.config import RuntimeConfig
     from flowspec.lookup import PromptLookupDrafter, WithLookup
     from runtime.drafthead.answers import target_answers
     from runtime.eagle import EagleDrafter, load_eagle
@@ -126,19 +132,32 @@ def bench_draft(target_spec: str, head_dir: Path, prompt_files: list[Path], *, p
     lm_head = model.get_output_embeddings().weight.detach()
     n_vocab = len(head.draft_vocab) if head.draft_vocab is not None else model.config.vocab_size
     vocab_size = model.config.vocab_size
+    int8 = RuntimeConfig().draft_int8  # as the runtime drafts by default; "-fp32" rows without
     drafters = {  # key: (table name, factory)
-        "eagle": (f"eagle ({n_vocab} draft vocab)", lambda: EagleDrafter(head, embed, lm_head)),
+        "eagle": (f"eagle ({n_vocab} draft vocab)", lambda: EagleDrafter(head, embed, lm_head, int8=int8)),
         "eagle+lookup": (f"eagle ({n_vocab} draft vocab) + lookup",
-                         lambda: WithLookup(EagleDrafter(head, embed, lm_head), vocab_size, max_n=ngram_max)),
-        "eagle-full": (f"eagle (full {vocab_size} vocab)", lambda: EagleDrafter(head, embed, lm_head, full_vocab=True)),
+                         lambda: WithLookup(EagleDrafter(head, embed, lm_head, int8=int8), vocab_size, max_n=ngram_max)),
+        "eagle+lookup-fp32": (f"eagle ({n_vocab} draft vocab, fp32) + lookup",
+                              lambda: WithLookup(EagleDrafter(head, embed, lm_head), vocab_size, max_n=ngram_max)),
+        "eagle-full": (f"eagle (full {vocab_size} vocab)",
+                       lambda: EagleDrafter(head, embed, lm_head, full_vocab=True, int8=int8)),
         "lookup": (f"prompt lookup (n <= {ngram_max})", lambda: PromptLookupDrafter(vocab_size, max_n=ngram_max)),
     }  # fmt: skip
     if head.draft_vocab is None:
         del drafters["eagle-full"]  # the head already drafts over every token
     frames = []
+    profiler = cProfile.Profile() if profile else None
     for name, make in (drafters[key] for key in BENCH_DRAFTERS if key in which and key in drafters):
+        drafter = make()
         with tqdm(total=len(samples), desc=name, unit="prompt") as bar:
-            frames.append(replay_all(make(), samples, tree, bar.update).assign(drafter=name))
+            profiler and profiler.enable()
+            frames.append(replay_all(drafter, samples, tree, bar.update).assign(drafter=name))
+            profiler and profiler.disable()
+    if profiler:
+        profiler.dump_stats(profile)
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(15)
+        echo(f"profile written to {profile}; where the time went:\n{text.getvalue().strip()}")
     rows = pd.concat(frames, ignore_index=True)
     per_set_frame = summarise(rows, ["drafter", "prompt_set"], tree.depth + 1)
     overall = summarise(rows.assign(prompt_set="all"), ["drafter", "prompt_set"], tree.depth + 1)

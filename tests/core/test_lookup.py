@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from flowspec.lookup import FILLER_LOGP, PromptLookupDrafter, WithLookup, merge_proposals
-from flowspec.tree import grow, root_only
+from flowspec.tree import DraftTree, grow, root_only
 
 
 def test_longer_suffix_wins_then_votes_then_recency() -> None:
@@ -84,3 +84,32 @@ def test_one_token_matches_do_not_vote_with_min_n_2() -> None:
     assert tokens.tolist() == [[90, 91]]  # (5, 7) never occurred; 7 -> 8 is a one-token match, left out
     tokens, _ = WithLookup(model, vocab_size=100, min_n=1).propose(np.array([7, 8, 5]), tree, np.array([0]), 2)
     assert tokens.tolist() == [[8, 90]]  # log(1/2) beats the model's -1
+
+
+def brute_force_lookup(seq: list[int], k: int, min_n: int, max_n: int) -> list[int]:
+    """The definition: every earlier occurrence of each suffix votes for its next token."""
+    found: list[int] = []
+    for n in range(min(max_n, len(seq) - 1), min_n - 1, -1):
+        follows = [q for q in range(n, len(seq)) if seq[q - n : q] == seq[len(seq) - n :]]
+        votes = [seq[q] for q in reversed(follows)]
+        for token in sorted(set(votes), key=lambda t: (-votes.count(t), votes.index(t))):
+            if token not in found and len(found) < k:
+                found.append(token)
+    return found
+
+
+def test_indexed_proposals_match_the_definition_on_growing_contexts():
+    """The n-gram index is extended as a context grows and rebuilt when it changes; proposals for
+    every frontier path equal a full scan of context + path."""
+    rng = np.random.default_rng(7)
+    drafter = PromptLookupDrafter(vocab_size=6, max_n=3, min_n=2)
+    context = rng.integers(0, 4, size=30).tolist()
+    for step in range(12):
+        context = context + rng.integers(0, 4, size=3).tolist() if step != 6 else rng.integers(0, 4, size=25).tolist()
+        pool = DraftTree(ids=np.arange(4), tokens=rng.integers(0, 4, size=4), parents=np.array([-1, 0, 1, 0]),
+                         positions=len(context) + np.array([0, 1, 2, 1]), scores=np.zeros(4))  # fmt: skip
+        tokens, _ = drafter.propose(np.array(context), pool, np.array([0, 1, 2, 3]), k=3)
+        for row, node in enumerate([0, 1, 2, 3]):
+            seq = context + pool.tokens[pool.path(node)].tolist()
+            expected = brute_force_lookup(seq, 3, 2, 3)
+            assert tokens[row, : len(expected)].tolist() == expected, (step, node)

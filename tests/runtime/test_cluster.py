@@ -16,6 +16,7 @@ from pathlib import Path
 
 import dataclasses
 
+import pandas as pd
 import pytest
 import torch
 from transformers import LlamaConfig
@@ -113,6 +114,8 @@ def run_scripts(cluster: Cluster, tiny, n_stages: int, policies: list[Policy]) -
             frames = result.frames()
             check_pattern(name, policy, frames)
             assert set(frames["stage_spans"].stage) == set(range(cluster.node.n_stages + 1))
+            drafts = {"draft"} if policy is not Policy.AR_PP else set()
+            assert {"step", "verify"} | drafts <= set(frames["stage_spans"].query("stage == 0").kind)  # D0's time, by kind
             assert_on_one_clock(frames["stage_spans"])
             assert_links_recorded(frames["link_transfers"], cluster.node.n_stages)
             # Invariant 6: fed this run's drafts and target decisions, the simulator's core issues
@@ -246,3 +249,5 @@ def test_bench_runtime_leaves_every_policys_generations_behind(tiny, tmp_path: P
     for policy in ("ar-pp", "flowspec"):
         lines = [json.loads(line) for line in (tmp_path / "bench" / policy / "outputs.jsonl").read_text().splitlines()]
         assert [r["request_id"] for r in lines] == [0, 1] and all(len(r["tokens"]) == 6 for r in lines), lines
+    table = pd.read_csv(out).set_index("policy")
+    assert (table.loc[["ar-pp", "flowspec"], ["d0_step_ms", "d0_verify_ms"]] > 0).all().all()  # D0 timed by kind

@@ -50,7 +50,8 @@ def test_trained_head_learns_loads_and_decodes_losslessly(tiny, tmp_path: Path) 
     assert done.returncode == 0, done.stderr[-3000:]
     table = pd.read_csv(bench)
     assert table["drafter"].unique().tolist() == ["eagle (60 draft vocab)", "eagle (60 draft vocab) + lookup",
-                                                "eagle (full 97 vocab)", "prompt lookup (n <= 4)"]
+                                                "eagle (60 draft vocab, fp32) + lookup", "eagle (full 97 vocab)",
+                                                "prompt lookup (n <= 4)"]  # fmt: skip
     assert table["prompt_set"].unique().tolist() == ["prompts", "all"]
     assert ((table["mean_accepted"] >= 1) & (table["reach_1"] >= table["reach_4"])).all()
     assert bench.with_suffix(".png").stat().st_size > 0 and "mean_accepted" in done.stdout
