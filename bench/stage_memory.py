@@ -4,8 +4,9 @@ An edge board holds one slice of the target, so a stage's memory must be its sha
 plus the framework, not the model. This starts the scenario's cluster (one process per stage on
 loopback), serves one short request so every stage has computed, and reads each process's peak
 resident set (VmHWM) — the stages', and D0's growth while it loaded its part — and, in a separate
-process, the peak of loading the whole model as `transformers` does. Prints a table and writes a
-CSV.
+process, the peak of loading the whole model as `transformers` does and running one forward (an
+untouched memory-mapped weight is not resident, and every stage has read all of its own). Prints
+a table and writes a CSV.
 
 Usage:
     python bench/stage_memory.py scenarios/loopback.yaml [--set KEY=VALUE ...] [--out runs/stage-memory.csv]
@@ -33,6 +34,8 @@ from pathlib import Path
 from runtime.models import load_model
 torch.set_num_threads(1)
 model = load_model(Path(sys.argv[1]))
+with torch.inference_mode():  # one forward, as every stage has run: weights not yet read may not be resident
+    model(torch.arange(8)[None])
 {PEAK}
 """
 BARE = f"""

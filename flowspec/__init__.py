@@ -40,24 +40,24 @@ core never reads a clock, sleeps or does I/O; time and randomness are injected. 
 the runtime drive the very same core, so the same acceptance outcomes give the same commands.
 """
 
-from flowspec.config import Policy, Scenario, ScenarioError, load_scenario
-from flowspec.kv import StageLedger
-from flowspec.messages import (
-    BroadcastPrune,
-    Draft,
-    DraftDone,
-    EmitTokens,
-    FinishRequest,
-    Prune,
-    RequestArrived,
-    Segment,
-    SegmentKind,
-    SegmentReturned,
-    SendSegment,
-)
-from flowspec.pipeline import PipelineCore, ProtocolError
-from flowspec.records import RunRecords
-from flowspec.tree import Drafter, DraftTree
+import importlib
+
+# Where each public name lives. Imported on first use (PEP 562): a stage process imports a few
+# of these modules and must not pay for the rest (the records' pandas, the core's policies).
+_EXPORTS = {
+    "Policy": "config", "Scenario": "config", "ScenarioError": "config", "load_scenario": "config",
+    "StageLedger": "kv", "PipelineCore": "pipeline", "RunRecords": "records", "Drafter": "tree", "DraftTree": "tree",
+    **{name: "messages" for name in ("BroadcastPrune", "Draft", "DraftDone", "EmitTokens", "FinishRequest",
+                                     "ProtocolError", "Prune", "RequestArrived", "Segment", "SegmentKind",
+                                     "SegmentReturned", "SendSegment")},
+}  # fmt: skip
+
+
+def __getattr__(name: str) -> object:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'flowspec' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"flowspec.{_EXPORTS[name]}"), name)
+
 
 __version__ = "0.1.0"
 

@@ -27,9 +27,12 @@ import math
 import os
 from bisect import bisect_right
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger("flowspec.sim")
 
@@ -53,6 +56,8 @@ class OutOfGridError(ProfileError):
 
 
 def _read_csv(path: str, columns: tuple[str, ...]) -> pd.DataFrame:
+    import pandas as pd  # here, not at the top: a stage process imports this module and never reads a CSV
+
     """Read every cell as a string so that we, not pandas, decide what a bad value is."""
     if not os.path.isfile(path):
         raise ProfileError(f"{path}: file missing")

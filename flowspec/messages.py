@@ -32,6 +32,10 @@ ID_BYTES = 4  # token ids, node ids, parent ids and positions travel as int32
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}  # hidden states and weights, by dtype
 
 
+class ProtocolError(RuntimeError):
+    """A peer sent something invalid or out of order."""
+
+
 class SegmentKind(StrEnum):
     PREFILL = "prefill"  # prompt tokens, causal, committed on arrival
     TREE = "tree"  # draft-tree nodes under a tree mask

@@ -38,6 +38,7 @@ from flowspec.messages import (
     EmitTokens,
     Event,
     FinishRequest,
+    ProtocolError,
     Prune,
     RequestArrived,
     Segment,
@@ -51,10 +52,6 @@ from flowspec.replay import RecordingDrafter, command_records
 from flowspec.request import Recorder, RequestState
 from flowspec.tree import Drafter, IntArray, descendant_mask, reroot
 from flowspec.verify import verify_greedy, verify_sampled
-
-
-class ProtocolError(RuntimeError):
-    """A peer sent something invalid or out of order."""
 
 
 @dataclass(frozen=True, slots=True, eq=False)

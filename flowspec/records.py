@@ -21,8 +21,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
-import pandas as pd
+if TYPE_CHECKING:
+    import pandas as pd
+
 
 
 class StepOutcome(StrEnum):
@@ -211,6 +214,8 @@ TRACE_TYPES: dict[str, type] = {
 
 
 def to_frame(records: list, record_type: type) -> pd.DataFrame:
+    import pandas as pd  # here: the stage processes import the core and never build a frame
+
     """A tidy frame of `records`, with the record type's columns even when the list is empty."""
     columns = [f.name for f in dataclasses.fields(record_type)]
     if not records:

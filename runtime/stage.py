@@ -39,8 +39,7 @@ import torch
 
 from flowspec.config import HeadPlacement, Scenario, load_scenario
 from flowspec.kv import StageLedger
-from flowspec.messages import Segment, SegmentKind, n_decided
-from flowspec.pipeline import ProtocolError
+from flowspec.messages import ProtocolError, Segment, SegmentKind, n_decided
 from runtime import wire
 from runtime.channel import Endpoint, RemoteError, StageTimeout
 from runtime.emulation import Emulation, PacedEndpoint, Pad

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from flowspec.messages import Prune, Segment, SegmentKind
-from flowspec.pipeline import ProtocolError
+from flowspec.messages import ProtocolError
 
 PROTOCOL_VERSION = 4  # 2: heartbeat and flush carry the sender's clock; 3: report carries computes and
 # transfers; 4: a segment may carry the target's decisions (argmax, logits), a report its arrivals

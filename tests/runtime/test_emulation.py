@@ -156,7 +156,8 @@ def test_validate_reports_the_distance_and_fails_beyond_the_tolerance(tiny, tmp_
     scenario.write_text(yaml.safe_dump(data))
     out = tmp_path / "validate"
     result = CliRunner().invoke(main, ["validate", str(scenario), "--policy", "serial", "--policy", "flowspec",
-                                       "--out", str(out), "--tolerance", "0", "--tolerance-calibrated", "0"])  # fmt: skip
+                                       "--out", str(out), "--tolerance", "0", "--tolerance-calibrated", "0",
+                                       "--replicates", "2"])  # fmt: skip
     assert result.exit_code == 1, result.output
     assert "serial (replay): tokens/s predicted" in result.output and "error" in result.output
     assert "commands differ" not in result.output and "raise emulate.dilation" not in result.output, result.output

