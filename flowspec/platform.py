@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from flowspec.config import HeadPlacement, LinkConfig, Policy, Scenario
+from flowspec.config import HeadPlacement, LinkConfig, Scenario
 from flowspec.messages import Command, Draft, Event, SegmentReturned, WireSizes
-from flowspec.policy import device_scenario
+from flowspec.policy import device_scenario, spec
 from flowspec.costs import DeviceProfile, DraftNodeCostModel, LinkCostModel, StageCostModel
 from flowspec.links import Link, LinkProfile, ProfiledLink, RatedLink
 
@@ -170,7 +170,7 @@ def build_platform(scenario: Scenario, profiles_dir: Path = PROFILES_DIR) -> Pla
     simulator charges and what an emulated runtime pads its compute and paces its links to."""
     scenario = device_scenario(scenario)
     platform: Platform = ProfiledPlatform(scenario, profiles_dir)
-    if scenario.policy is Policy.SINGLE_SD:  # D0 shares the stage's device: messages cost nothing
+    if spec(scenario.policy).one_device:  # D0 shares the stage's device: messages cost nothing
         platform = Colocated(platform)
     return platform
 

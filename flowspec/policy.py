@@ -4,7 +4,10 @@ Theory of operation
 -------------------
 Every policy runs on the same machinery in `flowspec.pipeline`: segments stream through the stages,
 D0 verifies what came back, broadcasts one prune, and either re-roots (the round continues) or
-drafts a new tree (the round ends). Policies differ only in the four decisions made here:
+drafts a new tree (the round ends). A policy is one `PolicySpec` in `POLICIES`: how it drafts and
+cuts its first tree, how it expands, whether it verifies only whole trees, whether it runs on one
+device, whether it is lossless. The core and both backends ask the spec, never the name; a new
+policy is one entry here (and its name in `flowspec.config.Policy`).
 
 | policy            | initial tree            | segments                   | verifies          | expands     |
 |-------------------|-------------------------|----------------------------|-------------------|-------------|
@@ -16,13 +19,14 @@ drafts a new tree (the round ends). Policies differ only in the four decisions m
 | serial            | EAGLE-2, layer order    | one                        | whole tree        | never       |
 | single-sd         | EAGLE-2, layer order    | one                        | whole tree        | never       |
 
-`single-sd` decides exactly like `serial`; the backend runs it on one device holding every layer.
+`single-sd` decides exactly like `serial`; it runs on one device holding every layer (`one_device`).
 A policy that verifies the whole tree can never re-root (a matching child would have been
 accepted), so each of its steps ends the round.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -30,8 +34,6 @@ import numpy as np
 from flowspec.config import Policy, Scenario
 from flowspec.order import near_equal, segment_sizes
 from flowspec.tree import Drafter, DraftTree, IntArray, grow, grow_layer, merge, root_only
-
-WHOLE_TREE = frozenset({Policy.CHUNK_PP, Policy.AR_PP, Policy.SERIAL, Policy.SINGLE_SD})
 
 
 class CountingDrafter:
@@ -57,11 +59,107 @@ class Drafted:
     next_id: int  # first unused node id
 
 
+# (scenario, drafter, committed context, root token, first free node id) -> the round's first tree
+Initial = Callable[[Scenario, Drafter, IntArray, int, int], Drafted]
+# (scenario, drafter, committed context, the re-rooted tree, first free node id) -> the grown tree
+Expand = Callable[[Scenario, Drafter, IntArray, DraftTree, int], Drafted]
+
+
+def _root_alone(scenario: Scenario, drafter: Drafter, context: IntArray, root_token: int, next_id: int) -> Drafted:
+    return Drafted(root_only(root_token, len(context), next_id), [1], next_id + 1)
+
+
+def _layer_per_stage(scenario: Scenario, drafter: Drafter, context: IntArray, root_token: int, next_id: int) -> Drafted:
+    """PipeDec: the root, then one tree layer per stage, each its own segment."""
+    tree = root_only(root_token, len(context), next_id)
+    next_id += 1
+    sizes = [1]
+    for _ in range(scenario.pipeline.n_stages):
+        tree, n_new = grow_layer(drafter, context, tree, width=scenario.pipedec.width, next_id=next_id)
+        next_id += n_new
+        sizes.append(n_new)
+    return Drafted(tree, sizes, next_id)
+
+
+def _eagle2(order: str, split: Callable[[int, Scenario], list[int]]) -> Initial:
+    """An EAGLE-2 tree (`scenario.tree`) in `order`, cut into segments by `split`."""
+
+    def initial(scenario: Scenario, drafter: Drafter, context: IntArray, root_token: int, next_id: int) -> Drafted:
+        cfg = scenario.tree
+        tree = grow(drafter, context, root_token, len(context), depth=cfg.depth, topk=cfg.topk, total=cfg.total,
+                    order=order)  # fmt: skip
+        tree = DraftTree(tree.ids + next_id, tree.tokens, tree.parents, tree.positions, tree.scores)
+        return Drafted(tree, split(len(tree), scenario), next_id + len(tree))
+
+    return initial
+
+
+def _grow_and_merge(scenario: Scenario, drafter: Drafter, context: IntArray, tree: DraftTree, next_id: int) -> Drafted:
+    """FlowSpec: a fresh EAGLE-2 tree (`scenario.expansion`) from the new root, merged in."""
+    cfg = scenario.expansion
+    fresh = grow(drafter, context, int(tree.tokens[0]), int(tree.positions[0]),
+                 depth=cfg.depth, topk=cfg.topk, total=cfg.total, order="score")  # fmt: skip
+    merged, n_new = merge(tree, fresh, next_id)
+    return Drafted(merged, [n_new] if n_new else [], next_id + n_new)
+
+
+def _one_layer(scenario: Scenario, drafter: Drafter, context: IntArray, tree: DraftTree, next_id: int) -> Drafted:
+    """PipeDec: one more layer under the deepest."""
+    grown, n_new = grow_layer(drafter, context, tree, width=scenario.pipedec.width, next_id=next_id)
+    return Drafted(grown, [n_new] if n_new else [], next_id + n_new)
+
+
+def _score_slices(n: int, scenario: Scenario) -> list[int]:
+    return segment_sizes(n, scenario.pipeline.n_stages + 1, scenario.tree.segment_size)
+
+
+def _stage_chunks(n: int, scenario: Scenario) -> list[int]:
+    return [s for s in near_equal(n, scenario.pipeline.n_stages) if s > 0]
+
+
+def _whole(n: int, scenario: Scenario) -> list[int]:
+    return [n]
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySpec:
+    """One policy, whole: the backends and reports read these fields instead of naming policies."""
+
+    initial: Initial  # how it drafts and cuts a round's first tree
+    expand: Expand | None = None  # how it grows the tree after a verification; None: never
+    whole_tree: bool = False  # verifies once every segment of the round's tree is back (never re-roots)
+    one_device: bool = False  # runs on one device holding every layer, beside D0 (no pipeline, free messages)
+    lossless: bool = True  # its output is the target's own (greedy: token for token)
+    reference_baseline: bool = False  # tables report every policy's speed-up over it
+
+
+POLICIES: dict[Policy, PolicySpec] = {
+    Policy.FLOWSPEC: PolicySpec(_eagle2("score", _score_slices), expand=_grow_and_merge),
+    Policy.FLOWSPEC_NOEXPAND: PolicySpec(_eagle2("score", _score_slices)),
+    Policy.CHUNK_PP: PolicySpec(_eagle2("pool", _stage_chunks), whole_tree=True, reference_baseline=True),
+    Policy.PIPEDEC: PolicySpec(_layer_per_stage, expand=_one_layer),
+    Policy.AR_PP: PolicySpec(_root_alone, whole_tree=True, reference_baseline=True),
+    Policy.SERIAL: PolicySpec(_eagle2("pool", _whole), whole_tree=True),
+    Policy.SINGLE_SD: PolicySpec(_eagle2("pool", _whole), whole_tree=True, one_device=True),
+}
+
+
+def spec(policy: Policy | str) -> PolicySpec:
+    return POLICIES[Policy(policy)]
+
+
+def reference_baselines() -> list[str]:
+    """The policies every speed-up table is reported against, in `POLICIES` order (chunk-pp, the
+    paper's baseline, first)."""
+    return [str(p) for p, s in POLICIES.items() if s.reference_baseline]
+
+
 def device_scenario(scenario: Scenario) -> Scenario:
-    """The scenario as the policy runs it, in every backend: `single-sd` is one stage holding every
-    layer on the first stage's device (beside D0), the others the scenario's pipeline. The core, the simulator's platform and
-    the runtime's cluster all take this one, so they agree on how many stages there are."""
-    if scenario.policy is not Policy.SINGLE_SD:
+    """The scenario as the policy runs it, in every backend: a `one_device` policy is one stage
+    holding every layer on the first stage's device (beside D0), the others the scenario's
+    pipeline. The core, the simulator's platform and the runtime's cluster all take this one, so
+    they agree on how many stages there are."""
+    if not spec(scenario.policy).one_device:
         return scenario
     return replace(
         scenario,
@@ -72,56 +170,19 @@ def device_scenario(scenario: Scenario) -> Scenario:
 
 
 def verifies_whole_tree(policy: Policy) -> bool:
-    return policy in WHOLE_TREE
+    return spec(policy).whole_tree
 
 
 def initial_tree(
     scenario: Scenario, drafter: Drafter, context: IntArray, root_token: int, next_id: int
 ) -> Drafted:
     """The round's first tree, rooted at `root_token` at position len(context), and its segments."""
-    policy, cfg, n_stages = scenario.policy, scenario.tree, scenario.pipeline.n_stages
-    position = len(context)
-    if policy is Policy.AR_PP:
-        return Drafted(root_only(root_token, position, next_id), [1], next_id + 1)
-    if policy is Policy.PIPEDEC:
-        tree = root_only(root_token, position, next_id)
-        next_id += 1
-        sizes = [1]
-        for _ in range(n_stages):
-            tree, n_new = grow_layer(drafter, context, tree, width=scenario.pipedec.width, next_id=next_id)
-            next_id += n_new
-            sizes.append(n_new)
-        return Drafted(tree, sizes, next_id)
-    order = "score" if policy in (Policy.FLOWSPEC, Policy.FLOWSPEC_NOEXPAND) else "pool"
-    tree = grow(
-        drafter, context, root_token, position,
-        depth=cfg.depth, topk=cfg.topk, total=cfg.total, order=order,
-    )  # fmt: skip
-    tree = DraftTree(tree.ids + next_id, tree.tokens, tree.parents, tree.positions, tree.scores)
-    n = len(tree)
-    if policy in (Policy.FLOWSPEC, Policy.FLOWSPEC_NOEXPAND):
-        sizes = segment_sizes(n, n_stages + 1, cfg.segment_size)
-    elif policy is Policy.CHUNK_PP:
-        sizes = [s for s in near_equal(n, n_stages) if s > 0]
-    else:
-        sizes = [n]
-    return Drafted(tree, sizes, next_id + n)
+    return spec(scenario.policy).initial(scenario, drafter, context, root_token, next_id)
 
 
 def expand(
     scenario: Scenario, drafter: Drafter, context: IntArray, tree: DraftTree, next_id: int
 ) -> Drafted | None:
     """Grow the re-rooted `tree` after a verification; None when the policy never expands."""
-    policy = scenario.policy
-    if policy is Policy.FLOWSPEC:
-        cfg = scenario.expansion
-        fresh = grow(
-            drafter, context, int(tree.tokens[0]), int(tree.positions[0]),
-            depth=cfg.depth, topk=cfg.topk, total=cfg.total, order="score",
-        )  # fmt: skip
-        merged, n_new = merge(tree, fresh, next_id)
-        return Drafted(merged, [n_new] if n_new else [], next_id + n_new)
-    if policy is Policy.PIPEDEC:
-        grown, n_new = grow_layer(drafter, context, tree, width=scenario.pipedec.width, next_id=next_id)
-        return Drafted(grown, [n_new] if n_new else [], next_id + n_new)
-    return None
+    grow_tree = spec(scenario.policy).expand
+    return None if grow_tree is None else grow_tree(scenario, drafter, context, tree, next_id)

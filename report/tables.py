@@ -8,13 +8,14 @@ from pathlib import Path
 import pandas as pd
 
 from flowspec import idle, metrics
+from flowspec.policy import reference_baselines
 from report.plots import plot_gantt, plot_speedup, plot_utilization
 from report.timeline import Frames, _device, _frame, _number_text, write_chrome_trace
 
 
-def summary_table(summaries: Mapping[str, pd.DataFrame],
-                  baselines: Sequence[str] = ("ar-pp", "chunk-pp")) -> pd.DataFrame:
-    """One row per policy from one-row ``metrics.summary`` frames, with a speedup per baseline.
+def summary_table(summaries: Mapping[str, pd.DataFrame], baselines: Sequence[str] | None = None) -> pd.DataFrame:
+    """One row per policy from one-row ``metrics.summary`` frames, with a speedup per baseline
+    (default: the policies marked `reference_baseline` in `flowspec.policy.POLICIES`).
 
     Speedup columns (``speedup_vs_<baseline>``) appear only for baselines among `summaries`.
 
@@ -25,6 +26,7 @@ def summary_table(summaries: Mapping[str, pd.DataFrame],
     >>> summary_table(s)["speedup_vs_chunk-pp"].tolist()
     [1.5, 1.0]
     """
+    baselines = reference_baselines() if baselines is None else baselines
     present = [b for b in baselines if b in summaries]
     speedups = [f"speedup_vs_{b}" for b in present]
     columns = ["policy", "tokens_per_s", *speedups, "accepted_per_step", "ttft_s", "tpot_s"]
@@ -114,7 +116,7 @@ def write_comparison(frames_by_policy: Mapping[str, Frames], folder: str | Path,
             plot_gantt(frames_by_policy, folder / "gantt.png"),
             plot_utilization(frames_by_policy, folder / "utilization.png"),
             plot_speedup(table, folder / "speedup.png",
-                         baseline="chunk-pp" if "chunk-pp" in frames_by_policy else next(iter(frames_by_policy))),
+                         baseline=next((b for b in reference_baselines() if b in frames_by_policy), next(iter(frames_by_policy)))),
         ]  # fmt: skip
         echo(f"\nwrote {folder}/: frames per policy, summary.csv, " + ", ".join(p.name for p in written))
     return table

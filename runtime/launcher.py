@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from flowspec.config import DrafterKind, Policy, Scenario, ScenarioError, dump_scenario, scenario_from_dict, scenario_to_dict
-from flowspec.policy import device_scenario
+from flowspec.policy import device_scenario, spec
 from flowspec.tree import Drafter
 from runtime.channel import Endpoint, RemoteError
 from flowspec.records import RunResult
@@ -267,14 +267,14 @@ def run_policies(
     """Each policy's result on loopback, as soon as it exists (pipelined policies share a cluster).
     `emulated`: the scenario as the simulator reads it (its model, devices and network), when
     emulate.dilation makes this an emulated testbed (`runtime.emulation`)."""
-    groups: list[list[Policy]] = [[p for p in policies if p is not Policy.SINGLE_SD],
-                                  [p for p in policies if p is Policy.SINGLE_SD]]  # fmt: skip
+    groups: list[list[Policy]] = [[p for p in policies if not spec(p).one_device],
+                                  [p for p in policies if spec(p).one_device]]  # fmt: skip
     for group in groups:
         if not group:
             continue
         base = stage_scenario(scenario, group[0])
-        if group[0] is Policy.SINGLE_SD and scenario.runtime.hosts:
-            raise ScenarioError("policy single-sd runs on one device: leave runtime.hosts empty (loopback) for it")
+        if spec(group[0]).one_device and scenario.runtime.hosts:
+            raise ScenarioError(f"policy {group[0]} runs on one device: leave runtime.hosts empty (loopback) for it")
         emulated_base = None if emulated is None else stage_scenario(emulated, group[0])
         with Cluster(base, target, echo=echo, emulated=emulated_base) as cluster:
             for policy in group:

@@ -1,0 +1,63 @@
+"""A policy is one `PolicySpec`: the core and the backends read its fields, never its name."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from flowspec import policy as pol
+from flowspec.config import DecodingConfig, ModelConfig, PipelineConfig, Policy, Scenario, TreeConfig
+from flowspec.driver import Delays, InMemoryDriver
+from flowspec.platform import Colocated, build_platform
+from flowspec.synthetic import GroundTruth, HashLM, OracleDrafter
+
+
+def test_every_policy_has_one_spec_and_the_table_in_the_docstring_holds() -> None:
+    assert set(pol.POLICIES) == set(Policy)
+    assert {str(p) for p, s in pol.POLICIES.items() if s.whole_tree} == {"chunk-pp", "ar-pp", "serial", "single-sd"}
+    assert {str(p) for p, s in pol.POLICIES.items() if s.expand is not None} == {"flowspec", "pipedec"}
+    assert [str(p) for p, s in pol.POLICIES.items() if s.one_device] == ["single-sd"]
+    assert pol.reference_baselines() == ["chunk-pp", "ar-pp"] and all(s.lossless for s in pol.POLICIES.values())
+
+
+def scenario(policy: Policy) -> Scenario:
+    return Scenario(name="spec", policy=policy, decoding=DecodingConfig(max_new_tokens=12, eos_token_id=None),
+                    pipeline=PipelineConfig(n_stages=3), tree=TreeConfig(total=6, topk=2, depth=2, segment_size=3),
+                    model=ModelConfig(hidden_size=8, vocab_size=16))  # fmt: skip
+
+
+def run(sc: Scenario) -> tuple[list[int], list[int], int, list[tuple]]:
+    """Outputs, the target's greedy tokens, how many stages the run used, and its steps."""
+    model = HashLM(16, 4, seed=3)
+    truth = GroundTruth(model)
+    drafter = OracleDrafter(truth, hit_rate=0.8, rank_weights=(1.0, 0.5), seed=3)
+    driver = InMemoryDriver(sc, drafter, model, delays=Delays(stage_s=0.01, link_s=0.001), delay_rng=np.random.default_rng(0))
+    prompt = [3, 5, 7, 9, 11]
+    result = driver.run([(0.0, prompt)])
+    frames = result.records.frames()
+    steps = list(frames["steps"][["outcome", "n_verified", "n_accepted"]].itertuples(index=False))
+    return result.outputs[0], truth.greedy(prompt, 12, None), len(set(frames["stage_spans"].stage) - {0}), steps
+
+
+def test_one_field_changes_how_every_backend_runs_a_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Marking serial `one_device` in its spec alone makes the core run it on one stage and the
+    simulator's platform colocate D0 with it; its output stays the target's."""
+    out, expected, n_stages, _ = run(scenario(Policy.SERIAL))
+    assert out == expected and n_stages == 3
+    assert not isinstance(build_platform(scenario(Policy.SERIAL)), Colocated)
+    monkeypatch.setitem(pol.POLICIES, Policy.SERIAL, dataclasses.replace(pol.POLICIES[Policy.SERIAL], one_device=True))
+    out, expected, n_stages, _ = run(scenario(Policy.SERIAL))
+    assert out == expected and n_stages == 1
+    assert isinstance(build_platform(scenario(Policy.SERIAL)), Colocated)
+
+
+def test_flowspec_without_its_expansion_is_flowspec_noexpand(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The two differ by the spec's `expand` alone: removed, flowspec takes noexpand's very steps."""
+    *_, noexpand = run(scenario(Policy.FLOWSPEC_NOEXPAND))
+    out, expected, _, with_expansion = run(scenario(Policy.FLOWSPEC))
+    assert out == expected and with_expansion != noexpand
+    monkeypatch.setitem(pol.POLICIES, Policy.FLOWSPEC, dataclasses.replace(pol.POLICIES[Policy.FLOWSPEC], expand=None))
+    out, expected, _, steps = run(scenario(Policy.FLOWSPEC))
+    assert out == expected and steps == noexpand
