@@ -205,7 +205,11 @@ class PipelineCore:
         stale = req.finish_reason or fl.round != req.round
         if stale or len(rows) == 0:
             self._rec.step(req, fl.round, ev.segment_id, now, StepOutcome.EMPTY, n_verified=0)
-            return self._maybe_finish_drain(now) if req.finish_reason else []
+            if req.finish_reason:
+                return self._maybe_finish_drain(now)
+            if not stale and pol.spec(self.scenario.policy).refills_emptied:
+                return self._expand(req)  # the emptied segment's place in the pipeline gets new work
+            return []
         for node, row in zip(returned[rows].tolist(), rows.tolist()):
             req.targets[node] = self._target_row(ev, row)
         if pol.verifies_whole_tree(self.scenario.policy) and any(

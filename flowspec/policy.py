@@ -14,11 +14,12 @@ policy is one entry here (and its name in `flowspec.config.Policy`).
 | flowspec          | EAGLE-2, score order    | n_stages+1 slices (≤ size) | every segment     | grow+merge  |
 | flowspec-noexpand | EAGLE-2, score order    | n_stages+1 slices (≤ size) | every segment     | never       |
 | chunk-pp          | EAGLE-2, layer order    | n_stages equal chunks      | whole tree        | never       |
-| pipedec           | one layer per segment   | root, then n_stages layers | every segment     | one layer   |
+| pipedec           | one layer per segment   | root, then n_stages layers | every segment     | one layer * |
 | ar-pp             | the root alone          | one                        | whole tree        | never       |
 | serial            | EAGLE-2, layer order    | one                        | whole tree        | never       |
 | single-sd         | EAGLE-2, layer order    | one                        | whole tree        | never       |
 
+(*) also after a step whose segment came back pruned empty (`refills_emptied`).
 `single-sd` decides exactly like `serial`; it runs on one device holding every layer (`one_device`).
 A policy that verifies the whole tree can never re-root (a matching child would have been
 accepted), so each of its steps ends the round.
@@ -128,6 +129,11 @@ class PolicySpec:
     initial: Initial  # how it drafts and cuts a round's first tree
     expand: Expand | None = None  # how it grows the tree after a verification; None: never
     whole_tree: bool = False  # verifies once every segment of the round's tree is back (never re-roots)
+    # Expands on a step whose segment came back pruned empty, too. PipeDec sends one layer per pipeline
+    # step whatever happened to the last one; without it, every segment emptied when the new root lies
+    # several segments ahead leaves a hole in the pipeline for the rest of the round. FlowSpec's
+    # reference leaves the hole (its `none_expand` is off in the evaluation).
+    refills_emptied: bool = False
     one_device: bool = False  # runs on one device holding every layer, beside D0 (no pipeline, free messages)
     lossless: bool = True  # its output is the target's own (greedy: token for token)
     reference_baseline: bool = False  # tables report every policy's speed-up over it
@@ -137,7 +143,7 @@ POLICIES: dict[Policy, PolicySpec] = {
     Policy.FLOWSPEC: PolicySpec(_eagle2("score", _score_slices), expand=_grow_and_merge),
     Policy.FLOWSPEC_NOEXPAND: PolicySpec(_eagle2("score", _score_slices)),
     Policy.CHUNK_PP: PolicySpec(_eagle2("pool", _stage_chunks), whole_tree=True, reference_baseline=True),
-    Policy.PIPEDEC: PolicySpec(_layer_per_stage, expand=_one_layer),
+    Policy.PIPEDEC: PolicySpec(_layer_per_stage, expand=_one_layer, refills_emptied=True),
     Policy.AR_PP: PolicySpec(_root_alone, whole_tree=True, reference_baseline=True),
     Policy.SERIAL: PolicySpec(_eagle2("pool", _whole), whole_tree=True),
     Policy.SINGLE_SD: PolicySpec(_eagle2("pool", _whole), whole_tree=True, one_device=True),

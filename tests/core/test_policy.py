@@ -61,3 +61,31 @@ def test_flowspec_without_its_expansion_is_flowspec_noexpand(monkeypatch: pytest
     monkeypatch.setitem(pol.POLICIES, Policy.FLOWSPEC, dataclasses.replace(pol.POLICIES[Policy.FLOWSPEC], expand=None))
     out, expected, _, steps = run(scenario(Policy.FLOWSPEC))
     assert out == expected and steps == noexpand
+
+
+def test_pipedec_refills_the_place_of_a_segment_pruned_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the new root lies several segments ahead, the segments between come back empty.
+    PipeDec puts a new layer in each one's place (one more segment sent per emptied one of the
+    round); both ways decode the target's tokens."""
+    sc = dataclasses.replace(scenario(Policy.PIPEDEC), pipedec=dataclasses.replace(scenario(Policy.PIPEDEC).pipedec, width=3),
+                             decoding=DecodingConfig(max_new_tokens=40, eos_token_id=None))  # fmt: skip
+
+    def served(refill: bool) -> tuple[int, int]:
+        monkeypatch.setitem(pol.POLICIES, Policy.PIPEDEC,
+                            dataclasses.replace(pol.POLICIES[Policy.PIPEDEC], refills_emptied=refill))  # fmt: skip
+        model = HashLM(16, 4, seed=5)
+        truth = GroundTruth(model)
+        drafter = OracleDrafter(truth, hit_rate=0.9, rank_weights=(1.0, 0.6, 0.3), seed=5)
+        driver = InMemoryDriver(sc, drafter, model, delays=Delays(stage_s=0.01, link_s=0.001),
+                                delay_rng=np.random.default_rng(0))  # fmt: skip
+        result = driver.run([(0.0, [2, 4, 6])])
+        assert result.outputs[0] == truth.greedy([2, 4, 6], 40, None)
+        frames = result.records.frames()
+        steps = frames["steps"]
+        assert (steps.reroot_offset >= 2).any(), "no segment was skipped: the case proves nothing"
+        n_sent = frames["stage_spans"].query("stage == 1 and kind == 'tree'").segment_id.nunique()
+        return n_sent, int((steps.outcome == "empty").sum())
+
+    sent_refill, empty_refill = served(True)
+    sent_hole, empty_hole = served(False)
+    assert empty_hole > 0 and sent_refill > sent_hole
