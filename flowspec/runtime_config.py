@@ -45,7 +45,7 @@ class RuntimeConfig(Section):
     draft_int8: bool = True
     """eagle, lm on an x86 CPU: the draft model's MLP weights in int8 and its LM head shortlisted in
     int8 (the top rescored in fp32): a few-row draft call costs what streaming its weights costs,
-    and int8 halves the growth time. Proposals move slightly (0.7% fewer tokens accepted on the
+    and int8 nearly halves the growth time. Proposals move slightly (0.7% fewer tokens accepted on the
     shipped head), the output never (the target verifies); false: the draft model in exact fp32."""
     ngram_max: int = 4
     """Longest suffix the ngram drafter looks up (it falls back to shorter ones, down to 1)."""
