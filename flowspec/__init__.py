@@ -61,26 +61,4 @@ def __getattr__(name: str) -> object:
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BroadcastPrune",
-    "Draft",
-    "DraftDone",
-    "DraftTree",
-    "Drafter",
-    "EmitTokens",
-    "FinishRequest",
-    "PipelineCore",
-    "Policy",
-    "ProtocolError",
-    "Prune",
-    "RequestArrived",
-    "RunRecords",
-    "Scenario",
-    "ScenarioError",
-    "Segment",
-    "SegmentKind",
-    "SegmentReturned",
-    "SendSegment",
-    "StageLedger",
-    "load_scenario",
-]
+__all__ = sorted(_EXPORTS)  # the public names are the lazily imported ones

@@ -3,10 +3,11 @@
 Every policy serves the same requests on the same stage processes, right after `generate` has
 produced the reference outputs in this process, so the ratios compare like with like on a shared,
 noisy machine. Each row also says whether the policy's tokens equal `generate`'s (they must, at
-T = 0) and how much of `generate`'s output it reproduced (`agreement`: at half precision the
-reference `generate` runs in that precision too), and the draft node's median time per
-bookkeeping step, drafting call and verification. Caveat, printed with the table: on a 2-core machine at most two processes compute at once,
-so a 4-stage pipeline on loopback measures CPU contention as much as scheduling.
+T = 0), how much of `generate`'s output it reproduced (`agreement`; at half precision the
+reference runs in that precision too), and the draft node's median time per bookkeeping step,
+drafting call and verification. Caveat, printed with the table: on a 2-core machine at most two
+processes compute at once, so a 4-stage pipeline on loopback measures CPU contention as much as
+scheduling.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def bench_runtime(scenario: Scenario, policies: Sequence[Policy], *, base_dir: P
     # The reference runs on the stages' device, in their precision (fp32 is the lossless one).
     dtype, device = scenario.runtime.dtype, torch_device(scenario.runtime.device, "runtime.device")
     echo(f"{len(requests)} request(s) x {scenario.decoding.max_new_tokens} new tokens; HF generate ({dtype}, {device}) first")
-    model = target.model.to(device=device, dtype=getattr(torch, dtype))
+    model = target.model.to(device=device, dtype=getattr(torch, dtype))  # in place: nothing else reads it
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     reference: dict[int, list[int]] = {}

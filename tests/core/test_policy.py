@@ -28,38 +28,39 @@ def scenario(policy: Policy) -> Scenario:
                     model=ModelConfig(hidden_size=8, vocab_size=16))  # fmt: skip
 
 
-def run(sc: Scenario) -> tuple[list[int], list[int], int, list[tuple]]:
-    """Outputs, the target's greedy tokens, how many stages the run used, and its steps."""
-    model = HashLM(16, 4, seed=3)
+def run(sc: Scenario, *, seed: int = 3, rank_weights: tuple[float, ...] = (1.0, 0.5), hit_rate: float = 0.8,
+        prompt: tuple[int, ...] = (3, 5, 7, 9, 11)) -> tuple[list[int], list[int], int, list[tuple], dict]:  # fmt: skip
+    """Outputs, the target's greedy tokens, how many stages the run used, its steps, its frames."""
+    model = HashLM(16, 4, seed=seed)
     truth = GroundTruth(model)
-    drafter = OracleDrafter(truth, hit_rate=0.8, rank_weights=(1.0, 0.5), seed=3)
+    drafter = OracleDrafter(truth, hit_rate=hit_rate, rank_weights=rank_weights, seed=seed)
     driver = InMemoryDriver(sc, drafter, model, delays=Delays(stage_s=0.01, link_s=0.001), delay_rng=np.random.default_rng(0))
-    prompt = [3, 5, 7, 9, 11]
-    result = driver.run([(0.0, prompt)])
+    result = driver.run([(0.0, list(prompt))])
     frames = result.records.frames()
     steps = list(frames["steps"][["outcome", "n_verified", "n_accepted"]].itertuples(index=False))
-    return result.outputs[0], truth.greedy(prompt, 12, None), len(set(frames["stage_spans"].stage) - {0}), steps
+    expected = truth.greedy(list(prompt), sc.decoding.max_new_tokens, sc.decoding.eos_token_id)
+    return result.outputs[0], expected, len(set(frames["stage_spans"].stage) - {0}), steps, frames
 
 
 def test_one_field_changes_how_every_backend_runs_a_policy(monkeypatch: pytest.MonkeyPatch) -> None:
     """Marking serial `one_device` in its spec alone makes the core run it on one stage and the
     simulator's platform colocate D0 with it; its output stays the target's."""
-    out, expected, n_stages, _ = run(scenario(Policy.SERIAL))
+    out, expected, n_stages, *_ = run(scenario(Policy.SERIAL))
     assert out == expected and n_stages == 3
     assert not isinstance(build_platform(scenario(Policy.SERIAL)), Colocated)
     monkeypatch.setitem(pol.POLICIES, Policy.SERIAL, dataclasses.replace(pol.POLICIES[Policy.SERIAL], one_device=True))
-    out, expected, n_stages, _ = run(scenario(Policy.SERIAL))
+    out, expected, n_stages, *_ = run(scenario(Policy.SERIAL))
     assert out == expected and n_stages == 1
     assert isinstance(build_platform(scenario(Policy.SERIAL)), Colocated)
 
 
 def test_flowspec_without_its_expansion_is_flowspec_noexpand(monkeypatch: pytest.MonkeyPatch) -> None:
     """The two differ by the spec's `expand` alone: removed, flowspec takes noexpand's very steps."""
-    *_, noexpand = run(scenario(Policy.FLOWSPEC_NOEXPAND))
-    out, expected, _, with_expansion = run(scenario(Policy.FLOWSPEC))
+    _, _, _, noexpand, _ = run(scenario(Policy.FLOWSPEC_NOEXPAND))
+    out, expected, _, with_expansion, _ = run(scenario(Policy.FLOWSPEC))
     assert out == expected and with_expansion != noexpand
     monkeypatch.setitem(pol.POLICIES, Policy.FLOWSPEC, dataclasses.replace(pol.POLICIES[Policy.FLOWSPEC], expand=None))
-    out, expected, _, steps = run(scenario(Policy.FLOWSPEC))
+    out, expected, _, steps, _ = run(scenario(Policy.FLOWSPEC))
     assert out == expected and steps == noexpand
 
 
@@ -73,14 +74,8 @@ def test_pipedec_refills_the_place_of_a_segment_pruned_empty(monkeypatch: pytest
     def served(refill: bool) -> tuple[int, int]:
         monkeypatch.setitem(pol.POLICIES, Policy.PIPEDEC,
                             dataclasses.replace(pol.POLICIES[Policy.PIPEDEC], refills_emptied=refill))  # fmt: skip
-        model = HashLM(16, 4, seed=5)
-        truth = GroundTruth(model)
-        drafter = OracleDrafter(truth, hit_rate=0.9, rank_weights=(1.0, 0.6, 0.3), seed=5)
-        driver = InMemoryDriver(sc, drafter, model, delays=Delays(stage_s=0.01, link_s=0.001),
-                                delay_rng=np.random.default_rng(0))  # fmt: skip
-        result = driver.run([(0.0, [2, 4, 6])])
-        assert result.outputs[0] == truth.greedy([2, 4, 6], 40, None)
-        frames = result.records.frames()
+        out, expected, _, _, frames = run(sc, seed=5, rank_weights=(1.0, 0.6, 0.3), hit_rate=0.9, prompt=(2, 4, 6))
+        assert out == expected
         steps = frames["steps"]
         assert (steps.reroot_offset >= 2).any(), "no segment was skipped: the case proves nothing"
         n_sent = frames["stage_spans"].query("stage == 1 and kind == 'tree'").segment_id.nunique()
