@@ -42,6 +42,10 @@ BARE = f"""
 import runtime.stage  # everything a stage process imports, before it loads anything
 {PEAK}
 """
+TORCH = f"""
+import torch  # the floor: a stage cannot import less
+{PEAK}
+"""
 
 
 def peak_bytes(pid: int) -> int:
@@ -59,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs/stage-memory.csv"))
     args = p.parse_args(argv)
     scenario = load_scenario(args.scenario, args.overrides)
+    import transformers.models.llama.modeling_llama  # noqa: F401 (D0 imports it: not what it loads)
+
     d0_before = peak_bytes(_self())
     target = Target.load(scenario)
     d0_loaded = peak_bytes(_self())
@@ -71,10 +77,12 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"process": f"V{rank}", "layers": last - first, "peak_mb": peak_bytes(proc.pid) / 2**20})
     whole = int(subprocess.run([sys.executable, "-c", WHOLE, str(target.model_dir)], capture_output=True, text=True,
                                check=True).stdout.split()[-1])  # fmt: skip
-    bare = int(subprocess.run([sys.executable, "-c", BARE], capture_output=True, text=True, check=True).stdout.split()[-1])
+    bare, floor = (int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-1])
+                   for code in (BARE, TORCH))  # fmt: skip
     rows.append({"process": "D0 (growth while loading its part)", "layers": 0, "peak_mb": (d0_loaded - d0_before) / 2**20})
     rows.append({"process": "whole model, one process", "layers": target.scenario.model.n_layers, "peak_mb": whole / 2**20})
     rows.append({"process": "a stage's imports alone, nothing loaded", "layers": 0, "peak_mb": bare / 2**20})
+    rows.append({"process": "import torch alone", "layers": 0, "peak_mb": floor / 2**20})
     frame = pd.DataFrame(rows)
     frame["share_of_whole"] = frame.peak_mb / (whole / 2**20)
     print(frame.to_string(index=False, float_format=lambda v: f"{v:.2f}"))

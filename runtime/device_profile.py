@@ -48,13 +48,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from transformers import DynamicCache
 
 from flowspec.config import DrafterKind, ModelConfig, RuntimeConfig, Scenario, TreeConfig
 from flowspec.kv import StageLedger
 from flowspec.messages import Segment, SegmentKind
 from flowspec.tree import DraftTree
 from runtime import wire
+from runtime.llama import KVCache, LlamaShape
 from runtime.model_slice import LayerSlice, hidden_from_wire, hidden_to_wire
 from runtime.models import Echo, ModelError, quiet, torch_device
 from runtime.profile_card import card, write
@@ -224,10 +224,10 @@ class Measurement:
     def _tensor(self, *shape: int) -> torch.Tensor:
         return torch.randn(*shape, device=self.device, dtype=self.dtype)
 
-    def _cache(self, n_layers: int, kv: int) -> DynamicCache:
+    def _cache(self, n_layers: int, kv: int) -> KVCache:
         """A cache holding `kv` random entries per layer: attention costs the same whatever they hold,
         and it spares a prefill of `kv` tokens per grid value."""
-        cache, cfg = DynamicCache(), self.config
+        cache, cfg = KVCache(), self.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         for i in range(n_layers if kv else 0):
             cache.update(self._tensor(1, cfg.num_key_value_heads, kv, head_dim),
@@ -241,7 +241,7 @@ class Measurement:
         return visible.to(self.device)
 
     def _layer_points(self) -> list[Point]:
-        full = LayerSlice(self.config, self.model.model.layers).to(self.device)  # every layer: weights stream as in a stage
+        full = LayerSlice.from_model(self.model, 0, self.n_layers, layers_only=True).to(self.device)  # every layer, as a stage runs them
         points = []
         for kv in self.opts.grid.kv_len:
             cache = self._cache(self.n_layers, kv)
@@ -258,13 +258,13 @@ class Measurement:
     def _overhead_points(self, fixed: dict[tuple[int, int], list[float]]) -> list[Point]:
         """A stage's work per forward besides its layers; the slice's own part also goes to `fixed`
         for `layer` to subtract (every point, warm-up included, so each has one, thinned or not)."""
-        empty = LayerSlice(self.config, nn.ModuleList()).to(self.device)
+        empty = LayerSlice(LlamaShape.of(self.model.config), nn.ModuleList()).to(self.device)
         wire_dtype = self.opts.dtype
         points = []
         for n, kv in ((n, kv) for kv in self.opts.grid.kv_len for n in self.opts.grid.n_tokens):
             ledger, seg = _ledger_and_segment(n, kv)
             frames = wire.encode_segment(seg, 1, hidden_to_wire(torch.randn(n, self.hidden), wire_dtype), wire_dtype)
-            cache = DynamicCache()
+            cache = KVCache()
             if kv:  # one placeholder layer, so the empty slice sees kv_len cached positions
                 cache.update(torch.zeros(1, 1, kv, 1, device=self.device), torch.zeros(1, 1, kv, 1, device=self.device), 0)
 

@@ -146,9 +146,10 @@ class CausalLMDrafter:
             raise ModelError(f"runtime.draft_model: vocabulary of {model.config.vocab_size} tokens, the target has "
                              f"{vocab_size} (a draft LM must share the target's tokenizer)")  # fmt: skip
         lm_head = model.get_output_embeddings().weight.detach()
+        runner = LayerSlice.from_model(model, 0, model.config.num_hidden_layers)
         if int8 and quantized.available():
-            model = quantized.int8_copy(model, quantized.DRAFT_INT8_WITHIN)
-        self.kv = DraftKV(LayerSlice.from_model(model, 0, model.config.num_hidden_layers))
+            runner = quantized.int8_copy(runner, quantized.DRAFT_INT8_WITHIN)
+        self.kv = DraftKV(runner)
         self.top_k = TopK(lm_head, int8=int8)
 
     def propose(self, context: IntArray, pool: DraftTree, frontier: IntArray, k: int) -> tuple[IntArray, FloatArray]:

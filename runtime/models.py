@@ -201,6 +201,43 @@ def read_tensors(model_dir: Path, wanted: Callable[[str], bool]) -> dict:  # nam
     return out
 
 
+def mapped_tensor(model_dir: Path, name: str):  # -> torch.Tensor | None
+    """Tensor `name` of the checkpoint in `model_dir` mapped from its safetensors file, not read: its
+    pages become resident as they are touched (a copy-on-write mapping: nothing reaches the file).
+    None when it is not in a plain safetensors file of a dtype numpy maps."""
+    import json
+    import struct
+
+    import numpy as np
+    import torch
+
+    dtypes = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32}
+    index = model_dir / "model.safetensors.index.json"
+    try:
+        if index.is_file():
+            files = [model_dir / json.loads(index.read_text())["weight_map"][name]]
+        else:
+            files = sorted(model_dir.glob("*.safetensors"))
+        for file in files:
+            with file.open("rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+            entry = header.get(name)
+            if entry is None:
+                continue
+            if entry["dtype"] not in dtypes:
+                return None
+            start, end = entry["data_offsets"]
+            shape = tuple(entry["shape"])
+            dtype = np.dtype(dtypes[entry["dtype"]]).newbyteorder("<")
+            if end - start != int(np.prod(shape)) * dtype.itemsize:
+                return None
+            return torch.from_numpy(np.memmap(file, dtype=dtype, mode="c", offset=8 + n + start, shape=shape))
+    except (OSError, KeyError, ValueError, TypeError, struct.error):
+        return None  # the caller reads it the ordinary way, which names what is wrong
+    return None
+
+
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 

@@ -33,7 +33,7 @@ COLUMNS = STAGE_COLUMNS
 METHOD = (
     "layer = (LayerSlice forward over every decoder layer - the same forward with no layers) / n_layers, "
     "one segment of n_tokens rows (explicit positions, additive mask from a [n, kv_len + n] visibility matrix, "
-    "rotary) over a DynamicCache of kv_len random K/V per layer, cropped back after every call; "
+    "rotary) over a KV cache of kv_len random K/V per layer, cropped back after every call; "
     "stage_overhead = per forward besides the layers: wire.decode + to_segment + hidden_from_wire of the "
     "incoming segment, StageLedger.visibility, the no-layer LayerSlice forward, hidden_to_wire + "
     "wire.encode_segment of the result; embed = the input embedding of n ids; head = D0 on n returned rows: "
