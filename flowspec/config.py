@@ -33,6 +33,7 @@ __all__ = [
     "LOSSLESS_POLICIES",
     "DecodingConfig",
     "DrafterKind",
+    "DsdConfig",
     "EmulateConfig",
     "ExpansionConfig",
     "LinkConfig",
@@ -68,7 +69,7 @@ def _check_beam(total: int, topk: int, depth: int) -> None:
 
 
 class Policy(StrEnum):
-    """Scheduling policies (DESIGN.md §3); all are lossless."""
+    """Scheduling policies (DESIGN.md §3); all are lossless except dsd with dsd.tau > 0."""
 
     FLOWSPEC = "flowspec"  # score-ordered segments + step-wise verification + pruning + expansion
     FLOWSPEC_NOEXPAND = "flowspec-noexpand"  # the same without dynamic expansion (ablation)
@@ -77,9 +78,11 @@ class Policy(StrEnum):
     AR_PP = "ar-pp"  # plain autoregressive pipeline, one token in flight
     SERIAL = "serial"  # the whole tree as one batch through the pipeline per round
     SINGLE_SD = "single-sd"  # single-device EAGLE-style tree SD, no pipeline
+    DSD = "dsd"  # decentralized SD: a drafted chain verified in one traversal, relaxed where unimportant
 
 
-LOSSLESS_POLICIES = frozenset(Policy)
+LOSSLESS_POLICIES = frozenset(Policy)  # at their defaults (dsd: tau = 0); Scenario.lossless says per scenario
+IMPORTANCE_FUNCTIONS = ("entropy", "none")  # flowspec.verify.IMPORTANCE
 
 
 
@@ -288,6 +291,24 @@ class PipeDecConfig(Section):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class DsdConfig(Section):
+    length: int = 5
+    """Tokens in the chain the dsd policy drafts and verifies in one traversal of the pipeline."""
+    tau: float = 0.0
+    """Relaxation of acceptance (0..1): 0 is strict verification (lossless); above it a drafted token
+    the target did not choose is accepted where the position matters little (flowspec.verify)."""
+    importance: str = "entropy"
+    """How much a position matters: entropy (exp(-H(p)) of the target's distribution p) or none (0)."""
+
+    def _check(self) -> None:
+        at_least(self, "length", 1)
+        if not 0.0 <= self.tau <= 1.0:  # also refuses nan
+            raise ScenarioError(f"tau must be within [0, 1], got {self.tau}")
+        if self.importance not in IMPORTANCE_FUNCTIONS:
+            raise ScenarioError(f"importance must be one of {', '.join(IMPORTANCE_FUNCTIONS)}, got {self.importance!r}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ModelConfig(Section):
     n_layers: int = 30
     """Target decoder layers (SmolLM2-135M: 30)."""
@@ -324,6 +345,7 @@ class Scenario(Section):
     tree: TreeConfig = field(default_factory=TreeConfig)
     expansion: ExpansionConfig = field(default_factory=ExpansionConfig)
     pipedec: PipeDecConfig = field(default_factory=PipeDecConfig)
+    dsd: DsdConfig = field(default_factory=DsdConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     devices: DevicesConfig = field(default_factory=DevicesConfig)
@@ -360,6 +382,10 @@ class Scenario(Section):
             raise ScenarioError("emulate.dilation: an emulated testbed runs on one machine; leave runtime.hosts empty")
         if hosts and not self.runtime.base_port:
             raise ScenarioError("runtime.base_port must be set (> 0) when runtime.hosts lists a testbed")
+        if self.dsd.tau > 0 and self.decoding.temperature > 0:
+            raise ScenarioError("dsd.tau relaxes greedy verification: it needs decoding.temperature 0")
+        if self.dsd.tau > 0 and self.pipeline.head is HeadPlacement.LAST:
+            raise ScenarioError("dsd.tau > 0 reads the target's distributions on D0: it needs pipeline.head: d0")
 
     @property
     def stage_layers(self) -> tuple[int, ...]:
@@ -372,6 +398,22 @@ class Scenario(Section):
     @property
     def stage_profiles(self) -> tuple[str, ...]:
         return self.devices.per_stage or (self.devices.stage,) * self.pipeline.n_stages
+
+    @property
+    def relaxed(self) -> bool:
+        """Whether verification accepts tokens the target did not choose (dsd with tau > 0)."""
+        return self.policy is Policy.DSD and self.dsd.tau > 0
+
+    @property
+    def lossless(self) -> bool:
+        """Whether the output is the target's own (greedy: token for token)."""
+        return not self.relaxed
+
+    @property
+    def target_distributions(self) -> bool:
+        """Whether verification reads the target's distributions, not only its argmax: sampling
+        (T > 0) and relaxed acceptance."""
+        return self.decoding.temperature > 0 or self.relaxed
 
     @property
     def features_on_the_wire(self) -> bool:

@@ -83,10 +83,14 @@ class InMemoryDriver:
         delays: Delays = Delays(),
         delay_rng: np.random.Generator | None = None,
         run_id: str = "run",
+        distributions: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> None:
+        """`distributions`: the target's next-token distributions [L, V] given its argmax [L], for
+        policies that read them at T = 0 (dsd with tau > 0); the hash model has only an argmax."""
         scenario = device_scenario(scenario)
         self.scenario = scenario
         self.model = model
+        self.distributions = distributions
         self.delays = delays
         self.run_id = run_id
         self._rng = delay_rng or np.random.default_rng(scenario.seed)
@@ -250,5 +254,6 @@ class InMemoryDriver:
 
     def _returned(self, t: float, seg: Segment, h: np.ndarray) -> None:
         argmax = self.model.next_tokens(h)
-        event = SegmentReturned(seg.segment_id, seg.node_ids, seg.version, argmax=argmax)
+        probs = None if self.distributions is None else self.distributions(np.asarray(argmax))
+        event = SegmentReturned(seg.segment_id, seg.node_ids, seg.version, argmax=argmax, probs=probs)
         self._to_d0(t, event, self._draw(self.delays.verify_s) if len(seg) else 0.0, len(seg))

@@ -301,8 +301,21 @@ def summary(frames: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
         "accepted_per_round": accepted_per_round(steps),
         "n_rounds": n_rounds,
         "n_steps": len(_verifying_steps(steps)),
+        "relaxed_share": relaxed_share(steps, int(n_output.sum())),
     }
     return pd.DataFrame([row])
+
+
+def relaxed_share(steps: pd.DataFrame, n_output_tokens: int) -> float:
+    """Share of the output tokens that strict verification would have refused (relaxed acceptance,
+    the dsd policy with tau > 0): 0 for a lossless run; NaN without output.
+
+    >>> relaxed_share(pd.DataFrame({"n_relaxed": [0, 2, 1]}), 12)
+    0.25
+    """
+    if n_output_tokens <= 0:
+        return float("nan")
+    return float(numeric(steps, "n_relaxed").sum() / n_output_tokens) if "n_relaxed" in steps else 0.0
 
 
 def compare(summaries: Mapping[str, pd.DataFrame], baseline: str) -> pd.DataFrame:

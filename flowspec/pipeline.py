@@ -51,7 +51,7 @@ from flowspec.records import RunRecords, StepOutcome
 from flowspec.replay import RecordingDrafter, command_records
 from flowspec.request import Recorder, RequestState
 from flowspec.tree import Drafter, IntArray, descendant_mask, reroot
-from flowspec.verify import verify_greedy, verify_sampled
+from flowspec.verify import IMPORTANCE, verify_greedy, verify_relaxed, verify_sampled
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -259,6 +259,11 @@ class PipelineCore:
         rows = [req.targets.get(int(node)) for node in tree.ids]
         if self.scenario.decoding.temperature > 0:
             verdict = verify_sampled(tree, verified, rows, self.rng)
+        elif self.scenario.relaxed:  # rows are (argmax, distribution) pairs
+            argmax = np.array([-1 if r is None else r[0] for r in rows])
+            dsd = self.scenario.dsd
+            verdict = verify_relaxed(tree, verified, argmax, [None if r is None else r[1] for r in rows], dsd.tau,
+                                     IMPORTANCE[dsd.importance])  # fmt: skip
         else:
             verdict = verify_greedy(tree, verified, np.array([-1 if r is None else r for r in rows]))
         self._rec.nodes(req, tree, verified, verdict.accepted)
@@ -308,7 +313,7 @@ class PipelineCore:
             req, req.round, segment_id, now, outcome, n_verified=int(verified.sum()),
             n_accepted=verdict.n_accepted, n_emitted=len(emitted), bonus=verdict.bonus_token,
             reroot_offset=reroot_offset, n_pruned=len(tree) - len(keep), n_expanded=n_expanded,
-            n_trimmed=n_trimmed,
+            n_trimmed=n_trimmed, n_relaxed=verdict.n_relaxed,
         )  # fmt: skip
         if cont:
             return cmds
@@ -334,15 +339,19 @@ class PipelineCore:
             if ev.probs is None:
                 raise ProtocolError(f"segment {ev.segment_id}: T > 0 needs target probabilities")
             return ev.probs[i]
+        if self.scenario.relaxed and ev.probs is None:
+            raise ProtocolError(f"segment {ev.segment_id}: relaxed acceptance (dsd.tau > 0) needs target probabilities")
         if ev.argmax is None:
             raise ProtocolError(f"segment {ev.segment_id}: T = 0 needs the target's argmax")
         token = int(ev.argmax[i])
         if token < 0:
             raise ProtocolError(f"segment {ev.segment_id}: row {i} has no target decision (argmax {token})")
-        return token
+        return (token, ev.probs[i]) if self.scenario.relaxed else token
 
     def _sample_last(self, ev: SegmentReturned) -> int:
         row = self._target_row(ev, -1)
+        if isinstance(row, tuple):  # relaxed: the first token is the target's own
+            return row[0]
         if isinstance(row, int):
             return row
         p = np.asarray(row, dtype=np.float64)

@@ -18,9 +18,14 @@ policy is one entry here (and its name in `flowspec.config.Policy`).
 | ar-pp             | the root alone          | one                        | whole tree        | never       |
 | serial            | EAGLE-2, layer order    | one                        | whole tree        | never       |
 | single-sd         | EAGLE-2, layer order    | one                        | whole tree        | never       |
+| dsd               | a greedy chain          | one                        | whole chain **    | never       |
 
 (*) also after a step whose segment came back pruned empty (`refills_emptied`).
 `single-sd` decides exactly like `serial`; it runs on one device holding every layer (`one_device`).
+(**) `dsd` (DSD, arXiv 2511.11733) drafts `dsd.length` tokens and verifies them in one traversal of
+the pipeline, relaxing acceptance where the position matters little when `dsd.tau > 0`
+(`flowspec.verify.verify_relaxed`): lossy then, lossless at tau = 0, so `lossless` is False for it
+and `Scenario.lossless` says which a scenario is.
 A policy that verifies the whole tree can never re-root (a matching child would have been
 accepted), so each of its steps ends the round.
 """
@@ -95,6 +100,14 @@ def _eagle2(order: str, split: Callable[[int, Scenario], list[int]]) -> Initial:
     return initial
 
 
+def _chain(scenario: Scenario, drafter: Drafter, context: IntArray, root_token: int, next_id: int) -> Drafted:
+    """DSD: the drafter's greedy chain of `dsd.length` tokens after the root, one segment."""
+    k = scenario.dsd.length
+    chain = grow(drafter, context, root_token, len(context), depth=k - 1, topk=1, total=k, order="pool")
+    chain = DraftTree(chain.ids + next_id, chain.tokens, chain.parents, chain.positions, chain.scores)
+    return Drafted(chain, [len(chain)], next_id + len(chain))
+
+
 def _grow_and_merge(scenario: Scenario, drafter: Drafter, context: IntArray, tree: DraftTree, next_id: int) -> Drafted:
     """FlowSpec: a fresh EAGLE-2 tree (`scenario.expansion`) from the new root, merged in."""
     cfg = scenario.expansion
@@ -135,7 +148,8 @@ class PolicySpec:
     # reference leaves the hole (its `none_expand` is off in the evaluation).
     refills_emptied: bool = False
     one_device: bool = False  # runs on one device holding every layer, beside D0 (no pipeline, free messages)
-    lossless: bool = True  # its output is the target's own (greedy: token for token)
+    lossless: bool = True  # its output is always the target's own (greedy: token for token); False: it
+    # can be lossy, depending on the scenario (Scenario.lossless)
     reference_baseline: bool = False  # tables report every policy's speed-up over it
 
 
@@ -147,6 +161,7 @@ POLICIES: dict[Policy, PolicySpec] = {
     Policy.AR_PP: PolicySpec(_root_alone, whole_tree=True, reference_baseline=True),
     Policy.SERIAL: PolicySpec(_eagle2("pool", _whole), whole_tree=True),
     Policy.SINGLE_SD: PolicySpec(_eagle2("pool", _whole), whole_tree=True, one_device=True),
+    Policy.DSD: PolicySpec(_chain, whole_tree=True, lossless=False),
 }
 
 

@@ -62,6 +62,7 @@ class StepRecord:
     n_expanded: int  # nodes appended by this step's expansion
     n_trimmed: int  # tokens dropped after EOS or beyond max_new_tokens
     t_s: float
+    n_relaxed: int = 0  # accepted tokens strict verification would have refused (dsd with tau > 0: lossy)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -18,11 +18,28 @@ probability p(x) under the current residual; a rejected x is zeroed out and p re
 is accepted, the bonus is sampled from the residual. Marginally the committed token is exactly a
 sample of p. Sampled-draft rules (min(1, p/q), residual max(0, p - q)) do not apply here.
 
+Relaxed acceptance (the dsd policy, T = 0; after DSD, arXiv 2511.11733): the walk follows the
+target's argmax as the greedy one does; where no verified child carries it, the verified child the
+target likes best is accepted anyway when the position matters little. A position's importance
+i(p) ∈ (0, 1] comes from the target's distribution p there (`IMPORTANCE`: exp(-H(p)) by default,
+one over the number of tokens the target effectively hesitates between: 1 where it is certain, 1/m
+where it spreads evenly over m tokens, whatever the vocabulary's size), and the child's token x
+passes when
+
+    p(x) ≥ (1 - τ · (1 - i(p))) · max p.
+
+τ = 0 is the greedy walk (lossless); a certain target (i = 1) is always verified strictly; at τ = 1
+an unimportant position accepts whatever the draft proposed. The paper states the idea (relax
+low-importance tokens, one parameter τ) but not this formula: this rule is our reading of it.
+Each relaxed acceptance is counted (`Verdict.n_relaxed`), so tables can say how many committed
+tokens strict verification would have refused.
+
 Rule: verification reads arrays and an explicit `numpy.random.Generator`; it never mutates the tree.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +52,7 @@ class Verdict:
     accepted: IntArray  # [a] tree indices of the accepted path, root first (a >= 1)
     bonus_token: int  # the target's token after the accepted path
     next_root: int  # tree index of the unverified child carrying the bonus; -1: the round ends
+    n_relaxed: int = 0  # accepted nodes whose token was not the target's choice (relaxed acceptance)
 
     @property
     def n_accepted(self) -> int:
@@ -98,3 +116,47 @@ def verify_sampled(
         bonus = int(rng.choice(len(p), p=p / p.sum()))
         # Verified children were zeroed out above, so a match here is always unverified.
         return Verdict(np.array(path, dtype=np.int64), bonus, _child_with_token(tree, node, bonus))
+
+
+def entropy_importance(p: np.ndarray) -> float:
+    """exp(-H(p)), the inverse of the target's perplexity at this position: 1 where it is certain,
+    1/m where it spreads evenly over m tokens. (1 - H / log V would call almost every position of a
+    49k-token vocabulary important: a few nats of entropy are a small share of log 49152.)"""
+    q = p[p > 0]
+    return float(np.exp((q * np.log(q)).sum()))
+
+
+IMPORTANCE: dict[str, Callable[[np.ndarray], float]] = {
+    "entropy": entropy_importance,
+    "none": lambda p: 0.0,  # every position equally unimportant: a plain share of max p
+}
+
+
+def verify_relaxed(
+    tree: DraftTree, verified: np.ndarray, argmax: IntArray, probs: Sequence[np.ndarray | None], tau: float,
+    importance: Callable[[np.ndarray], float] = entropy_importance,
+) -> Verdict:  # fmt: skip
+    """The greedy walk, relaxed where the position matters little (module docstring).
+
+    `argmax`: [n] the target's choice per node; `probs`: [n] its distribution [V] per node (both read
+    only where verified). The bonus is always the target's argmax at the last accepted node.
+    """
+    assert verified[0], "the root must be verified"
+    node, path, n_relaxed = 0, [0], 0
+    while True:
+        bonus = int(argmax[node])
+        child = _child_with_token(tree, node, bonus)
+        if child >= 0 and verified[child]:
+            node = child
+            path.append(child)
+            continue
+        kids = [int(c) for c in tree.children(node) if verified[c]]
+        if tau > 0 and child < 0 and kids:  # an unverified argmax child is waited for, never overruled
+            p = np.asarray(probs[node], dtype=np.float64)
+            best = max(kids, key=lambda c: p[tree.tokens[c]])
+            if p[tree.tokens[best]] >= (1.0 - tau * (1.0 - importance(p))) * p[bonus]:
+                node = best
+                path.append(best)
+                n_relaxed += 1
+                continue
+        return Verdict(np.array(path, dtype=np.int64), bonus, child, n_relaxed)

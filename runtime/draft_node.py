@@ -184,6 +184,7 @@ class DraftNode:
                             trace=True)  # fmt: skip
         self.run_id = run_id
         self.temperature = scenario.decoding.temperature
+        self.relaxed = scenario.relaxed  # dsd with tau > 0: verification reads the target's distributions
         self.core = core
         self.timed = timed
         self.spans: list[StageSpan] = []
@@ -385,6 +386,10 @@ class DraftNode:
             return None, torch.softmax(logits.double() / self.temperature, dim=-1).cpu().numpy()
         argmax = np.full(len(seg), -1, dtype=np.int64)
         argmax[len(seg) - n_rows :] = logits.argmax(dim=-1).cpu().numpy()
+        if self.relaxed:  # the decisions stay the argmax; relaxation reads p at T = 1 beside them
+            probs = np.zeros((len(seg), logits.shape[-1]))
+            probs[len(seg) - n_rows :] = torch.softmax(logits.double(), dim=-1).cpu().numpy()
+            return argmax, probs
         return argmax, None
 
     def _keep_alive(self, heartbeat_s: float) -> None:

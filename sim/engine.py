@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import simpy
 
-from flowspec.config import Scenario
+from flowspec.config import Scenario, ScenarioError
 from flowspec.kv import StageLedger
 from flowspec.messages import (
     BroadcastPrune,
@@ -84,6 +84,9 @@ class SimEngine:
         run_id: str = "sim",
         trace: bool = False,
     ) -> None:
+        if scenario.relaxed:  # its target is an argmax oracle: there is no distribution to relax against
+            raise ScenarioError(f"dsd.tau = {scenario.dsd.tau}: the simulator models dsd's strict verification only "
+                                "(dsd.tau: 0); relaxed acceptance runs in the runtime (`flowspec run`)")  # fmt: skip
         self.scenario = scenario
         self.platform = platform
         self.target = target

@@ -230,3 +230,17 @@ def test_report_imports_matplotlib_lazily():
     code = "import sys, report; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_lossy_run_is_labelled_and_shows_how_lossy_beside_its_speedup(tmp_path):
+    """A run with relaxed acceptances (dsd, tau > 0) is 'dsd (lossy)' in the table and the plot,
+    with the share of its tokens that strict verification would have refused."""
+    one = lambda tps, relaxed: pd.DataFrame({"tokens_per_s": [tps], "accepted_per_step": [2.0], "ttft_s": [0.1],  # noqa: E731
+                                             "tpot_s": [0.05], "relaxed_share": [relaxed]})
+    table = report.summary_table({"chunk-pp": one(10.0, 0.0), "dsd": one(15.0, 0.125)})
+    assert table["policy"].tolist() == ["chunk-pp", "dsd (lossy)"]
+    assert list(table.columns[:4]) == ["policy", "tokens_per_s", "speedup_vs_chunk-pp", "relaxed_share"]
+    assert table["relaxed_share"].tolist() == [0.0, 0.125]
+    lossless = report.summary_table({"chunk-pp": one(10.0, 0.0), "dsd": one(12.0, 0.0)})
+    assert "relaxed_share" not in lossless and lossless["policy"].tolist() == ["chunk-pp", "dsd"]
+    assert report.plot_speedup(table, tmp_path / "speedup.png").stat().st_size > 1000

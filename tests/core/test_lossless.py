@@ -10,12 +10,15 @@ whole pruning and KV bookkeeping, not only the verification rule.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pandas as pd
 import numpy as np
 import pytest
 
 from flowspec.config import (
     DecodingConfig,
+    DsdConfig,
     ExpansionConfig,
     PipeDecConfig,
     PipelineConfig,
@@ -82,6 +85,8 @@ def make_case(policy: Policy, case: int) -> tuple[InMemoryDriver, GroundTruth, l
         prompt = rng.integers(1, vocab, size=n_prompt).tolist()
         requests.append((float(rng.uniform(0.0, 0.3)), prompt))
     requests.sort(key=lambda r: r[0])
+    scenario = dataclasses.replace(scenario, dsd=DsdConfig(length=int(rng.integers(1, 9))))  # drawn last: the
+    # other policies' cases stay what they were
     driver = InMemoryDriver(scenario, drafter, model, delays=delays, delay_rng=np.random.default_rng(case))
     return driver, truth, requests
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from flowspec import policy as pol
-from flowspec.config import DecodingConfig, ModelConfig, PipelineConfig, Policy, Scenario, TreeConfig
+from flowspec.config import DecodingConfig, DsdConfig, ModelConfig, PipelineConfig, Policy, Scenario, ScenarioError, TreeConfig
 from flowspec.driver import Delays, InMemoryDriver
 from flowspec.platform import Colocated, build_platform
 from flowspec.synthetic import GroundTruth, HashLM, OracleDrafter
@@ -16,10 +16,11 @@ from flowspec.synthetic import GroundTruth, HashLM, OracleDrafter
 
 def test_every_policy_has_one_spec_and_the_table_in_the_docstring_holds() -> None:
     assert set(pol.POLICIES) == set(Policy)
-    assert {str(p) for p, s in pol.POLICIES.items() if s.whole_tree} == {"chunk-pp", "ar-pp", "serial", "single-sd"}
+    assert {str(p) for p, s in pol.POLICIES.items() if s.whole_tree} == {"chunk-pp", "ar-pp", "serial", "single-sd", "dsd"}
     assert {str(p) for p, s in pol.POLICIES.items() if s.expand is not None} == {"flowspec", "pipedec"}
     assert [str(p) for p, s in pol.POLICIES.items() if s.one_device] == ["single-sd"]
-    assert pol.reference_baselines() == ["chunk-pp", "ar-pp"] and all(s.lossless for s in pol.POLICIES.values())
+    assert pol.reference_baselines() == ["chunk-pp", "ar-pp"]
+    assert [str(p) for p, s in pol.POLICIES.items() if not s.lossless] == ["dsd"]
 
 
 def scenario(policy: Policy) -> Scenario:
@@ -84,3 +85,50 @@ def test_pipedec_refills_the_place_of_a_segment_pruned_empty(monkeypatch: pytest
     sent_refill, empty_refill = served(True)
     sent_hole, empty_hole = served(False)
     assert empty_hole > 0 and sent_refill > sent_hole
+
+
+def run_dsd(dsd: DsdConfig, distributions=None) -> tuple[list[int], list[int], dict]:
+    sc = dataclasses.replace(scenario(Policy.DSD), dsd=dsd)
+    model = HashLM(16, 4, seed=3)
+    truth = GroundTruth(model)
+    drafter = OracleDrafter(truth, hit_rate=0.6, rank_weights=(1.0, 0.5), seed=3)
+    driver = InMemoryDriver(sc, drafter, model, delays=Delays(stage_s=0.01, link_s=0.001),
+                            delay_rng=np.random.default_rng(0), distributions=distributions)  # fmt: skip
+    prompt = [3, 5, 7, 9, 11]
+    result = driver.run([(0.0, prompt)])
+    return result.outputs[0], truth.greedy(prompt, sc.decoding.max_new_tokens, None), result.records.frames()
+
+
+def test_dsd_verifies_one_drafted_chain_per_traversal_and_is_lossless_at_tau_zero() -> None:
+    out, expected, frames = run_dsd(DsdConfig(length=4))
+    assert out == expected
+    steps = frames["steps"][frames["steps"].outcome != "prefill"]
+    assert (steps.n_verified == 5).all()  # the root and its 4-token chain, every step
+    assert steps["round"].is_unique  # one verification per round: a chain is verified whole
+    assert set(frames["nodes"].groupby(["round", "depth"]).size()) == {1}  # one node per depth: a chain
+    assert (steps.n_relaxed == 0).all()
+
+
+def test_dsd_with_relaxed_acceptance_takes_what_the_target_would_refuse_and_counts_it() -> None:
+    """A target unsure everywhere (uniform) and tau = 1 with importance `none`: every drafted token
+    passes, so each step commits the whole chain plus a bonus, and the output is no longer the target's."""
+    uniform = lambda argmax: np.full((len(argmax), 16), 1 / 16)  # noqa: E731
+    out, expected, frames = run_dsd(DsdConfig(length=4, tau=1.0, importance="none"), uniform)
+    steps = frames["steps"][frames["steps"].outcome != "prefill"]
+    assert (steps.n_accepted[steps.n_trimmed == 0] == 5).all()
+    assert steps.n_relaxed.sum() > 0 and out != expected
+    # with the target certain everywhere, tau = 1 changes nothing: entropy importance is 1
+    def certain(argmax):
+        rows = np.zeros((len(argmax), 16))
+        rows[np.arange(len(argmax)), np.maximum(argmax, 0)] = 1.0
+        return rows
+    out, expected, frames = run_dsd(DsdConfig(length=4, tau=1.0), certain)
+    assert out == expected and frames["steps"].n_relaxed.sum() == 0
+
+
+def test_relaxed_dsd_is_labelled_lossy_and_refused_at_temperature_above_zero() -> None:
+    sc = dataclasses.replace(scenario(Policy.DSD), dsd=DsdConfig(tau=0.2))
+    assert sc.relaxed and not sc.lossless and sc.target_distributions
+    assert dataclasses.replace(sc, policy=Policy.FLOWSPEC).lossless  # the dsd section matters to dsd alone
+    with pytest.raises(ScenarioError, match="dsd.tau relaxes greedy verification: it needs decoding.temperature 0"):
+        dataclasses.replace(sc, decoding=DecodingConfig(temperature=0.7))

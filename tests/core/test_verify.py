@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flowspec.tree import DraftTree, root_only
-from flowspec.verify import Verdict, verify_greedy, verify_sampled
+from flowspec.verify import IMPORTANCE, Verdict, entropy_importance, verify_greedy, verify_relaxed, verify_sampled
 
 # Upper 0.999 quantiles of the chi-square distribution, by degrees of freedom (computed with the
 # regularized incomplete gamma function; scipy.stats.chi2.ppf(0.999, dof) gives the same values).
@@ -420,3 +420,59 @@ def test_verdicts_follow_parent_links_through_verified_nodes(
     for parent, child in zip(path, path[1:]):
         assert probs[parent, tree.tokens[child]] > 0
     assert probs[path[-1], sampled.bonus_token] > 0
+
+
+# ---- relaxed (dsd) ----------------------------------------------------------------------------
+
+# A chain root(50) - 1(11) - 2(12) - 3(13) over a 4-token vocabulary {10, 11, 12, 13} shifted to
+# indices 0..3 below: p rows are the target's distributions at nodes 0, 1, 2, 3.
+CHAIN = make_tree([50, 1, 2, 3], [-1, 0, 1, 2])
+CHAIN_ALL = flags(1, 1, 1, 1)
+
+
+def p_row(*values: float) -> np.ndarray:
+    return np.array(values, dtype=np.float64)
+
+
+def test_entropy_importance_is_one_over_the_tokens_the_target_hesitates_between() -> None:
+    assert entropy_importance(p_row(1, 0, 0, 0)) == 1.0
+    assert entropy_importance(p_row(0.25, 0.25, 0.25, 0.25)) == pytest.approx(0.25)
+    assert entropy_importance(p_row(0.5, 0.5, 0, 0)) == pytest.approx(0.5)
+    assert entropy_importance(p_row(*[1 / 8] * 8)) == pytest.approx(1 / 8)  # the vocabulary's size does not enter
+
+
+def test_relaxed_at_tau_zero_is_the_greedy_walk() -> None:
+    argmax = np.array([1, 0, 2, 3])  # accepts 1, then the target wants 0 where the chain has 2
+    probs = [p_row(0.1, 0.6, 0.2, 0.1), p_row(0.45, 0.1, 0.44, 0.01), p_row(0.1, 0.1, 0.7, 0.1), p_row(1, 0, 0, 0)]
+    strict = verify_greedy(CHAIN, CHAIN_ALL, argmax)
+    relaxed = verify_relaxed(CHAIN, CHAIN_ALL, argmax, probs, tau=0.0)
+    assert as_tuple(relaxed) == as_tuple(strict) == ([0, 1], 0, -1) and relaxed.n_relaxed == 0
+
+
+def test_relaxed_accepts_a_near_tie_where_the_target_is_unsure_and_goes_on() -> None:
+    """At node 1 the target prefers 0 (0.45) over the chain's 2 (0.44); with importance `none` the
+    threshold at tau = 0.1 is 0.9 x 0.45 = 0.405, so 2 passes; node 2 then agrees with the chain (3)."""
+    argmax = np.array([1, 0, 3, 0])
+    probs = [None, p_row(0.45, 0.1, 0.44, 0.01), None, None]
+    verdict = verify_relaxed(CHAIN, CHAIN_ALL, argmax, probs, tau=0.1, importance=IMPORTANCE["none"])
+    assert as_tuple(verdict) == ([0, 1, 2, 3], 0, -1) and verdict.n_relaxed == 1
+    # the same position with a clear preference refuses the chain's token
+    probs[1] = p_row(0.8, 0.1, 0.09, 0.01)
+    verdict = verify_relaxed(CHAIN, CHAIN_ALL, argmax, probs, tau=0.1, importance=IMPORTANCE["none"])
+    assert as_tuple(verdict) == ([0, 1], 0, -1) and verdict.n_relaxed == 0
+
+
+def test_relaxed_is_strict_where_the_target_is_certain() -> None:
+    """Importance 1 (all mass on one token) leaves no room whatever tau is."""
+    argmax = np.array([1, 0, 2, 3])
+    probs = [None, p_row(1.0, 0, 0, 0), None, None]
+    verdict = verify_relaxed(CHAIN, CHAIN_ALL, argmax, probs, tau=1.0)
+    assert as_tuple(verdict) == ([0, 1], 0, -1) and verdict.n_relaxed == 0
+
+
+def test_relaxed_waits_for_an_unverified_child_carrying_the_argmax() -> None:
+    """In a tree whose argmax child is not back yet, the walk re-roots there as the greedy one does."""
+    argmax = np.array([12, 0, 0, 0, 0, 0])
+    probs = [p_row(*[1 / 60] * 60)] * 6
+    verdict = verify_relaxed(GREEDY_TREE, flags(1, 1, 0, 0, 0, 0), argmax, probs, tau=1.0)
+    assert as_tuple(verdict) == ([0], 12, 2) and verdict.n_relaxed == 0

@@ -170,6 +170,24 @@ def run_real_drafters(cluster: Cluster, target: Target, tiny, tmp_path: Path) ->
         assert [result.outputs[0], result.outputs[1]] == tiny.outputs, policy
     bare_sc = dataclasses.replace(eagle_sc, runtime=dataclasses.replace(eagle_sc.runtime, draft_lookup=False))
     assert isinstance(make_drafter(bare_sc, target), EagleDrafter)
+    run_relaxed_dsd(cluster, target, tiny)
+
+
+def run_relaxed_dsd(cluster: Cluster, target: Target, tiny) -> None:
+    """dsd with tau = 1 and importance `none` accepts whatever it drafted: the target's distributions
+    reach D0's core through the real processes (a drafter that never proposes the true token has
+    every chain accepted whole, each token counted as relaxed), and the output is no longer the target's."""
+    references = [p + o for p, o in zip(tiny.prompts, tiny.outputs)]
+    never = ReferenceDrafter(references, [-1], tiny.vocab)  # the true token is never proposed
+    sc = stage_scenario(target.scenario, Policy.DSD)
+    relaxed = dataclasses.replace(sc, dsd=dataclasses.replace(sc.dsd, length=3, tau=1.0, importance="none"))
+    result = cluster.serve(relaxed, never, one_after_another(tiny.prompts))
+    steps = result.frames()["steps"]
+    full = steps[(steps.outcome == "exit") & (steps.n_trimmed == 0)]
+    assert len(full) > 0 and (full.n_accepted == 4).all() and (full.n_relaxed == 3).all()
+    assert [result.outputs[0], result.outputs[1]] != tiny.outputs
+    strict = cluster.serve(sc, never, one_after_another(tiny.prompts))  # tau = 0: lossless again
+    assert [strict.outputs[0], strict.outputs[1]] == tiny.outputs and strict.frames()["steps"].n_relaxed.sum() == 0
 
 
 def test_single_device_policy_equals_generate(tiny) -> None:

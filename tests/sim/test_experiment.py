@@ -131,3 +131,14 @@ def test_a_bad_sweep_point_fails_before_any_run() -> None:
     scenario = load_scenario(SCENARIOS / "tiny.yaml")
     with pytest.raises(ScenarioError, match=r"tree.topk must be >= 1, got 0"):
         sweep(scenario, {"tree.topk": ["4", "0"]}, [Policy.FLOWSPEC], workers=1)
+
+
+def test_dsd_simulates_its_strict_chain_and_refuses_relaxed_acceptance_by_name() -> None:
+    """The simulator's target is an argmax oracle: dsd at tau = 0 runs (one chain per round), tau > 0
+    is refused naming the key rather than run as if strict."""
+    scenario = load_scenario(SCENARIOS / "sparse-edge.yaml", [*SMALL, "policy=dsd", "dsd.length=4"])
+    steps = simulate(scenario).frames()["steps"]
+    verifying = steps[steps.outcome != "prefill"]
+    assert (verifying.n_verified == 5).all() and verifying["round"].is_unique
+    with pytest.raises(ScenarioError, match=r"dsd.tau = 0.2: the simulator models dsd's strict verification only"):
+        simulate(load_scenario(SCENARIOS / "sparse-edge.yaml", [*SMALL, "policy=dsd", "dsd.tau=0.2"]))
