@@ -13,6 +13,8 @@ preset may spell them out, but no code reads a default from a file.
 
 from __future__ import annotations
 
+import re
+
 import reprlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +28,7 @@ import yaml
 from flowspec import schema
 from flowspec.messages import DTYPE_BYTES
 from flowspec.runtime_config import DrafterKind, EmulateConfig, RuntimeConfig
-from flowspec.schema import ScenarioError, Section, at_least, from_dict, to_dict
+from flowspec.schema import ScenarioError, Section, at_least, at_most, from_dict, to_dict
 
 __all__ = [
     "DTYPE_BYTES",
@@ -81,6 +83,13 @@ class Policy(StrEnum):
     DSD = "dsd"  # decentralized SD: a drafted chain verified in one traversal, relaxed where unimportant
 
 
+# Sizes a run holds in memory, bounded so that a typo (1e9 requests) is an error, not an exhausted machine.
+MAX_REQUESTS = 100_000
+MAX_NEW_TOKENS = 100_000
+MAX_PROMPT_TOKENS = 1_000_000
+MAX_OUTPUT_TOKENS = 2_000_000
+NOT_IN_NAME = re.compile(r"[/\\\x00]")  # a scenario's name is a folder under runs/, never a path
+
 LOSSLESS_POLICIES = frozenset(Policy)  # at their defaults (dsd: tau = 0); Scenario.lossless says per scenario
 IMPORTANCE_FUNCTIONS = ("entropy", "none")  # flowspec.verify.IMPORTANCE
 
@@ -98,6 +107,7 @@ class DecodingConfig(Section):
     def _check(self) -> None:
         at_least(self, "temperature", 0.0)
         at_least(self, "max_new_tokens", 1)
+        at_most(self, "max_new_tokens", MAX_NEW_TOKENS, "every step's records are kept in memory")
         if self.eos_token_id is not None:
             at_least(self, "eos_token_id", 0)
 
@@ -147,7 +157,9 @@ class WorkloadConfig(Section):
 
     def _check(self) -> None:
         at_least(self, "n_requests", 1)
+        at_most(self, "n_requests", MAX_REQUESTS, "every request's records are kept in memory")
         at_least(self, "prompt_tokens", 1)
+        at_most(self, "prompt_tokens", MAX_PROMPT_TOKENS, "a prompt is held whole")
         if not self.rate_per_s > 0:
             raise ScenarioError(f"rate_per_s must be > 0, got {self.rate_per_s!r}")
         if self.arrivals is Arrivals.TRACE and not self.trace:
@@ -322,7 +334,7 @@ class ModelConfig(Section):
     def _check(self) -> None:
         at_least(self, "n_layers", 1)
         at_least(self, "hidden_size", 1)
-        at_least(self, "vocab_size", 1)
+        at_least(self, "vocab_size", 2)  # one token leaves nothing to draft or decide
         if self.dtype not in DTYPE_BYTES:
             raise ScenarioError(f"dtype must be one of {', '.join(sorted(DTYPE_BYTES))}, got {self.dtype!r}")
 
@@ -357,7 +369,19 @@ class Scenario(Section):
     def _check(self) -> None:
         if not self.name:
             raise ScenarioError("name must not be empty")
+        if NOT_IN_NAME.search(self.name) or self.name in (".", ".."):  # it names the output folder under runs/
+            raise ScenarioError(f"name must be a plain folder name (no '/', '\\', '..' alone), got {self.name!r}")
         at_least(self, "seed", 0)  # numpy's SeedSequence rejects negative seeds
+        at_most(self, "seed", 2**63 - 1, "torch seeds are signed 64-bit")
+        n_tokens = self.workload.n_requests * self.decoding.max_new_tokens
+        if self.workload.arrivals is not Arrivals.TRACE and n_tokens > MAX_OUTPUT_TOKENS:
+            raise ScenarioError(f"workload.n_requests x decoding.max_new_tokens must be <= {MAX_OUTPUT_TOKENS} "
+                                f"(every step's records are kept in memory), got {n_tokens}")  # fmt: skip
+        vocab = self.model.vocab_size
+        for key, value in (("tree.topk", self.tree.topk), ("expansion.topk", self.expansion.topk),
+                           ("pipedec.width", self.pipedec.width)):  # fmt: skip
+            if value > vocab:
+                raise ScenarioError(f"{key} must be <= model.vocab_size = {vocab} (children of one node), got {value}")
         n_stages, n_layers = self.pipeline.n_stages, self.model.n_layers
         if n_stages > n_layers:
             raise ScenarioError(f"pipeline.n_stages must be <= model.n_layers = {n_layers}, got {n_stages}")

@@ -21,6 +21,7 @@ Rules:
 from __future__ import annotations
 
 import copy
+import math
 import numbers
 import reprlib
 import types
@@ -136,9 +137,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return int(value)  # the same object for a plain int; numpy ints become int
         raise ScenarioError(f"{key} must be an integer, got {_show(value)}")
     if hint is float:
-        if isinstance(value, numbers.Real) and not isinstance(value, bool) and value == value:
+        # Every float of a scenario is a measure (a rate, a time, a temperature): .inf and .nan are
+        # typos or overflow, never a setting, and would fail deep inside a run instead of here.
+        if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
-        raise ScenarioError(f"{key} must be a number, got {_show(value)}")
+        raise ScenarioError(f"{key} must be a finite number, got {_show(value)}")
     if hint is str:
         if isinstance(value, str):
             return value
@@ -255,6 +258,13 @@ def _set_path(data: dict[str, Any], parts: list[str], value: Any, schema: type) 
                 raise ScenarioError(f"{path} must be a mapping, got {_show(child)}")
         node[slot] = child
         node = child
+
+
+def at_most(section: Section, name: str, maximum: int | float, why: str) -> None:
+    """`section.name` <= `maximum`, or a ScenarioError naming the field and `why` the bound exists."""
+    value = getattr(section, name)
+    if value > maximum:
+        raise ScenarioError(f"{name} must be <= {maximum} ({why}), got {value!r}")
 
 
 def at_least(section: Section, name: str, minimum: int | float) -> None:

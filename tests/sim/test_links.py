@@ -160,7 +160,7 @@ BAD_NETWORKS = {
     "too few links": ({"links": [{}, {}]}, "network.links must list 3 links (D0, then each stage), got 2"),
     "bad bandwidth": ({"links": [{}, {"bandwidth_mbps": 0}, {}]}, "network.links.1.bandwidth_mbps must be > 0, got 0.0"),
     "negative latency": ({"links": [{}, {}, {"latency_ms": -1}]}, "network.links.2.latency_ms must be >= 0.0, got -1.0"),
-    "text bandwidth": ({"links": [{"bandwidth_mbps": "fast"}, {}, {}]}, "network.links.0.bandwidth_mbps must be a number, got 'fast'"),
+    "text bandwidth": ({"links": [{"bandwidth_mbps": "fast"}, {}, {}]}, "network.links.0.bandwidth_mbps must be a finite number, got 'fast'"),
     "profile and numbers": ({"links": [{}, {"profile": "links/x", "latency_ms": 1}, {}]},
                             "network.links.1.latency_ms cannot be set with profile"),
     "empty profile": ({"links": [{"profile": ""}, {}, {}]}, "network.links.0.profile must not be empty"),
