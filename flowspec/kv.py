@@ -21,13 +21,18 @@ segment, in version order; after `sync()` the region holds exactly the processed
 in tree order; the accepted path of a prune is always in the region, at its front, and moves into
 the committed prefix without changing position. A segment may only be admitted once the stage holds
 every prune its rows already reflect (`ready`).
+
+Peers are not trusted: `check_prune` and `check_segment` say whether a message fits this ledger
+(raising `ProtocolError`) without changing it, so a stage validates first and applies after, and a
+message that contradicts its state leaves it exactly as before. The asserts below stay for what the
+checks guarantee, i.e. internal invariants.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from flowspec.messages import Prune, Segment, SegmentKind
+from flowspec.messages import ProtocolError, Prune, Segment, SegmentKind
 from flowspec.tree import IntArray
 
 
@@ -68,11 +73,95 @@ class StageLedger:
         self.version = 0  # last prune applied to the KV
         self._prunes: dict[int, Prune] = {}  # received, by version
         self._received = 0
+        self._floor = 0  # prunes up to this version were dropped by `reset`
         self._committed_ids: set[int] = set()  # accepted node ids of this request
 
     @property
     def kv_len(self) -> int:
         return self.committed_len + len(self.region_ids)
+
+    @property
+    def received(self) -> int:
+        """The last prune version received."""
+        return self._received
+
+    def check_prune(self, prune: Prune) -> None:
+        """Raise `ProtocolError` unless `prune` can be received now: the next version, its accepted
+        path at the front of the region's survivors, the survivors' parents kept, nothing beyond the
+        path on a round exit. The ledger does not change."""
+        who = f"prune v{prune.version}"
+        if prune.version != self._received + 1:
+            raise ProtocolError(f"{who}: out of order, the last one received is v{self._received}")
+        if not 1 <= prune.n_accepted <= len(prune.keep_ids):
+            raise ProtocolError(f"{who}: n_accepted {prune.n_accepted} outside 1..{len(prune.keep_ids)}")
+        region, parents, committed = self.region_ids, self.region_parents, set(self._committed_ids)
+        for v in range(self.version + 1, self._received + 1):  # received, not yet applied: in order
+            region, parents = self._after(self._prunes[v], region, parents, committed)
+        survive = np.isin(region, prune.keep_ids)
+        accepted, front = prune.keep_ids[: prune.n_accepted], region[survive][: prune.n_accepted]
+        if len(front) != len(accepted) or (front != accepted).any():
+            raise ProtocolError(f"{who}: accepted path {accepted[:8].tolist()} is not at the front of the "
+                                f"stage's surviving nodes {region[survive][:8].tolist()}")  # fmt: skip
+        if prune.round_exit and survive.sum() != prune.n_accepted:
+            raise ProtocolError(f"{who}: a round exit keeps {int(survive.sum())} nodes, beyond its accepted path")
+        kept = set(region[survive].tolist()) | committed | set(accepted.tolist()) | {-1}
+        orphans = [int(n) for n, p in zip(region[survive], parents[survive]) if int(p) not in kept]
+        if orphans:
+            raise ProtocolError(f"{who}: keeps node(s) {orphans[:8]} but not their parents")
+
+    def _after(self, prune: Prune, region: IntArray, parents: IntArray, committed: set[int]) -> tuple[IntArray, IntArray]:
+        """Region ids and parents after an (already checked) prune; `committed` grows in place."""
+        survive = np.flatnonzero(np.isin(region, prune.keep_ids))
+        committed.update(region[survive[: prune.n_accepted]].tolist())
+        rest = survive[prune.n_accepted :]
+        return region[rest], parents[rest]
+
+    def check_segment(self, segment: Segment) -> None:
+        """Raise `ProtocolError` unless `segment` can be forwarded once every prune received so far is
+        applied (`sync`): for a request's first chunk (`reset`), against an empty KV. A prompt chunk
+        continues the committed prefix, position by position; a tree segment has a prompt to hang
+        from, new node ids, and every row's parent committed, in the region or an earlier row (a
+        round's root: -1). The ledger does not change."""
+        who = f"segment {segment.segment_id} of request {segment.request_id}"
+        if segment.version > self._received:
+            raise ProtocolError(f"{who}: reflects prune v{segment.version}, the last one received is v{self._received}")
+        if segment.reset and segment.kind is not SegmentKind.PREFILL:
+            raise ProtocolError(f"{who}: only a prompt chunk starts a request (reset)")
+        region, parents, committed = self.region_ids, self.region_parents, set(self._committed_ids)
+        committed_len = self.committed_len
+        if segment.reset:
+            region, parents, committed, committed_len = region[:0], parents[:0], set(), 0
+        else:
+            for v in range(self.version + 1, self._received + 1):
+                committed_len += self._prunes[v].n_accepted
+                region, parents = self._after(self._prunes[v], region, parents, committed)
+        if segment.kind is SegmentKind.PREFILL:
+            if segment.version != self._received:
+                raise ProtocolError(f"{who}: a prompt chunk reflecting prune v{segment.version}, the stage is at "
+                                    f"v{self._received} (no prune reaches a prompt chunk in flight)")  # fmt: skip
+            if len(region) or (committed_len == 0 and not segment.reset):
+                raise ProtocolError(f"{who}: a prompt chunk must extend a prompt (reset: start one), the stage "
+                                    f"holds {committed_len} committed and {len(region)} tree slots")  # fmt: skip
+            if (segment.positions != committed_len + np.arange(len(segment))).any():
+                raise ProtocolError(f"{who}: prompt positions {segment.positions[:8].tolist()} do not follow the "
+                                    f"{committed_len} committed slots")  # fmt: skip
+            return
+        if committed_len == 0:
+            raise ProtocolError(f"{who}: a tree segment before any prompt")
+        if segment.version < self._floor:
+            raise ProtocolError(f"{who}: reflects prune v{segment.version}, from before this request (v{self._floor})")
+        rows = np.arange(len(segment))
+        for v in range(segment.version + 1, self._received + 1):
+            rows = rows[keep_rows(segment.node_ids[rows], self._prunes[v].keep_ids)]
+        ids, known = segment.node_ids[rows].tolist(), set(region.tolist())
+        if (segment.node_ids < 0).any() or len(set(ids)) != len(ids) or known & set(ids) or committed & set(ids):
+            raise ProtocolError(f"{who}: node ids {ids[:8]} must be >= 0, distinct and new to the stage")
+        seen = known | committed | {-1}
+        for node, parent in zip(ids, segment.parent_ids[rows].tolist()):
+            if parent not in seen:
+                raise ProtocolError(f"{who}: node {node}: parent {parent} is neither in this stage's KV, committed "
+                                    f"nor an earlier row")  # fmt: skip
+            seen.add(node)
 
     def receive(self, prune: Prune) -> None:
         assert prune.version == self._received + 1, (
@@ -181,4 +270,4 @@ class StageLedger:
         self.region_parents = np.zeros(0, dtype=np.int64)
         self._committed_ids.clear()
         self._prunes.clear()
-        self.version = self._received
+        self.version = self._floor = self._received

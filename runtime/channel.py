@@ -7,16 +7,42 @@ talks to. ZeroMQ keeps each (sender, receiver) pair in order and fair-queues bet
 prune from D0 may overtake a segment coming from the previous stage — the versioned ledger
 (`flowspec.kv`) makes that harmless. Every receive goes through a poller with a timeout: no call
 here blocks without bound. Received frames are not copied; `wire.decode` validates them and wraps
-the array frames as numpy views.
+the array frames as numpy views; a frame that fails raises `ProtocolError`, and the caller decides
+whether that ends it (a stage drops the frame and keeps serving: `runtime.stage`).
+
+The inbox is open to anyone who can reach its port, so it is bounded at the socket too: a
+connection that has not completed the ZeroMQ handshake within `HANDSHAKE_MS` is dropped (a port
+scanner, a health check, a stray HTTP client), as is a peer that sends a frame larger than
+`max_frame_nbytes`; TCP keepalive drops peers that vanished without closing. `raise_fd_limit`
+lifts the soft open-file limit, since every connection costs a descriptor until it is dropped.
 """
 
 from __future__ import annotations
+
+import resource
 
 import zmq
 
 from runtime import wire
 
 LINGER_MS = 500  # a stop or error message still gets out when the process closes its sockets
+HANDSHAKE_MS = 5000  # ZeroMQ's default is 30 s; a real peer completes it in milliseconds, even on a testbed
+KEEPALIVE_IDLE_S = 30  # then probes every 10 s, 3 unanswered: a vanished peer's connection closes in ~1 min
+FD_LIMIT = 1 << 16  # raising the soft limit past this buys nothing a stage needs
+
+
+def raise_fd_limit(limit: int = FD_LIMIT) -> int:
+    """Raise this process's soft open-file limit towards its hard limit (at most `limit`); the new
+    soft limit. Boards often start processes with 1024, which raw connections exhaust quickly."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = limit if hard == resource.RLIM_INFINITY else min(hard, limit)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):  # a container may refuse; the old limit still works
+            pass
+    return soft
 
 
 class StageTimeout(RuntimeError):
@@ -28,12 +54,21 @@ class RemoteError(RuntimeError):
 
 
 class Endpoint:
-    def __init__(self, rank: int, host: str = "127.0.0.1", port: int = 0, bind_host: str | None = None) -> None:
-        """Bind the inbox on `bind_host` (default: `host`) at `port` (0: a free port)."""
+    def __init__(self, rank: int, host: str = "127.0.0.1", port: int = 0, bind_host: str | None = None, *,
+                 max_header_nbytes: int = wire.MAX_HEADER_NBYTES, max_frame_nbytes: int = -1) -> None:  # fmt: skip
+        """Bind the inbox on `bind_host` (default: `host`) at `port` (0: a free port); a peer that
+        sends a frame over `max_frame_nbytes` (-1: no bound) is disconnected."""
         self.rank = rank
+        self.max_header_nbytes = max_header_nbytes
         self.context = zmq.Context()
         self.inbox = self.context.socket(zmq.PULL)
         self.inbox.setsockopt(zmq.LINGER, 0)
+        self.inbox.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
+        self.inbox.setsockopt(zmq.MAXMSGSIZE, max_frame_nbytes)
+        self.inbox.setsockopt(zmq.TCP_KEEPALIVE, 1)
+        self.inbox.setsockopt(zmq.TCP_KEEPALIVE_IDLE, KEEPALIVE_IDLE_S)
+        self.inbox.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 10)
+        self.inbox.setsockopt(zmq.TCP_KEEPALIVE_CNT, 3)
         where = f"tcp://{bind_host or host}"
         try:
             if port:
@@ -64,11 +99,12 @@ class Endpoint:
             sock.send_multipart(frames, copy=False)
 
     def recv(self, timeout_s: float) -> wire.Message | None:
-        """The next message, or None if none arrived within `timeout_s` (0: do not wait)."""
+        """The next message, or None if none arrived within `timeout_s` (0: do not wait); a frame
+        that fails validation raises `ProtocolError` (it is consumed: the next call goes on)."""
         if not self.poller.poll(max(0, int(timeout_s * 1000))):
             return None
         frames = self.inbox.recv_multipart(copy=False)
-        return wire.decode(frames, sender_hint=f"a peer of rank {self.rank}")
+        return wire.decode(frames, sender_hint=f"a peer of rank {self.rank}", max_header_nbytes=self.max_header_nbytes)
 
     def close(self) -> None:
         for sock in self.peers.values():

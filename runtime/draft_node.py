@@ -104,6 +104,7 @@ class DraftNode:
         self.last_seen: dict[int, float] = {}
         self._last_heartbeat = 0.0
         self._reports: dict[int, dict] = {}
+        self.rejected: dict[int, int] = {}  # frames each stage rejected during the last run (its report)
 
     # ---- start-up -------------------------------------------------------------------------------
 
@@ -419,6 +420,7 @@ class DraftNode:
                 missing = [r for r in range(1, self.n_stages + 1) if r not in self._reports]
                 raise StageTimeout(f"stage(s) {', '.join(map(str, missing))} did not report within "
                                    f"{self.scenario.runtime.timeout_s:g} s")  # fmt: skip
+        self.rejected = {rank: report["rejected"] for rank, report in sorted(self._reports.items())}
         for rank, report in sorted(self._reports.items()):
             for request_id, segment_id, kind, n_tokens, kv_len, t_start, t_end in report["spans"]:
                 self.spans.append(StageSpan(run_id=self.run_id, source="runtime", request_id=request_id, stage=rank,

@@ -101,6 +101,7 @@ class PacedEndpoint:
         self._link_free = 0.0
         self.transfers: list[list] = []  # [dst, kind, nbytes, t_send, t_recv], monotonic clock
         self.arrivals: list[list] = []  # [src, kind, t_recv] of data messages received (not emulated)
+        self.last_arrival: list | None = None  # the row of the message `recv` returned last, if it made one
 
     @property
     def address(self) -> str:
@@ -144,12 +145,22 @@ class PacedEndpoint:
             wait = deadline - now
             if self._due:
                 wait = min(wait, self._due[0][0] - now)
+            self.last_arrival = None
             msg = self.inner.recv(max(0.0, wait))
             if msg is not None and self.emulation is None and msg.type in DATA_MESSAGES:
-                self.arrivals.append([msg.sender, msg.type, time.monotonic()])
+                self.last_arrival = [msg.sender, msg.type, time.monotonic()]
+                self.arrivals.append(self.last_arrival)
             if msg is not None or time.monotonic() >= deadline:
                 self._release()
                 return msg
+
+    def forget(self, arrival: list | None) -> None:
+        """A message its receiver rejected carried nothing: drop its arrival (`last_arrival` when it
+        was received), or its pairing with what the sender really sent would shift by one."""
+        for i in range(len(self.arrivals) - 1, -1, -1):
+            if self.arrivals[i] is arrival:
+                del self.arrivals[i]
+                return
 
     def hold(self, until: float) -> None:
         """Wait without receiving until `until` (monotonic), releasing messages as they fall due."""

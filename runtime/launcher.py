@@ -37,6 +37,7 @@ from typing import Any
 from flowspec.config import DrafterKind, Policy, Scenario, ScenarioError, dump_scenario, scenario_from_dict, scenario_to_dict
 from flowspec.policy import device_scenario, spec
 from flowspec.tree import Drafter
+from runtime import wire
 from runtime.channel import Endpoint, RemoteError
 from flowspec.records import RunResult
 from flowspec.workload import Request
@@ -174,7 +175,8 @@ class Cluster:
     def _start(self) -> None:
         rt = self.scenario.runtime
         if rt.hosts:
-            self.endpoint = Endpoint(0, rt.hosts[0], rt.base_port, bind_host="0.0.0.0")
+            self.endpoint = Endpoint(0, rt.hosts[0], rt.base_port, bind_host="0.0.0.0",
+                                     max_header_nbytes=wire.MAX_REPORT_NBYTES)  # stages' reports list every span
             self.echo(f"D0 listening at {self.endpoint.address}; start each stage on its board with "
                       f"`flowspec stage SCENARIO --rank R` (R = 1..{len(self.ranges)})")  # fmt: skip
             self.node = DraftNode(self.scenario, self.endpoint, self.target.lm_head, self.ranges)
@@ -188,7 +190,7 @@ class Cluster:
         if self.emulated is not None and self.emulated.emulate.dilation:
             (self.folder / "emulated.yaml").write_text(dump_scenario(self.emulated))
             emulate = ["--emulated", str(self.folder / "emulated.yaml")]
-        self.endpoint = Endpoint(0)
+        self.endpoint = Endpoint(0, max_header_nbytes=wire.MAX_REPORT_NBYTES)
         n = len(self.ranges)
         self.echo(f"starting {n} stage process(es) on loopback ({self.target.model_dir.name})")
         for rank in range(1, n + 1):
@@ -219,7 +221,11 @@ class Cluster:
 
     def serve(self, scenario: Scenario, drafter: Drafter, requests: list[Request], **kwargs: Any) -> RunResult:
         assert self.node is not None
-        return self.node.serve(scenario, drafter, requests, **kwargs)
+        result = self.node.serve(scenario, drafter, requests, **kwargs)
+        for rank, n in self.node.rejected.items():
+            if n:  # stray or hostile traffic reached a stage: what it was is in the stage's log
+                self.echo(f"stage {rank} rejected {n} frame(s) during this run (malformed, or not fitting its state)")
+        return result
 
     def close(self) -> None:
         if self.node is not None:

@@ -18,8 +18,18 @@ and the stage answers with a `report` of the run's spans and starts the next wit
 and a fresh ledger (prune versions restart at 1 with every run's core).
 
 Liveness: while idle the stage heartbeats to D0; if D0 is silent for `runtime.timeout_s` (it
-heartbeats too) the stage raises `StageTimeout`. Any failure is reported to D0 as an `error`
-message with the traceback, and the process exits non-zero; `stop` ends it cleanly.
+heartbeats too) the stage raises `StageTimeout`, as it does when the segment at the head of its
+queue has waited that long for a prune it claims to reflect. Any failure is reported to D0 as an
+`error` message with the traceback, and the process exits non-zero; `stop` ends it cleanly.
+
+Hostile or stray input: the inbox is reachable by anyone, so a frame is checked before anything
+is applied — by `wire.decode`, then against the stage's state: who may send which type, token ids
+within the vocabulary, hidden states of this model's width, a bounded queue, and the ledger's own
+`check_prune` / `check_segment` (a queued segment is checked again just before its forward, on the
+state it will meet). A frame that fails is logged to stderr with its claimed sender and the reason,
+counted (the count travels in the run's `report`) and dropped, leaving the stage exactly as it was.
+Only a peer's `error`, D0's silence, a wedged queue and the stage's own failures end it. The
+sender rank is a claim: without authentication a forged frame that fits the state is obeyed.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 import time
 import traceback
@@ -41,10 +52,28 @@ from flowspec.config import HeadPlacement, Scenario, load_scenario
 from flowspec.kv import StageLedger
 from flowspec.messages import ProtocolError, Segment, SegmentKind, n_decided
 from runtime import wire
-from runtime.channel import Endpoint, RemoteError, StageTimeout
+from runtime.channel import Endpoint, RemoteError, StageTimeout, raise_fd_limit
 from runtime.emulation import Emulation, PacedEndpoint, Pad
 from runtime.model_slice import LayerSlice, hidden_from_wire, hidden_to_wire
 from runtime.models import read_head, torch_device
+
+FROM_D0 = frozenset({"prune", "flush", "stop", "heartbeat"})  # what only D0 sends a stage while it serves
+MAX_QUEUED = 4096  # segments: a 245k-token prompt's chunks all at once; more is a flood
+MAX_QUEUED_NBYTES = 1 << 30  # the frames queued segments hold
+MAX_DRAINED = 1000  # messages received in a row before the queue gets a turn: a flood cannot starve forwards
+LOGGED_REJECTIONS = 50  # per report, each logged; after that every 1000th, so a flood cannot fill a disk
+_ADDRESS = re.compile(r"tcp://[\w.\-:\[\]]+:\d{1,5}")
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """A segment that passed the arrival checks, waiting for its forward."""
+
+    segment: Segment
+    hidden: np.ndarray | None  # [L, H] as received (None on the first hop)
+    hidden_dtype: str | None
+    nbytes: int  # of its frames
+    arrival: list | None  # its row in the endpoint's arrivals, forgotten if it is rejected later
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +125,11 @@ class StageWorker:
         self.model_dir = model_dir
         self.threads = threads
         self.ledger = StageLedger()
-        self.queue: deque[tuple[Segment, np.ndarray | None]] = deque()
+        self.queue: deque[Queued] = deque()
+        self._queued_nbytes = 0
+        self._blocked: tuple[Queued, float] | None = None  # the queue's head and since when it waits for a prune
+        self._running = False  # a forward is under way: its ledger state must not be flushed
+        self.rejected = 0  # frames dropped since the last report
         self.spans: list[list] = []
         self.stopping = False
         self.clock_offset_s = 0.0  # D0's clock minus this stage's (`_clock`)
@@ -106,7 +139,13 @@ class StageWorker:
         self._parent = os.getppid()
         self.emulation = Emulation.of(emulated)  # None: compute and links as they are
         self.pad = None if self.emulation is None else Pad(self.emulation)
-        self.endpoint = PacedEndpoint(Endpoint(plan.rank, plan.host, plan.port, plan.bind_host), self.emulation, plan.rank)
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_dir)  # the bounds of what peers may send
+        self.vocab_size, self.hidden_size = int(config.vocab_size), int(config.hidden_size)
+        max_frame_nbytes = wire.MAX_ROWS * max(self.hidden_size * 4, 8)  # float32 hidden states or int64 ids
+        inner = Endpoint(plan.rank, plan.host, plan.port, plan.bind_host, max_frame_nbytes=max_frame_nbytes)
+        self.endpoint = PacedEndpoint(inner, self.emulation, plan.rank)
         self.endpoint.connect(0, plan.d0_address)
         self.next_rank = plan.rank + 1 if plan.rank < plan.n_stages else 0
         self.slice = None
@@ -126,89 +165,179 @@ class StageWorker:
         self.lm_head = read_head(self.model_dir, with_embedding=False)[0].to(self.device, dtype) if p.head else None
         deadline = time.monotonic() + p.startup_timeout_s
         while True:
-            msg = self.endpoint.recv(max(0.0, min(1.0, deadline - time.monotonic())))
-            if msg is not None and msg.type == "peers":
-                self._clock(msg)
-                if self.next_rank:
-                    self.endpoint.connect(self.next_rank, str(msg.fields["next"]))
-                break
-            if msg is not None and msg.type == "stop":
+            msg = self._receive(max(0.0, min(1.0, deadline - time.monotonic())))
+            if msg is not None and msg.sender == 0 and msg.type == "stop":
                 self.stopping = True
                 return
+            if msg is not None and self._peers(msg):
+                break
             if time.monotonic() > deadline:
                 raise StageTimeout(f"stage {p.rank}: D0 did not send the peer list within {p.startup_timeout_s:g} s")
             self._check_parent()
         self.last_from_d0 = time.monotonic()
         self._to_d0(wire.encode("ready", p.rank, {}))
 
+    def _peers(self, msg: wire.Message) -> bool:
+        """Whether `msg` is D0's peer list (then applied); anything else before it is rejected."""
+        nxt = str(msg.fields.get("next", ""))
+        reason = None
+        if msg.type != "peers" or msg.sender != 0:
+            reason = f"{msg.type} message from rank {msg.sender}: not expected before D0's peer list"
+        elif self.next_rank and not _ADDRESS.fullmatch(nxt):
+            reason = f"peers message from rank 0: field next: {nxt[:80]!r} is not tcp://host:port"
+        if reason is not None:
+            self._reject(ProtocolError(reason))
+            return False
+        self._clock(msg)
+        if self.next_rank:
+            self.endpoint.connect(self.next_rank, nxt)
+        return True
+
     # ---- loop -----------------------------------------------------------------------------------
 
     def serve(self) -> None:
         heartbeat_s = self.plan.timeout_s / 4
         while not self.stopping:
-            runnable = bool(self.queue) and self.ledger.ready(self.queue[0][0])
+            runnable = bool(self.queue) and self.ledger.ready(self.queue[0].segment)
             self._drain(0.0 if runnable else heartbeat_s)
             if self.stopping:
                 break
-            if self.queue and self.ledger.ready(self.queue[0][0]):
-                self._run_one()
+            while self.queue and self.ledger.ready(self.queue[0].segment) and not self._run_one():
+                pass  # the head was rejected: the next one may run
             now = time.monotonic()
             if now - self.last_to_d0 > heartbeat_s:
                 self._to_d0(wire.encode("heartbeat", self.plan.rank, {"clock_s": time.monotonic()}))
             if now - self.last_from_d0 > self.plan.timeout_s:
                 raise StageTimeout(f"stage {self.plan.rank}: no message from D0 for {now - self.last_from_d0:.1f} s "
                                    f"(runtime.timeout_s = {self.plan.timeout_s:g})")  # fmt: skip
+            self._check_wedged(now)
             self._check_parent()
 
+    def _check_wedged(self, now: float) -> None:
+        """Raise if the queue's head has waited `runtime.timeout_s` for a prune that has not come:
+        D0 sent that prune before the segment, so it is lost, or the segment lies about it."""
+        head = self.queue[0] if self.queue else None
+        if head is None or self.ledger.ready(head.segment):
+            self._blocked = None
+        elif self._blocked is None or self._blocked[0] is not head:
+            self._blocked = (head, now)
+        elif now - self._blocked[1] > self.plan.timeout_s:
+            seg = head.segment
+            raise StageTimeout(f"stage {self.plan.rank}: segment {seg.segment_id} of request {seg.request_id} waited "
+                               f"{now - self._blocked[1]:.1f} s for prune v{seg.version}, which never came (the last "
+                               f"received is v{self.ledger.received}; runtime.timeout_s = {self.plan.timeout_s:g})")  # fmt: skip
+
+    def _receive(self, timeout_s: float) -> wire.Message | None:
+        """The next message that decodes; None when none came or the one that came was rejected."""
+        try:
+            return self.endpoint.recv(timeout_s)
+        except ProtocolError as e:
+            self._reject(e)
+            return None
+
     def _drain(self, timeout_s: float) -> None:
-        msg = self.endpoint.recv(timeout_s)
-        while msg is not None:
+        msg = self._receive(timeout_s)
+        for _ in range(MAX_DRAINED):
+            if msg is None:
+                return
             self._handle(msg)
-            msg = self.endpoint.recv(0.0)
+            msg = self._receive(0.0)
+        if msg is not None:
+            self._handle(msg)
 
     def _handle(self, msg: wire.Message) -> None:
-        if msg.sender == 0:
-            self.last_from_d0 = time.monotonic()
-            if "clock_s" in msg.fields:
-                self._clock(msg)
+        """Check `msg` against this stage's state, then apply it; a frame that fails is rejected."""
+        try:
+            self._apply(msg)
+        except ProtocolError as e:
+            self.endpoint.forget(self.endpoint.last_arrival)
+            self._reject(e, msg)
+
+    def _reject(self, error: ProtocolError, msg: wire.Message | None = None) -> None:
+        """Count and log a frame that is dropped (`msg`: as decoded, when it decoded)."""
+        self.rejected += 1
+        text = str(error)
+        if msg is not None and "from rank" not in text:
+            text = f"{msg.type} message from rank {msg.sender}: {text}"
+        if self.rejected <= LOGGED_REJECTIONS or self.rejected % 1000 == 0:
+            print(f"stage {self.plan.rank}: rejected frame #{self.rejected}: {text[:300]}", file=sys.stderr, flush=True)
+
+    def _apply(self, msg: wire.Message) -> None:
+        rank = self.plan.rank
         if msg.type == "segment":
-            expected = self.plan.rank - 1
-            if msg.sender != expected:
-                raise ProtocolError(f"stage {self.plan.rank}: segment from rank {msg.sender}, expected rank {expected}")
-            hidden = msg.arrays.get("hidden")
-            if self.plan.rank > 1 and hidden is None:
-                raise ProtocolError(f"segment message from rank {msg.sender}: field hidden: missing after the first hop")
-            self.queue.append((wire.to_segment(msg), None if hidden is None else (hidden, msg.dtypes["hidden"])))
+            if msg.sender != rank - 1:
+                raise ProtocolError(f"segment message from rank {msg.sender}: stage {rank} takes segments from rank {rank - 1}")
+        elif msg.type in FROM_D0:
+            if msg.sender != 0:
+                raise ProtocolError(f"{msg.type} message from rank {msg.sender}: only D0 sends it")
+        elif msg.type == "error":
+            if msg.sender not in (0, rank - 1):
+                raise ProtocolError(f"error message from rank {msg.sender}: not a peer of stage {rank}")
+        else:
+            raise ProtocolError(f"{msg.type} message from rank {msg.sender}: not expected by stage {rank}")
+        if msg.type == "segment":
+            self._enqueue(msg)
         elif msg.type == "prune":
-            self.ledger.receive(wire.to_prune(msg))
+            prune = wire.to_prune(msg)
+            self.ledger.check_prune(prune)
+            self.ledger.receive(prune)
             self._compact(self.ledger.sync())
         elif msg.type == "stop":
             self.stopping = True
         elif msg.type == "flush":
-            if self.queue:
-                raise ProtocolError(f"stage {self.plan.rank}: flush with {len(self.queue)} segment(s) still queued")
+            if self.queue or self._running:
+                raise ProtocolError(f"flush message from rank 0: {len(self.queue) + self._running} segment(s) still "
+                                    f"queued or running on stage {rank}")  # fmt: skip
             off = self.clock_offset_s  # the best estimate now, for every span of the run
             spans = [[*row[:5], row[5] + off, row[6] + off] for row in self.spans]
             sent = [[*row[:3], row[3] + off, None if math.isnan(row[4]) else row[4] + off] for row in self.endpoint.transfers]
             arrivals = [[src, kind, t + off] for src, kind, t in self.endpoint.arrivals]
-            report: dict = {"spans": spans, "computes": [], "transfers": sent, "arrivals": arrivals}
+            report: dict = {"spans": spans, "computes": [], "transfers": sent, "arrivals": arrivals,
+                            "rejected": self.rejected}  # fmt: skip
             if self.pad is not None:
                 report["computes"] = [[*row[:2], row[2] + off, *row[3:]] for row in self.pad.rows]
                 self.pad.rows = []
             self.endpoint.transfers, self.endpoint.arrivals = [], []
             self._to_d0(wire.encode("report", self.plan.rank, report))
             self.spans = []
+            self.rejected = 0
             self.ledger = StageLedger()
             self.slice.reset()
         elif msg.type == "error":
             raise RemoteError(f"stage {self.plan.rank}: rank {msg.sender} failed: {msg.fields['message']}")
-        elif msg.type != "heartbeat":
-            raise ProtocolError(f"{msg.type} message from rank {msg.sender}: not expected by stage {self.plan.rank}")
+        if msg.sender == 0:  # accepted: D0 is alive, and its clock is a sample
+            self.last_from_d0 = time.monotonic()
+            if "clock_s" in msg.fields:
+                self._clock(msg)
+
+    def _enqueue(self, msg: wire.Message) -> None:
+        """Queue a segment that fits what this stage can run; its ledger check comes before its forward."""
+        seg = wire.to_segment(msg)
+        who = f"segment message from rank {msg.sender}"
+        hidden = msg.arrays.get("hidden")
+        if (hidden is None) != (self.plan.rank == 1):
+            raise ProtocolError(f"{who}: field hidden: {'missing after' if hidden is None else 'sent on'} the first hop")
+        if hidden is not None and hidden.shape[1] != self.hidden_size:
+            raise ProtocolError(f"{who}: field hidden: width {hidden.shape[1]}, the model's is {self.hidden_size}")
+        if "argmax" in msg.arrays or "logits" in msg.arrays:
+            raise ProtocolError(f"{who}: carries decisions, which only D0 receives")
+        if len(seg) and not (0 <= seg.tokens.min() and seg.tokens.max() < self.vocab_size):
+            raise ProtocolError(f"{who}: field tokens: ids {int(seg.tokens.min())}..{int(seg.tokens.max())} outside "
+                                f"the vocabulary 0..{self.vocab_size - 1}")  # fmt: skip
+        if len(seg) and seg.positions.min() < 0:
+            raise ProtocolError(f"{who}: field positions: {int(seg.positions.min())} < 0")
+        nbytes = sum(a.nbytes for a in msg.arrays.values())
+        if len(self.queue) >= MAX_QUEUED or self._queued_nbytes + nbytes > MAX_QUEUED_NBYTES:
+            raise ProtocolError(f"{who}: stage {self.plan.rank}'s queue is full ({len(self.queue)} segments, "
+                                f"{self._queued_nbytes} bytes)")  # fmt: skip
+        dtype = None if hidden is None else msg.dtypes["hidden"]
+        self.queue.append(Queued(seg, hidden, dtype, nbytes, self.endpoint.last_arrival))
+        self._queued_nbytes += nbytes
 
     def _drain_until(self, deadline: float) -> None:
         """Receive (and apply) messages until `deadline` (monotonic): the padding of a forward."""
         while (left := deadline - time.monotonic()) > 0:
-            msg = self.endpoint.recv(left)
+            msg = self._receive(left)
             if msg is not None:
                 self._handle(msg)
 
@@ -224,8 +353,25 @@ class StageWorker:
         if slots is not None:
             self.slice.keep(torch.from_numpy(np.ascontiguousarray(slots, dtype=np.int64)))
 
-    def _run_one(self) -> None:
-        seg, carried = self.queue.popleft()
+    def _run_one(self) -> bool:
+        """Forward the queue's head, or reject it; whether it ran."""
+        item = self.queue.popleft()
+        self._queued_nbytes -= item.nbytes
+        try:
+            self.ledger.check_segment(item.segment)  # on the state the forward will meet
+        except ProtocolError as e:
+            self.endpoint.forget(item.arrival)
+            self._reject(ProtocolError(f"segment message from rank {self.plan.rank - 1}: {e}"))
+            return False
+        self._running = True
+        try:
+            self._forward(item)
+        finally:
+            self._running = False
+        return True
+
+    def _forward(self, item: Queued) -> None:
+        seg = item.segment
         if seg.reset:
             self.ledger.reset()
             self.slice.reset()
@@ -233,10 +379,10 @@ class StageWorker:
         self._compact(slots)
         t_start = time.monotonic()
         kv_len = self.ledger.kv_len
-        if carried is None:
+        if item.hidden is None:
             x = torch.from_numpy(np.ascontiguousarray(seg.tokens, dtype=np.int64)).to(self.device)
         else:
-            x = hidden_from_wire(carried[0][rows], carried[1]).to(self.device, getattr(torch, self.plan.dtype))
+            x = hidden_from_wire(item.hidden[rows], item.hidden_dtype).to(self.device, getattr(torch, self.plan.dtype))
         decided: np.ndarray | None = None  # pipeline.head: last: argmax per row, or logits per decided row
         if len(seg):
             visible = torch.from_numpy(self.ledger.visibility(seg)).to(self.device)
@@ -317,6 +463,7 @@ class StageWorker:
 
 def run_stage(plan: StagePlan, model_dir: Path, threads: int = 1, emulated: Scenario | None = None) -> int:
     """Serve until D0 says stop; the exit code (non-zero after a failure, which D0 is told about)."""
+    raise_fd_limit()  # before the inbox exists: every connection to it, even a scanner's, holds a descriptor
     worker = StageWorker(plan, model_dir, threads, emulated)
     try:
         worker.start()

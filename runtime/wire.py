@@ -15,12 +15,17 @@ torch can view back.
 Every message is validated on receipt against a schema per type: the protocol version, the fields
 and their types, the array names, dtypes, ranks and byte counts, and row counts that must agree.
 Anything wrong raises `ProtocolError` naming the sender and the field, never a numpy error later.
+Everything a peer declares is bounded before it is used (`MAX_HEADER_NBYTES`, `MAX_JSON_DEPTH`,
+`MAX_ROWS`, `MAX_WIDTH`, `MAX_ELEMENTS`, integers within int64, floats finite): a hostile header
+costs a linear scan of at most `MAX_HEADER_NBYTES`, never a recursion, an overflow or an allocation.
 Rule: this module knows bytes and numpy only; it never imports zmq or torch.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,8 +34,21 @@ import numpy as np
 from flowspec.messages import Prune, Segment, SegmentKind
 from flowspec.messages import ProtocolError
 
-PROTOCOL_VERSION = 4  # 2: heartbeat and flush carry the sender's clock; 3: report carries computes and
-# transfers; 4: a segment may carry the target's decisions (argmax, logits), a report its arrivals
+PROTOCOL_VERSION = 5  # 2: heartbeat and flush carry the sender's clock; 3: report carries computes and
+# transfers; 4: a segment may carry the target's decisions (argmax, logits), a report its arrivals;
+# 5: a report counts the frames the stage rejected
+
+# Bounds on what a header may declare. Every header but a report is under 1 KB and 4 levels deep; a
+# report lists a run's spans (~80 bytes each), so its receiver (D0) raises the header bound.
+MAX_HEADER_NBYTES = 64 * 1024
+MAX_REPORT_NBYTES = 256 * 1024 * 1024  # D0's bound: a report of millions of spans
+MAX_JSON_DEPTH = 8
+MAX_ROWS = 8192  # rows of a segment: a tree (tree.total) or a prompt chunk (<= 64); far above either
+MAX_WIDTH = 1 << 20  # the second dimension: hidden size or vocabulary (the largest vocabularies are ~256k)
+MAX_ELEMENTS = 1 << 30  # one array: 4 GiB of float32 at most, whatever its shape
+MAX_RANK = 1 << 16
+INT64 = (-(1 << 63), (1 << 63) - 1)
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')  # a JSON string, escapes included
 
 DTYPES: dict[str, np.dtype] = {
     "int32": np.dtype("<i4"),
@@ -66,7 +84,7 @@ SCHEMAS: dict[str, tuple[dict[str, type], dict[str, tuple[tuple[str, ...], int, 
     "heartbeat": ({"clock_s": float}, {}),
     "flush": ({"clock_s": float}, {}),  # a run ended: report its spans, then forget it (KV, ledger, spans)
     # computes and transfers: an emulated run's padded computes and paced messages (empty otherwise)
-    "report": ({"spans": list, "computes": list, "transfers": list, "arrivals": list}, {}),
+    "report": ({"spans": list, "computes": list, "transfers": list, "arrivals": list, "rejected": int}, {}),
 }  # fmt: skip
 
 
@@ -97,28 +115,48 @@ def encode(type_: str, sender: int, fields: dict[str, object], arrays: dict[str,
     return [json.dumps(header, separators=(",", ":")).encode(), *buffers]
 
 
-def decode(frames: Sequence[bytes | memoryview], sender_hint: str = "?") -> Message:
+def json_depth(text: bytes) -> int:
+    """How deeply `text` nests brackets outside strings: one linear pass, no recursion.
+
+    >>> json_depth(b'{"a": [1, {"b": "[[["}]}')
+    3
+    """
+    bare = np.frombuffer(_STRING.sub(b'""', text), dtype=np.uint8)
+    step = np.isin(bare, (ord("["), ord("{"))).astype(np.int64) - np.isin(bare, (ord("]"), ord("}")))
+    return int(np.cumsum(step).max(initial=0))
+
+
+def decode(frames: Sequence[bytes | memoryview], sender_hint: str = "?", *,
+           max_header_nbytes: int = MAX_HEADER_NBYTES) -> Message:  # fmt: skip
     """Validate and decode one message; `sender_hint` names the peer until the header does."""
     who = f"message from {sender_hint}"
     if not frames:
         raise ProtocolError(f"{who}: no frames")
+    raw = memoryview(frames[0])
+    if raw.nbytes > max_header_nbytes:
+        raise ProtocolError(f"{who}: header of {raw.nbytes} bytes, at most {max_header_nbytes}")
+    text = raw.tobytes()
+    depth = json_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise ProtocolError(f"{who}: header nests {depth} levels deep, at most {MAX_JSON_DEPTH}")
     try:
-        header = json.loads(bytes(frames[0]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ProtocolError(f"{who}: header is not JSON ({e})") from None
+        header = json.loads(text)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: also an int of > 4300 digits
+        raise ProtocolError(f"{who}: header is not JSON ({str(e)[:200]})") from None
     if not isinstance(header, dict):
         raise ProtocolError(f"{who}: header must be a JSON object")
     sender = header.get("sender")
-    if isinstance(sender, int) and not isinstance(sender, bool) and sender >= 0:
+    rank_ok = type(sender) is int and 0 <= sender <= MAX_RANK
+    if rank_ok:
         who = f"message from rank {sender}"
     if header.get("v") != PROTOCOL_VERSION:
-        raise ProtocolError(f"{who}: field v: protocol version {header.get('v')!r}, expected {PROTOCOL_VERSION}")
+        raise ProtocolError(f"{who}: field v: protocol version {_short(header.get('v'))}, expected {PROTOCOL_VERSION}")
     type_ = header.get("type")
-    if type_ not in SCHEMAS:
-        raise ProtocolError(f"{who}: field type: unknown message type {type_!r} (known: {', '.join(SCHEMAS)})")
+    if not isinstance(type_, str) or type_ not in SCHEMAS:
+        raise ProtocolError(f"{who}: field type: unknown message type {_short(type_)} (known: {', '.join(SCHEMAS)})")
     who = f"{type_} {who}"
-    if not isinstance(sender, int) or isinstance(sender, bool) or sender < 0:
-        raise ProtocolError(f"{who}: field sender must be a rank >= 0, got {sender!r}")
+    if not rank_ok:
+        raise ProtocolError(f"{who}: field sender must be a rank 0..{MAX_RANK}, got {_short(sender)}")
     field_types, array_specs = SCHEMAS[type_]
     fields = header.get("fields")
     if not isinstance(fields, dict):
@@ -127,10 +165,14 @@ def decode(frames: Sequence[bytes | memoryview], sender_hint: str = "?") -> Mess
         value = fields.get(name)
         ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
         if not ok:
-            raise ProtocolError(f"{who}: field {name} must be {kind.__name__}, got {value!r}")
+            raise ProtocolError(f"{who}: field {name} must be {kind.__name__}, got {_short(value)}")
+        if kind is int and not INT64[0] <= value <= INT64[1]:  # type: ignore[operator]
+            raise ProtocolError(f"{who}: field {name}: {_short(value)} does not fit 64 bits")
+        if kind is float and not math.isfinite(value):  # type: ignore[arg-type]
+            raise ProtocolError(f"{who}: field {name} must be finite, got {value!r}")
     extra = set(fields) - set(field_types)
     if extra:
-        raise ProtocolError(f"{who}: unknown field(s) {', '.join(sorted(extra))}")
+        raise ProtocolError(f"{who}: unknown field(s) {', '.join(sorted(extra))[:80]}")
     described = header.get("arrays")
     if not isinstance(described, list) or len(described) != len(frames) - 1:
         raise ProtocolError(f"{who}: field arrays: {len(frames) - 1} data frames for "
@@ -139,15 +181,19 @@ def decode(frames: Sequence[bytes | memoryview], sender_hint: str = "?") -> Mess
     dtypes: dict[str, str] = {}
     for spec, frame in zip(described, frames[1:]):
         name = spec.get("name") if isinstance(spec, dict) else None
-        if name not in array_specs or name in arrays:
-            raise ProtocolError(f"{who}: array {name!r} is unknown or repeated")
+        if not isinstance(name, str) or name not in array_specs or name in arrays:
+            raise ProtocolError(f"{who}: array {_short(name)} is unknown or repeated")
         allowed, rank, _ = array_specs[name]
         dtype, shape = spec.get("dtype"), spec.get("shape")
         if dtype not in allowed:
-            raise ProtocolError(f"{who}: array {name}: dtype {dtype!r} not in {', '.join(allowed)}")
-        if not (isinstance(shape, list) and len(shape) == rank and all(isinstance(d, int) and d >= 0 for d in shape)):
-            raise ProtocolError(f"{who}: array {name}: shape {shape!r} must be {rank} sizes >= 0")
-        expected = int(np.prod(shape)) * DTYPES[dtype].itemsize
+            raise ProtocolError(f"{who}: array {name}: dtype {_short(dtype)} not in {', '.join(allowed)}")
+        if not (isinstance(shape, list) and len(shape) == rank and all(type(d) is int and d >= 0 for d in shape)):
+            raise ProtocolError(f"{who}: array {name}: shape {_short(shape)} must be {rank} sizes >= 0")
+        bounds = (MAX_ROWS, MAX_WIDTH)[:rank]
+        if any(d > b for d, b in zip(shape, bounds)) or math.prod(shape) > MAX_ELEMENTS:
+            raise ProtocolError(f"{who}: array {name}: shape {_short(shape)} beyond the bounds "
+                                f"{list(bounds)}, {MAX_ELEMENTS} elements")  # fmt: skip
+        expected = math.prod(shape) * DTYPES[dtype].itemsize
         nbytes = memoryview(frame).nbytes
         if nbytes != expected:
             raise ProtocolError(f"{who}: array {name}: {nbytes} bytes for shape {shape} {dtype} (expected {expected})")
@@ -160,6 +206,12 @@ def decode(frames: Sequence[bytes | memoryview], sender_hint: str = "?") -> Mess
     if len(set(rows.values())) > 1 and type_ == "segment":
         raise ProtocolError(f"{who}: arrays disagree on the row count: {rows}")
     return Message(type_, sender, fields, arrays, dtypes)
+
+
+def _short(value: object, limit: int = 80) -> str:
+    """`repr(value)`, cut: an error message must not grow with what a peer sent."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ---- the core's payloads --------------------------------------------------------------------------
@@ -189,7 +241,7 @@ def to_segment(msg: Message) -> Segment:
     try:
         kind = SegmentKind(f["kind"])
     except ValueError:
-        raise ProtocolError(f"segment message from rank {msg.sender}: field kind: unknown {f['kind']!r}") from None
+        raise ProtocolError(f"segment message from rank {msg.sender}: field kind: unknown {_short(f['kind'])}") from None
     return Segment(
         request_id=f["request_id"], round=f["round"], segment_id=f["segment_id"], kind=kind,
         node_ids=a["node_ids"].astype(np.int64), tokens=a["tokens"].astype(np.int64),

@@ -7,6 +7,7 @@ literal tests are small integers; slots are KV indices (committed prefix first).
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 
 import numpy as np
@@ -15,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flowspec.kv import StageLedger, keep_slots, keep_rows
-from flowspec.messages import Prune, Segment, SegmentKind
+from flowspec.messages import ProtocolError, Prune, Segment, SegmentKind
 
 
 def arr(*values: int) -> np.ndarray:
@@ -520,7 +521,8 @@ def test_ledger_matches_reference_for_random_trees_prunes_and_interleavings(data
     after every sync the region is exactly the processed surviving nodes in tree order, the KV
     (a list of node ids gathered with every slot list) is committed prompt + accepted paths in
     order followed by the region, every tree mask is ancestors-or-self, and every admitted /
-    emitted segment holds exactly its surviving rows.
+    emitted segment holds exactly its surviving rows. And the checks a stage makes before applying
+    a peer's message (`check_prune`, `check_segment`) accept every one of these valid messages.
     """
     n = data.draw(st.integers(2, 12), label="n_nodes")
     # parent = i - 1 - back: hypothesis favours small draws, which gives deep trees as well as bushy ones.
@@ -539,6 +541,7 @@ def test_ledger_matches_reference_for_random_trees_prunes_and_interleavings(data
     kv: list[int] = []  # what the stage's KV holds, slot by slot: -1 prompt, else node id
     if g0:
         ledger.reset()
+        ledger.check_segment(prefill_segment(0, g0, 0, version=0))
         chunk, _ = ledger.admit(prefill_segment(0, g0, 0, version=0))
         assert ledger.attention(chunk).tolist() == np.tri(g0, dtype=bool).tolist()
         ledger.append(chunk)
@@ -616,6 +619,7 @@ def test_ledger_matches_reference_for_random_trees_prunes_and_interleavings(data
 
     def do_receive() -> None:
         nonlocal n_received
+        ledger.check_prune(issued[n_received])
         ledger.receive(issued[n_received])
         n_received += 1
         # A driver may sync at once when idle; any backend may also batch receipts until its next
@@ -625,6 +629,11 @@ def test_ledger_matches_reference_for_random_trees_prunes_and_interleavings(data
 
     def do_start() -> None:
         nonlocal busy
+        if g0 or n_received:  # a stage holds a prompt (or accepted nodes) before a tree
+            ledger.check_segment(inbox[0])
+        else:
+            with pytest.raises(ProtocolError, match="a tree segment before any prompt"):
+                ledger.check_segment(inbox[0])
         sync()
         seg = inbox.popleft()
         admitted, rows = ledger.admit(seg)
@@ -684,3 +693,77 @@ def test_ledger_matches_reference_for_random_trees_prunes_and_interleavings(data
     sync()
     assert ledger.version == len(issued)
     assert ledger.region_ids.tolist() == [ids[i] for i in appended if i in alive]
+
+
+# ---- checks before a peer's message is applied (a stage rejects what fails them) -----------------
+
+
+def _state(ledger: StageLedger) -> tuple:
+    return (ledger.committed_len, ledger.region_ids.tolist(), ledger.region_parents.tolist(), ledger.version,
+            ledger.received, sorted(ledger._committed_ids))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (prune(2, [0, 1, 4, 7], 2), "prune v2: out of order, the last one received is v0"),
+        (prune(1, [0, 1, 4, 7], 0), "n_accepted 0 outside 1..4"),
+        (prune(1, [1, 0, 4], 2), "accepted path [1, 0] is not at the front of the stage's surviving nodes [0, 1, 4]"),
+        (prune(1, [0, 9], 2), "accepted path [0, 9] is not at the front"),
+        (prune(1, [0, 1, 4], 2, round_exit=True), "a round exit keeps 3 nodes, beyond its accepted path"),
+        (prune(1, [0, 5], 1), "keeps node(s) [5] but not their parents"),
+    ],
+)
+def test_check_prune_names_what_does_not_fit_and_changes_nothing(bad: Prune, message: str) -> None:
+    """Fig. 1 after S0 and S1 (region [0..5], parents [-1, 0, 0, 1, 1, 2]): a prune out of order,
+    one whose accepted path is not the front of the survivors, a round exit that keeps more, one
+    that keeps node 5 but drops its parent 2. The valid Fig. 1 prune passes."""
+    ledger = prefilled_ledger()
+    run(ledger, fig1_segment(0))
+    run(ledger, fig1_segment(1))
+    before = _state(ledger)
+    with pytest.raises(ProtocolError) as err:
+        ledger.check_prune(bad)
+    assert message in str(err.value)
+    assert _state(ledger) == before
+    ledger.check_prune(FIG1_PRUNE)
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (tree_segment(1, [3, 4], [1, 1], [6, 6], version=0), "reflects prune v0, from before this request (v1)"),
+        (tree_segment(1, [8, 9], [7, -1], [6, 5], version=2), "node 8: parent 7 is neither in this stage's KV"),
+        (tree_segment(1, [8, 9], [9, 8], [6, 6], version=2), "node 8: parent 9 is neither"),
+        (tree_segment(1, [8, 8], [-1, -1], [5, 5], version=2), "node ids [8, 8] must be >= 0, distinct and new"),
+        (tree_segment(1, [1], [-1], [5], version=2), "node ids [1] must be >= 0, distinct and new to the stage"),
+        (tree_segment(1, [9], [-1], [5], version=3), "reflects prune v3, the last one received is v2"),
+        (dataclasses.replace(prefill_segment(1, 2, 5, version=2), reset=False),
+         "a prompt chunk must extend a prompt (reset: start one), the stage holds 5 committed and 1 tree slots"),
+        (dataclasses.replace(prefill_segment(1, 2, 3, version=2), reset=True),
+         "prompt positions [3, 4] do not follow the 0 committed slots"),
+        (dataclasses.replace(fig1_segment(0, version=2), reset=True), "only a prompt chunk starts a request"),
+        (prefill_segment(1, 2, 0, version=1), "a prompt chunk reflecting prune v1, the stage is at v2"),
+    ],
+)
+def test_check_segment_names_what_does_not_fit_and_changes_nothing(bad: Segment, message: str) -> None:
+    """A ledger that served one request to prune v1, reset at v1 (so segments reflecting v0 belong
+    to the earlier request), holds a 4-token prompt, ran S0 of Fig. 1 and took prune v2 (accept
+    node 0, keep 1): committed 5, region [1]. Segments of the earlier request, orphans, cycles,
+    repeated or known ids, a future version, misplaced prompt chunks are refused, and the ledger
+    is as it was."""
+    ledger = prefilled_ledger()
+    run(ledger, fig1_segment(0))
+    ledger.receive(prune(1, [0, 1], 1))
+    ledger.reset()
+    run(ledger, prefill_segment(0, G0, 0, version=1))
+    run(ledger, fig1_segment(0, version=1))
+    ledger.check_prune(prune(2, [0, 1], 1))
+    ledger.receive(prune(2, [0, 1], 1))
+    ledger.sync()
+    assert (ledger.committed_len, ledger.region_ids.tolist(), ledger._floor) == (5, [1], 1)
+    before = _state(ledger)
+    with pytest.raises(ProtocolError) as err:
+        ledger.check_segment(bad)
+    assert message in str(err.value)
+    assert _state(ledger) == before

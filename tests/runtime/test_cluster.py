@@ -113,6 +113,7 @@ def run_scripts(cluster: Cluster, tiny, n_stages: int, policies: list[Policy]) -
                 failures.append(f"{name} / {policy}: {got} != {outputs}")
             frames = result.frames()
             check_pattern(name, policy, frames)
+            assert set(cluster.node.rejected.values()) == {0}, cluster.node.rejected  # real peers' frames all fit
             assert set(frames["stage_spans"].stage) == set(range(cluster.node.n_stages + 1))
             drafts = {"draft"} if policy is not Policy.AR_PP else set()
             assert {"step", "verify"} | drafts <= set(frames["stage_spans"].query("stage == 0").kind)  # D0's time, by kind

@@ -9,7 +9,7 @@ import pytest
 
 from flowspec.messages import Prune, Segment, SegmentKind
 from flowspec.pipeline import ProtocolError
-from runtime.wire import decode, encode, encode_prune, encode_segment, to_prune, to_segment
+from runtime.wire import MAX_REPORT_NBYTES, decode, encode, encode_prune, encode_segment, to_prune, to_segment
 
 SEG = Segment(request_id=3, round=2, segment_id=17, kind=SegmentKind.TREE, node_ids=np.array([40, 41, 42]),
               tokens=np.array([7, 8, 9]), parent_ids=np.array([-1, 40, 40]), positions=np.array([12, 13, 13]),
@@ -84,7 +84,7 @@ GOOD = encode_segment(SEG, 2, hidden=np.zeros((3, 4), np.float32))
     "frames, message",
     [
         ([b"{nope"], "message from V2?: header is not JSON"),
-        (_tamper(GOOD, v=99), "message from rank 2: field v: protocol version 99, expected 4"),
+        (_tamper(GOOD, v=99), "message from rank 2: field v: protocol version 99, expected 5"),
         (_tamper(GOOD, type="gossip"), "message from rank 2: field type: unknown message type 'gossip'"),
         (_tamper(GOOD, fields__version=True), "segment message from rank 2: field version must be int, got True"),
         (_tamper(GOOD, fields__reset=_DROP), "segment message from rank 2: field reset must be bool, got None"),
@@ -96,7 +96,7 @@ GOOD = encode_segment(SEG, 2, hidden=np.zeros((3, 4), np.float32))
         (frames_of(encode("segment", 2, dict(json.loads(frames_of(GOOD)[0])["fields"]),
                           {"node_ids": np.array([1], np.int32)})), "missing array(s) tokens, parent_ids, positions"),
         (_tamper(encode_prune(Prune(0, 0, 1, np.array([4]), 1, True)), sender=-1),
-         "prune message from V2?: field sender must be a rank >= 0, got -1"),
+         "prune message from V2?: field sender must be a rank 0..65536, got -1"),
     ],
 )
 def test_malformed_frames_name_sender_and_field(frames, message: str) -> None:
@@ -117,3 +117,55 @@ def test_rows_must_agree_and_kinds_and_counts_must_make_sense() -> None:
         to_segment(decode(_tamper(GOOD, fields__kind="leaf")))
     with pytest.raises(ProtocolError, match=r"field n_accepted: 3 outside 1..2"):
         to_prune(decode(frames_of(encode_prune(Prune(0, 0, 1, np.array([4, 5]), 3, True)))))
+
+
+HEARTBEAT = encode("heartbeat", 0, {"clock_s": 1.0})
+
+
+def _text(parts, old: bytes, new: bytes) -> list[bytes]:
+    frames = frames_of(parts)
+    assert old in frames[0]
+    return [frames[0].replace(old, new, 1), *frames[1:]]
+
+
+@pytest.mark.parametrize(
+    "frames, message",
+    [
+        ([b"{" + b" " * 70_000 + b"}"], "message from V2?: header of 70002 bytes, at most 65536"),
+        ([b"[" * 9 + b"]" * 9], "message from V2?: header nests 9 levels deep, at most 8"),
+        ([b"[" * 30_000 + b"]" * 30_000], "message from V2?: header nests 30000 levels deep"),
+        ([b'{"s": "' + b"[" * 100 + b'"}'], "message from V2?: field v: protocol version None"),  # brackets in a string do not nest
+        (_text(HEARTBEAT, b'"sender":0', b'"sender":' + b"7" * 5000), "header is not JSON (Exceeds the limit (4300 digits)"),
+        (_text(GOOD, b'"segment_id":17', b'"segment_id":' + b"9" * 30),
+         "segment message from rank 2: field segment_id: 999999999999999999999999999999 does not fit 64 bits"),
+        (_text(GOOD, b'"sender":2', b'"sender":70000'), "field sender must be a rank 0..65536, got 70000"),
+        (_text(HEARTBEAT, b"1.0", b"NaN"), "heartbeat message from rank 0: field clock_s must be finite, got nan"),
+        (_text(HEARTBEAT, b"1.0", b"-Infinity"), "field clock_s must be finite, got -inf"),
+        (_text(HEARTBEAT, b'"heartbeat"', b'["heartbeat"]'), "field type: unknown message type ['heartbeat']"),
+        (_tamper(GOOD, arrays__0__name=["node_ids"]), "array ['node_ids'] is unknown or repeated"),
+        (_tamper(GOOD, arrays__0__shape=[2**31]), "array node_ids: shape [2147483648] beyond the bounds [8192], 1073741824 elements"),
+        (_tamper(GOOD, arrays__4__shape=[3, 2**70]), "array hidden: shape [3, 1180591620717411303424] beyond the bounds"),
+        (_tamper(GOOD, arrays__4__shape=[8192, 2**20]), "array hidden: shape [8192, 1048576] beyond the bounds"),
+        (_tamper(GOOD, arrays__4__shape=[3, 4.0]), "array hidden: shape [3, 4.0] must be 2 sizes >= 0"),
+        (_tamper(GOOD, arrays__4__shape=[3, True]), "array hidden: shape [3, True] must be 2 sizes >= 0"),
+        (_tamper(GOOD, type="x" * 1000), "field type: unknown message type 'xxxxxxxx"),
+    ],
+)
+def test_declared_sizes_depths_and_numbers_are_bounded(frames, message: str) -> None:
+    """What a header declares is bounded before it is used: its bytes, its nesting (counted, never
+    recursed into), integers (64 bits; json refuses > 4300 digits), floats (finite), array shapes
+    (rows, width, elements: no overflow, no allocation), and the type and names (strings)."""
+    with pytest.raises(ProtocolError) as err:
+        decode(frames, sender_hint="V2?")
+    assert message in str(err.value)
+    assert len(str(err.value)) < 400  # what a peer sent is quoted cut, never whole
+
+
+def test_a_larger_header_bound_admits_a_large_report() -> None:
+    """D0 raises the header bound for stages' reports, which list a run's spans."""
+    spans = [[0, i, "tree", 4, 12, 1.0, 2.0] for i in range(3000)]
+    frames = frames_of(encode("report", 1, {"spans": spans, "computes": [], "transfers": [], "arrivals": [], "rejected": 2}))
+    with pytest.raises(ProtocolError, match="at most 65536"):
+        decode(frames)
+    msg = decode(frames, max_header_nbytes=MAX_REPORT_NBYTES)
+    assert (len(msg.fields["spans"]), msg.fields["rejected"]) == (3000, 2)
