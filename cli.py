@@ -49,11 +49,12 @@ def scenario_arguments(command: F) -> F:
 
 def _input_errors() -> tuple[type[Exception], ...]:
     """Errors that mean bad input (scenario, profile, trace file, model path): exit 2, no traceback."""
+    from runtime.channel import ListenError
     from runtime.models import ModelError  # lazily: `flowspec check` needs neither backend
     from flowspec.costs import ProfileError
     from sim.replay import RunFolderError
 
-    return (ScenarioError, ProfileError, ModelError, RunFolderError)
+    return (ScenarioError, ProfileError, ModelError, RunFolderError, ListenError)
 
 
 def _runtime_failures() -> tuple[type[Exception], ...]:
@@ -63,6 +64,11 @@ def _runtime_failures() -> tuple[type[Exception], ...]:
     from runtime.channel import RemoteError, StageTimeout
 
     return (StageTimeout, RemoteError, ProtocolError)
+
+
+def say(message: str) -> None:
+    """A note for the user on stderr (stdout carries the results)."""
+    click.echo(message, err=True)
 
 
 def reports_scenario_errors(command: F) -> F:
@@ -153,14 +159,15 @@ def simulate(scenario: Path, overrides: tuple[str, ...], policies: tuple[str, ..
     """
     import report
     from sim.outputs import simulate_and_save
+    from report.folder import claimed
 
     sc = load_scenario(scenario, overrides)
     chosen = chosen_policies(policies, sc.policy)
-    folder = out or Path("runs") / sc.name
-    click.echo(f"simulating {sc.name} ({', '.join(map(str, chosen))}) into {folder}/", err=True)
-    done, error = simulate_and_save(sc, chosen, folder, base_dir=scenario.parent, echo=click.echo)
-    if done:
-        report.write_comparison(done, folder, plots=plots, echo=click.echo)
+    with claimed(out or Path("runs") / sc.name, chosen=out is not None, echo=say) as folder:
+        click.echo(f"simulating {sc.name} ({', '.join(map(str, chosen))}) into {folder}/", err=True)
+        done, error = simulate_and_save(sc, chosen, folder, base_dir=scenario.parent, echo=click.echo)
+        if done:
+            report.write_comparison(done, folder, plots=plots, echo=click.echo)
     if error is not None:
         raise error
 
@@ -182,6 +189,7 @@ def sweep(scenario: Path, overrides: tuple[str, ...], policies: tuple[str, ...],
     """
     import report
     from sim.outputs import sweep_and_save
+    from report.folder import claimed
     from tqdm import tqdm
 
     grid: dict[str, list[str]] = {}
@@ -192,21 +200,19 @@ def sweep(scenario: Path, overrides: tuple[str, ...], policies: tuple[str, ...],
         grid[key.strip()] = [v.strip() for v in values.split(",") if v.strip()]
     sc = load_scenario(scenario, overrides)
     chosen = chosen_policies(policies, sc.policy)
-    folder = out or Path("runs") / f"{sc.name}-sweep"
-    with tqdm(total=0, unit="run", desc="sweep", file=sys.stderr) as bar:
+    with claimed(out or Path("runs") / f"{sc.name}-sweep", chosen=out is not None, echo=say) as folder, \
+            tqdm(total=0, unit="run", desc="sweep", file=sys.stderr) as bar:  # fmt: skip
 
         def progress(done: int, total: int) -> None:
             bar.total = total
             bar.update(done - bar.n)
 
         frame = sweep_and_save(sc, grid, chosen, folder, workers=workers, source=str(scenario), progress=progress)
-    keys = list(grid)
+        keys = list(grid)
+        y_key = keys[1] if len(keys) > 1 else None
+        plot = report.plot_sweep(frame, keys[0], path=folder / "sweep.png", **({"y_key": y_key} if y_key else {}))
     shown = frame[keys + ["policy", "tokens_per_s", "accepted_per_step", "ttft_s", "tpot_s"]]
     click.echo(report.format_table(shown))
-    if len(keys) == 1:
-        plot = report.plot_sweep(frame, keys[0], path=folder / "sweep.png")
-    else:
-        plot = report.plot_sweep(frame, keys[0], path=folder / "sweep.png", y_key=keys[1])
     click.echo(f"\nwrote {folder}/sweep.csv, sweep.parquet, {plot.name}")
 
 
@@ -231,16 +237,17 @@ def run(scenario: Path, overrides: tuple[str, ...], policies: tuple[str, ...], p
     """
     import report
     from runtime.outputs import run_and_save
+    from report.folder import claimed
 
     if prompt is not None and prompts_file is not None:
         raise click.BadParameter("give --prompt or --prompts, not both", param_hint="--prompt")
     sc = load_scenario(scenario, overrides)
     chosen = chosen_policies(policies, sc.policy)
-    folder = out or Path("runs") / f"{sc.name}-runtime"
-    done, error, _ = run_and_save(sc, chosen, folder, base_dir=scenario.parent, prompt=prompt,
-                                  prompts_file=prompts_file, echo=click.echo, stream=stream)  # fmt: skip
-    if done:
-        report.write_comparison(done, folder, plots=plots, echo=click.echo)
+    with claimed(out or Path("runs") / f"{sc.name}-runtime", chosen=out is not None, echo=say) as folder:
+        done, error, _ = run_and_save(sc, chosen, folder, base_dir=scenario.parent, prompt=prompt,
+                                      prompts_file=prompts_file, echo=click.echo, stream=stream)  # fmt: skip
+        if done:
+            report.write_comparison(done, folder, plots=plots, echo=click.echo)
     if error is not None:
         if isinstance(error, _runtime_failures()):
             click.echo(f"error: {error}", err=True)

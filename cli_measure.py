@@ -6,6 +6,7 @@ plain functions, bad input is `error: ...` and exit 2.
 from __future__ import annotations
 
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -61,47 +62,52 @@ def validate(scenario: Path, overrides: tuple[str, ...], policies: tuple[str, ..
     chosen = chosen_policies(policies, load_scenario(scenario, overrides).policy)
     sc = load_scenario(scenario, [*overrides, *_dilation_override(scenario, overrides, dilation, chosen, prompt,
                                                                    prompts_file)])  # fmt: skip
-    folder = run_dir or out or Path("runs") / f"{sc.name}-validate"
-    problems: list[str] = []
-    if run_dir is None:
-        from runtime.outputs import run_and_save
+    from report.folder import claimed
 
-        done, error, _ = run_and_save(sc, chosen, folder, base_dir=scenario.parent, prompt=prompt,
-                                      prompts_file=prompts_file, echo=click.echo, stream=False)  # fmt: skip
-        if error is not None:
-            if not isinstance(error, _runtime_failures()):
-                raise error
-            problems.append(f"the runtime stopped: {error}")
-    run = load_run(folder)
-    chosen = [p for p in run.policies if not policies or "all" in policies or str(p) in policies]
-    modes = validation.MODES if mode == "both" else (mode,)
-    click.echo(f"predicting {len(chosen)} polic{'y' if len(chosen) == 1 else 'ies'} with the simulator ({', '.join(modes)})",
-               err=True)  # fmt: skip
-    table, same = validation.compare(run, chosen, modes, replicates=replicates, echo=lambda m: click.echo(m, err=True))
-    table.to_csv(folder / "validate.csv", index=False)
-    heads = validation.headline(table)
-    report.plot_validation(heads, folder / "validate.png", tolerance)
-    click.echo(report.format_table(heads))
-    shares = table[(table.observable == "busy")].pivot_table(index=["policy", "mode"], columns="device",
-                                                              values="error", sort=False)  # fmt: skip
-    click.echo("\nbusy share per device, predicted - measured\n" + report.format_table(shares.reset_index()))
-    limits = {"replay": tolerance, "calibrated": tolerance_calibrated}
-    for r in table[table.observable == "tokens_per_s"].itertuples():
-        if not abs(r.error) <= limits[r.mode]:
-            band = "" if np.isnan(r.predicted_p05) else \
-                f" (draws {r.predicted_p05:.3g}-{r.predicted_p95:.3g}: the run is {'in' if r.predicted_p05 <= r.measured <= r.predicted_p95 else 'outside'} their 90% band)"  # fmt: skip
-            problems.append(f"{r.policy} ({r.mode}): tokens/s predicted {r.predicted:.3g}, measured {r.measured:.3g}, "
-                            f"error {r.error:+.1%} (tolerance {limits[r.mode]:.0%}){band}")  # fmt: skip
-    problems += [f"{p} (replay): the simulator's commands differ from the run's" for p, ok in same.items() if not ok]
-    problems += _overruns(run, chosen)
-    for m in modes:
-        measured, predicted = validation.ranking(table, m)
-        click.echo(f"ranking by tokens/s ({m}): {'same' if measured == predicted else 'DIFFERENT'}: "
-                   f"measured {' > '.join(measured)}; predicted {' > '.join(predicted)}")  # fmt: skip
-    click.echo(f"\nwrote {folder}/validate.csv, validate.png")
-    if problems:
-        click.echo("validation failed:\n  " + "\n  ".join(problems), err=True)
-        raise SystemExit(1)
+    held = ExitStack()  # a run folder this command writes is claimed; one given with --run-dir is only read
+    folder = run_dir or held.enter_context(claimed(out or Path("runs") / f"{sc.name}-validate", chosen=out is not None,
+                                                   echo=lambda m: click.echo(m, err=True)))  # fmt: skip
+    with held:
+        problems: list[str] = []
+        if run_dir is None:
+            from runtime.outputs import run_and_save
+
+            done, error, _ = run_and_save(sc, chosen, folder, base_dir=scenario.parent, prompt=prompt,
+                                          prompts_file=prompts_file, echo=click.echo, stream=False)  # fmt: skip
+            if error is not None:
+                if not isinstance(error, _runtime_failures()):
+                    raise error
+                problems.append(f"the runtime stopped: {error}")
+        run = load_run(folder)
+        chosen = [p for p in run.policies if not policies or "all" in policies or str(p) in policies]
+        modes = validation.MODES if mode == "both" else (mode,)
+        click.echo(f"predicting {len(chosen)} polic{'y' if len(chosen) == 1 else 'ies'} with the simulator ({', '.join(modes)})",
+                   err=True)  # fmt: skip
+        table, same = validation.compare(run, chosen, modes, replicates=replicates, echo=lambda m: click.echo(m, err=True))
+        table.to_csv(folder / "validate.csv", index=False)
+        heads = validation.headline(table)
+        report.plot_validation(heads, folder / "validate.png", tolerance)
+        click.echo(report.format_table(heads))
+        shares = table[(table.observable == "busy")].pivot_table(index=["policy", "mode"], columns="device",
+                                                                  values="error", sort=False)  # fmt: skip
+        click.echo("\nbusy share per device, predicted - measured\n" + report.format_table(shares.reset_index()))
+        limits = {"replay": tolerance, "calibrated": tolerance_calibrated}
+        for r in table[table.observable == "tokens_per_s"].itertuples():
+            if not abs(r.error) <= limits[r.mode]:
+                band = "" if np.isnan(r.predicted_p05) else \
+                    f" (draws {r.predicted_p05:.3g}-{r.predicted_p95:.3g}: the run is {'in' if r.predicted_p05 <= r.measured <= r.predicted_p95 else 'outside'} their 90% band)"  # fmt: skip
+                problems.append(f"{r.policy} ({r.mode}): tokens/s predicted {r.predicted:.3g}, measured {r.measured:.3g}, "
+                                f"error {r.error:+.1%} (tolerance {limits[r.mode]:.0%}){band}")  # fmt: skip
+        problems += [f"{p} (replay): the simulator's commands differ from the run's" for p, ok in same.items() if not ok]
+        problems += _overruns(run, chosen)
+        for m in modes:
+            measured, predicted = validation.ranking(table, m)
+            click.echo(f"ranking by tokens/s ({m}): {'same' if measured == predicted else 'DIFFERENT'}: "
+                       f"measured {' > '.join(measured)}; predicted {' > '.join(predicted)}")  # fmt: skip
+        click.echo(f"\nwrote {folder}/validate.csv, validate.png")
+        if problems:
+            click.echo("validation failed:\n  " + "\n  ".join(problems), err=True)
+            raise SystemExit(1)
 
 
 def _dilation_override(scenario: Path, overrides: tuple[str, ...], dilation: str | None, policies: list,

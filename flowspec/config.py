@@ -184,6 +184,9 @@ class DevicesConfig(Section):
         if not self.slowdown > 0:
             raise ScenarioError(f"slowdown must be > 0, got {self.slowdown!r}")
         at_least(self, "host_cores", 0)
+        for key, name in (("draft", self.draft), ("stage", self.stage), *((f"per_stage.{i}", n) for i, n in enumerate(self.per_stage))):
+            if not name.strip():
+                raise ScenarioError(f"{key} must name a device profile (a folder under profiles/ or a path), got {name!r}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -256,6 +259,10 @@ class AcceptanceConfig(Section):
     profile: str = "acceptance/eagle2-7b-chat-estimate.csv"
     """Acceptance profile (P[target token is the child of rank r at depth d]) for the synthetic
     drafter/target pair of the simulator: a file under profiles/ or a path."""
+
+    def _check(self) -> None:
+        if not self.profile.strip():
+            raise ScenarioError(f"profile must name an acceptance profile (a CSV under profiles/ or a path), got {self.profile!r}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -330,11 +337,15 @@ class ModelConfig(Section):
     """Rows of the LM head (SmolLM2-135M: 49152)."""
     dtype: str = "float32"
     """Dtype of hidden states on the wire: float32, float16 or bfloat16."""
+    context_tokens: int = 0
+    """Positions the model attends to (prompt + output of one request); 0: not bounded. The runtime
+    fills it from the model (SmolLM2-135M: 8192) and refuses longer requests."""
 
     def _check(self) -> None:
         at_least(self, "n_layers", 1)
         at_least(self, "hidden_size", 1)
         at_least(self, "vocab_size", 2)  # one token leaves nothing to draft or decide
+        at_least(self, "context_tokens", 0)
         if self.dtype not in DTYPE_BYTES:
             raise ScenarioError(f"dtype must be one of {', '.join(sorted(DTYPE_BYTES))}, got {self.dtype!r}")
 
@@ -377,6 +388,11 @@ class Scenario(Section):
         if self.workload.arrivals is not Arrivals.TRACE and n_tokens > MAX_OUTPUT_TOKENS:
             raise ScenarioError(f"workload.n_requests x decoding.max_new_tokens must be <= {MAX_OUTPUT_TOKENS} "
                                 f"(every step's records are kept in memory), got {n_tokens}")  # fmt: skip
+        context = self.model.context_tokens
+        if context and self.workload.arrivals is not Arrivals.TRACE and \
+                self.workload.prompt_tokens + self.decoding.max_new_tokens > context:  # fmt: skip
+            raise ScenarioError(f"workload.prompt_tokens + decoding.max_new_tokens must be <= model.context_tokens = "
+                                f"{context}, got {self.workload.prompt_tokens + self.decoding.max_new_tokens}")  # fmt: skip
         vocab = self.model.vocab_size
         for key, value in (("tree.topk", self.tree.topk), ("expansion.topk", self.expansion.topk),
                            ("pipedec.width", self.pipedec.width)):  # fmt: skip

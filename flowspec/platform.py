@@ -23,7 +23,7 @@ from typing import Protocol
 from flowspec.config import HeadPlacement, LinkConfig, Scenario
 from flowspec.messages import Command, Draft, Event, SegmentReturned, WireSizes
 from flowspec.policy import device_scenario, spec
-from flowspec.costs import DeviceProfile, DraftNodeCostModel, LinkCostModel, StageCostModel
+from flowspec.costs import DeviceProfile, DraftNodeCostModel, LinkCostModel, ProfileError, StageCostModel
 from flowspec.links import Link, LinkProfile, ProfiledLink, RatedLink
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
@@ -94,14 +94,23 @@ def resolve_profile(name: str, profiles_dir: Path = PROFILES_DIR) -> Path:
     return path if path.exists() else profiles_dir / name
 
 
+def _device(name: str, key: str, profiles_dir: Path) -> DeviceProfile:
+    """The device profile a scenario key names; a profile that cannot be read names the key too."""
+    try:
+        return DeviceProfile.load(resolve_profile(name, profiles_dir))
+    except ProfileError as e:
+        raise ProfileError(f"{key} = {name!r}: {e}") from None
+
+
 class ProfiledPlatform:
     """Costs from measured (or estimated) profiles, for the stages and layer split of a scenario."""
 
     def __init__(self, scenario: Scenario, profiles_dir: Path = PROFILES_DIR) -> None:
         slowdown = scenario.devices.slowdown
+        per_stage = bool(scenario.devices.per_stage)
         self._stages = [
             StageCostModel(
-                DeviceProfile.load(resolve_profile(name, profiles_dir)),
+                _device(name, f"devices.per_stage.{i}" if per_stage else "devices.stage", profiles_dir),
                 n_layers=n_layers,
                 first=i == 0,
                 last=i == scenario.pipeline.n_stages - 1,
@@ -109,7 +118,7 @@ class ProfiledPlatform:
             )
             for i, (name, n_layers) in enumerate(zip(scenario.stage_profiles, scenario.stage_layers))
         ]
-        self._d0 = DraftNodeCostModel(DeviceProfile.load(resolve_profile(scenario.devices.draft, profiles_dir)), slowdown=slowdown)
+        self._d0 = DraftNodeCostModel(_device(scenario.devices.draft, "devices.draft", profiles_dir), slowdown=slowdown)
         ranks = range(scenario.pipeline.n_stages + 1)  # D0, then V1..VN: one egress link each
         self._links = [link_model(scenario.network.link(rank), profiles_dir) for rank in ranks]
 

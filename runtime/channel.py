@@ -19,6 +19,7 @@ lifts the soft open-file limit, since every connection costs a descriptor until 
 
 from __future__ import annotations
 
+import errno
 import resource
 
 import zmq
@@ -43,6 +44,10 @@ def raise_fd_limit(limit: int = FD_LIMIT) -> int:
         except (ValueError, OSError):  # a container may refuse; the old limit still works
             pass
     return soft
+
+
+class ListenError(OSError):
+    """The inbox cannot bind its configured address (bad input: exit code 2)."""
 
 
 class StageTimeout(RuntimeError):
@@ -77,6 +82,10 @@ class Endpoint:
                 port = self.inbox.bind_to_random_port(where)
         except zmq.ZMQError as e:
             self.context.destroy(linger=0)
+            if e.errno == errno.EADDRINUSE and port:  # bad input: a testbed's configured port is taken
+                raise ListenError(f"rank {rank}: cannot listen on {where}:{port}: the port is in use (it is "
+                                  f"runtime.base_port + {rank}: another run or program holds it; choose another "
+                                  "runtime.base_port)") from None  # fmt: skip
             raise OSError(f"rank {rank}: cannot listen on {where}:{port or '*'}: {e}") from None
         self.address = f"tcp://{host}:{port}"
         self.poller = zmq.Poller()

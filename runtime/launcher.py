@@ -82,7 +82,8 @@ def with_model_shapes(scenario: Scenario, model_dir: Path) -> Scenario:
     config = AutoConfig.from_pretrained(model_dir)
     data = scenario_to_dict(scenario)
     data["model"].update(n_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
-                         vocab_size=config.vocab_size, dtype=scenario.runtime.dtype)  # fmt: skip
+                         vocab_size=config.vocab_size, dtype=scenario.runtime.dtype,
+                         context_tokens=int(getattr(config, "max_position_embeddings", 0) or 0))  # fmt: skip
     eos = scenario.decoding.eos_token_id
     if eos is None and scenario.runtime.stop_at_eos:
         try:

@@ -49,7 +49,24 @@ def requests_for(scenario: Scenario, tokenizer: Any, *, prompt: str | None = Non
     """The run's requests: `prompt`, else the file's, else the built-in prompts (workload.n_requests
     of them; random token prompts of workload.prompt_tokens without a tokenizer), arriving as the
     scenario's workload says — the same arrival times the simulator draws (`flowspec.workload`)."""
-    return with_prompts(scenario, prompts_for(scenario, tokenizer, prompt=prompt, prompts_file=prompts_file), base_dir)
+    requests = with_prompts(scenario, prompts_for(scenario, tokenizer, prompt=prompt, prompts_file=prompts_file), base_dir)
+    source = prompts_file or ("--prompt" if prompt is not None else "the built-in prompts")
+    check_requests(requests, scenario, str(source))
+    return requests
+
+
+def check_requests(requests: list[Request], scenario: Scenario, source: str) -> None:
+    """Every token id is in the model's vocabulary and every request fits its context: past it,
+    positions have no meaning the model learned, and a stage would compute nonsense silently."""
+    vocab, context = scenario.model.vocab_size, scenario.model.context_tokens
+    for r in requests:
+        where = f"{source}: request {r.request_id}"
+        if max(r.prompt) >= vocab:
+            raise ScenarioError(f"{where}: token id {max(r.prompt)} is outside the model's vocabulary of {vocab}")
+        n_new = r.max_new_tokens or scenario.decoding.max_new_tokens
+        if context and len(r.prompt) + n_new > context:
+            raise ScenarioError(f"{where}: {len(r.prompt)} prompt tokens + {n_new} new ones exceed the model's "
+                                f"context of {context} positions (shorten the prompt or lower max_new_tokens)")  # fmt: skip
 
 
 def prompts_for(scenario: Scenario, tokenizer: Any, *, prompt: str | None = None,

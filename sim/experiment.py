@@ -25,7 +25,7 @@ from flowspec import metrics
 from flowspec.config import Policy, Scenario, apply_overrides, scenario_from_dict, scenario_to_dict
 from flowspec.policy import device_scenario
 from flowspec.synthetic import ContextOracle, GroundTruth, HashLM, OracleDrafter
-from flowspec.costs import AcceptanceProfile
+from flowspec.costs import AcceptanceProfile, ProfileError
 from flowspec.records import RunResult
 from sim.engine import SimEngine
 from flowspec.platform import PROFILES_DIR, Platform, build_platform, resolve_profile
@@ -49,7 +49,10 @@ def build_engine(
     scenario = device_scenario(scenario)
     if platform is None:
         platform = build_platform(scenario, profiles_dir)
-    acceptance = AcceptanceProfile.load(resolve_profile(scenario.acceptance.profile, profiles_dir))
+    try:
+        acceptance = AcceptanceProfile.load(resolve_profile(scenario.acceptance.profile, profiles_dir))
+    except ProfileError as e:
+        raise ProfileError(f"acceptance.profile = {scenario.acceptance.profile!r}: {e}") from None
     truth = GroundTruth(HashLM(scenario.model.vocab_size, 1, seed=scenario.seed))
     drafter = OracleDrafter(truth, rank_table=rank_table(acceptance), seed=scenario.seed)
     requests = build_workload(scenario, base_dir)

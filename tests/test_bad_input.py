@@ -5,6 +5,7 @@ never another exception."""
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,9 @@ def test_a_mutated_scenario_loads_or_names_the_key(mutations, tmp_path_factory) 
         return  # valid: `check` built everything `simulate` builds
     assert result.exit_code == 2, (mutations, result.output, repr(result.exception))
     message = result.stderr.strip()
-    assert message.startswith(f"error: {path}") and "Traceback" not in result.output, (mutations, message)
+    # a scenario error names the scenario file; a profile the scenario names, its key and the profile's file
+    named = message.startswith(f"error: {path}") or re.match(r"error: (devices|acceptance|network)[\w.]* = '", message)
+    assert named and "Traceback" not in result.output, (mutations, message)
 
 
 @pytest.mark.parametrize(("override", "message"), [
