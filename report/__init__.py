@@ -32,6 +32,7 @@ from report.plots import (
     KIND_LABELS,
     plot_gantt,
     plot_reach,
+    plot_hetedge,
     plot_speedup,
     plot_sweep,
     plot_utilization,
@@ -41,5 +42,5 @@ from report.tables import format_table, idle_shares, idle_table, summary_table, 
 from report.timeline import Frames, write_chrome_trace
 
 __all__ = ["IDLE_LABELS", "IDLE_STYLES", "KIND_COLORS", "KIND_LABELS", "Frames", "format_table", "idle_shares",
-           "idle_table", "plot_gantt", "plot_reach", "plot_speedup", "plot_sweep", "plot_utilization",
+           "idle_table", "plot_gantt", "plot_hetedge", "plot_reach", "plot_speedup", "plot_sweep", "plot_utilization",
            "plot_validation", "summary_table", "utilization_table", "write_chrome_trace", "write_comparison"]
