@@ -24,13 +24,33 @@ next run. No decision is made here: the core decides, this module moves bytes an
 Liveness: every wait is a poll with a timeout. A stage silent for `runtime.timeout_s` raises
 `StageTimeout` naming it; a stage that reports an error raises `RemoteError` with its traceback;
 `check_peers` (the launcher's watch over its child processes) runs on every loop.
+
+Progress: silence is not the only way to stop. A stage can heartbeat and never pass its segment on
+(a segment it cannot run, a bug, a test's deliberate wedge). Every stage's heartbeat is a `status`:
+the last segment it passed on and when. While a segment is in flight, the pipeline *moves* when D0
+sends into an empty pipeline, a segment comes back, any stage passes one on, or an emulated link
+still carries one. If it has not moved for `runtime.timeout_s` plus one heartbeat interval
+(timeout_s / 4), the run ends with `StageTimeout` naming the oldest segment in flight, its
+request, how long ago it was sent, and the stage that holds it: the one after the last stage that
+reports passing it on. Why that deadline: one hop (a stage's forward, padded on an emulated board,
+plus its link) already has to fit in `runtime.timeout_s`, or the stage's silence ends the run; the
+pipeline moves at least once per hop, so a long prefill on a slow board moves as often as it is
+allowed to be silent, and the watchdog trips only where silence would, had the stage stopped
+heartbeating. The extra heartbeat interval covers a status that is one heartbeat old, and lets a
+stage that knows why it is stuck (a segment waiting for a prune: `runtime.stage`) say so first,
+on the same timeout_s. It is checked only with D0's inbox drained, so statuses waiting behind a
+busy D0 are never mistaken for silence.
+
+A run that fails part-way keeps what it finished: `completed()` is the result of the requests that
+finished before the failure (their outputs and D0's records of them).
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -52,7 +72,7 @@ from flowspec.messages import (
 )
 from flowspec.pipeline import PipelineCore, ProtocolError
 from flowspec.platform import d0_draft_cost_ms, d0_step_cost_ms
-from flowspec.records import ComputeRecord, LinkTransfer, RunResult, StageSpan
+from flowspec.records import ComputeRecord, LinkTransfer, RunRecords, RunResult, StageSpan
 from flowspec.workload import Request
 from flowspec.tree import Drafter, DraftTree, IntArray
 from runtime import wire
@@ -81,6 +101,16 @@ def _no_check() -> None:
     pass
 
 
+@dataclass(frozen=True, slots=True)
+class StageStatus:
+    """A stage's last `status` heartbeat: how far it got in this run."""
+
+    forwarded: int  # the last segment it passed on (-1: none yet)
+    t_forwarded: float  # when, on D0's monotonic clock (0.0: never)
+    queued: int  # segments waiting in its queue
+    t_seen: float  # when D0 received the status (monotonic)
+
+
 class DraftNode:
     def __init__(
         self,
@@ -105,6 +135,11 @@ class DraftNode:
         self._last_heartbeat = 0.0
         self._reports: dict[int, dict] = {}
         self.rejected: dict[int, int] = {}  # frames each stage rejected during the last run (its report)
+        self._status: dict[int, StageStatus] = {}
+        self._in_flight: OrderedDict[int, tuple[int, float]] = OrderedDict()  # segment id -> (request id, t_sent)
+        self._t_returned = 0.0  # when the last segment came back (monotonic)
+        self.finished: set[int] = set()  # request ids the current (or last) run finished
+        self.core: PipelineCore | None = None  # the current (or last) run's
 
     # ---- start-up -------------------------------------------------------------------------------
 
@@ -154,6 +189,11 @@ class DraftNode:
             raise RemoteError(f"stage {msg.sender} failed:\n{msg.fields['message']}")
         if msg.type == "report":
             self._reports[msg.sender] = msg.fields
+        if msg.type == "status":
+            f = msg.fields
+            t_forwarded = min(float(f["t_forwarded_s"]), self.last_seen[msg.sender])  # clock offsets are estimates
+            self._status[msg.sender] = StageStatus(int(f["forwarded"]), t_forwarded, int(f["queued"]),  # type: ignore[arg-type]
+                                                   self.last_seen[msg.sender])  # fmt: skip
 
     # ---- one run --------------------------------------------------------------------------------
 
@@ -171,6 +211,7 @@ class DraftNode:
         stage ends clean. The run is traced (`flowspec.replay`), so the simulator can replay it.
         `emulated`: the policy's scenario as the simulator reads it, for an emulated testbed
         (`runtime.emulation`); its times are then reported divided by the dilation."""
+        self.core = None
         self.emulation = Emulation.of(emulated)
         self.pad = None if self.emulation is None else Pad(self.emulation)
         self.dilation = 1.0 if self.emulation is None else self.emulation.dilation
@@ -194,7 +235,8 @@ class DraftNode:
         arrivals = [r.t_arrival_s or 0.0 for r in requests]
         pending = deque(range(len(requests)))
         events: deque[Event] = deque()
-        finished: set[int] = set()
+        finished = self.finished = set()
+        self._status, self._in_flight, self._t_returned = {}, OrderedDict(), 0.0
         heartbeat_s = scenario.runtime.timeout_s / 4
         for rank in self.last_seen:
             self.last_seen[rank] = time.monotonic()
@@ -227,13 +269,17 @@ class DraftNode:
             if not closed_loop and pending:
                 wait = min(wait, max(0.0, arrivals[pending[0]] - self.now()) * self.dilation)
             msg = self.link.recv(wait)
+            drained = True
             while msg is not None:
                 event = self._on_message(msg)
                 if event is not None:
                     events.append(event)
+                    drained = False
                     break  # handle returns in arrival order, between them the commands they cause
                 msg = self.link.recv(0.0)
             self._keep_alive(heartbeat_s)
+            if drained:
+                self._watch_progress(time.monotonic())
         wall_s = self.now()
         self.link.settle()  # the last prunes are still on D0's emulated link
         self._flush()
@@ -271,6 +317,7 @@ class DraftNode:
         em = self.emulation
         for cmd in cmds:
             if isinstance(cmd, SendSegment):
+                self._in_flight[cmd.segment.segment_id] = (cmd.segment.request_id, time.monotonic())
                 nbytes = 0 if em is None else em.wire.segment(len(cmd.segment), first_hop=True)
                 self.link.send_paced(1, wire.encode_segment(cmd.segment, 0), nbytes, "segment")
             elif isinstance(cmd, BroadcastPrune):
@@ -327,13 +374,15 @@ class DraftNode:
 
     def _on_message(self, msg: wire.Message) -> Event | None:
         self._control(msg)
-        if msg.type in ("heartbeat", "ready"):
+        if msg.type in ("heartbeat", "status", "ready"):
             return None
         if msg.type != "segment" or msg.sender != self.n_stages:
             raise ProtocolError(f"{msg.type} message from rank {msg.sender}: D0 expects segments from "
                                 f"stage {self.n_stages} only while serving")  # fmt: skip
         seg = wire.to_segment(msg)
         t_real = time.monotonic()
+        self._in_flight.pop(seg.segment_id, None)  # one out of order is the core's to reject
+        self._t_returned = t_real
         hidden = msg.arrays.get("hidden")
         h = None if hidden is None else hidden_from_wire(hidden, msg.dtypes["hidden"])
         observe = getattr(self.timed.inner, "observe", None)  # drafters that read the target's features
@@ -405,6 +454,59 @@ class DraftNode:
                                    f"(runtime.timeout_s = {timeout:g})")  # fmt: skip
         self.check_peers()
 
+    def _watch_progress(self, now: float) -> None:
+        """Raise `StageTimeout` if work is in flight and the pipeline has not moved for
+        `runtime.timeout_s` and a heartbeat (see the module docstring), naming the stage that holds
+        the oldest segment."""
+        if not self._in_flight or self.link.busy:
+            return
+        segment_id, (request_id, t_sent) = next(iter(self._in_flight.items()))
+        t_moved = max([t_sent, self._t_returned, *(s.t_forwarded for s in self._status.values())])
+        timeout = self.scenario.runtime.timeout_s
+        if now - t_moved <= timeout * 1.25:
+            return
+        raise StageTimeout(f"no progress for {now - t_moved:.1f} s while the stages heartbeat (runtime.timeout_s = "
+                           f"{timeout:g}): segment {segment_id} of request {request_id}, sent {now - t_sent:.1f} s ago, "
+                           f"{self._whereabouts(segment_id, now)}")  # fmt: skip
+
+    def _whereabouts(self, segment_id: int, now: float) -> str:
+        """Where segment `segment_id` is stuck, by the stages' statuses: after the last stage that
+        passed it on (statuses are up to a heartbeat old, so a later stage's word beats an earlier's)."""
+        passed = [rank for rank, s in self._status.items() if s.forwarded >= segment_id]
+        rank = max(passed, default=0) + 1
+        if rank > self.n_stages:
+            return "which every stage passed on and D0 never received"
+        where = f"stage {rank} ({self.addresses.get(rank, '?')})"
+        status = self._status.get(rank)
+        if status is None:
+            return f"is held by {where}, which has sent no status this run"
+        said = (f"its status {now - status.t_seen:.1f} s ago: {status.queued} segment(s) queued, last passed on "
+                f"{'none' if status.forwarded < 0 else f'segment {status.forwarded}'}")  # fmt: skip
+        if status.queued == 0:
+            return f"has not reached {where} ({said})"
+        return f"is held by {where} ({said})"
+
+    def completed(self) -> RunResult | None:
+        """The requests the last run finished — their outputs and D0's records of them — for a run
+        that failed part-way (`serve` returns the full result otherwise). The stages' spans and the
+        link transfers are not in it: they come with the stages' reports after a flush, which a
+        failed pipeline cannot give. Outputs hold every request that started, committed tokens so
+        far; only the finished ones have records. None if the run failed before it began."""
+        if self.core is None:
+            return None
+        done = self.finished
+        rec = self.core.records
+
+        def keep(rows: list) -> list:
+            return [r for r in rows if r.request_id in done]
+
+        records = RunRecords(steps=keep(rec.steps), nodes=keep(rec.nodes), rounds=keep(rec.rounds),
+                             requests=keep(rec.requests), stage_spans=keep(sorted(self.spans, key=lambda s: s.t_start_s)),
+                             commands=keep(rec.commands), proposals=keep(rec.proposals), decisions=keep(rec.decisions),
+                             traced=rec.traced)  # fmt: skip
+        outputs = {rid: list(tokens) for rid, tokens in self.core.outputs.items()}
+        return RunResult(outputs, records, self.now())
+
     def _flush(self) -> None:
         self._reports = {}
         self.endpoint.send_all(wire.encode("flush", 0, {"clock_s": time.monotonic()}))
@@ -413,7 +515,7 @@ class DraftNode:
             msg = self.endpoint.recv(min(0.25, self.scenario.runtime.timeout_s))
             if msg is not None:
                 self._control(msg)
-                if msg.type not in ("report", "heartbeat"):
+                if msg.type not in ("report", "heartbeat", "status"):
                     raise ProtocolError(f"{msg.type} message from rank {msg.sender}: expected a report after flush")
             self.check_peers()
             if time.monotonic() > deadline:

@@ -131,6 +131,11 @@ class PacedEndpoint:
         heapq.heappush(self._due, (t_recv, next(self._seq), rank, frames))
         self._release()
 
+    @property
+    def busy(self) -> bool:
+        """Whether data messages are still on this device's emulated link (always False without emulation)."""
+        return bool(self._due)
+
     def _release(self) -> None:
         now = time.monotonic()
         while self._due and self._due[0][0] <= now:

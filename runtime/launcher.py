@@ -9,11 +9,16 @@ EOS id. The whole model is loaded only where something asks for it (`generate`, 
 
 `Cluster` is a context manager for a loopback run: it binds D0's inbox in this process,
 starts one `python -m runtime.stage` child per stage (one torch thread each, logs in a temporary
-folder), and connects. Leaving the block — normally, by an exception, or by Ctrl-C — stops the
-children, waits briefly, then terminates and finally kills whatever is left, so no process
-outlives the run. While serving, D0 polls the children: one that exits is reported by rank with
-its exit status and the tail of its log. With `runtime.hosts` set it is a testbed instead: D0
-listens at hosts[0]:base_port and each board runs `flowspec stage SCENARIO --rank R`.
+folder), and connects. Leaving the block — normally, by an exception, or by a signal (under
+`runtime.shutdown.signals_raise`, SIGINT and SIGTERM are exceptions too) — stops the children,
+waits briefly, then terminates and finally kills whatever is left, and removes the temporary
+folder, so nothing outlives the run; a signal during that cleanup waits for its end
+(`shielded`). The children run in a session of their own: a terminal's Ctrl-C, or `timeout`
+signalling its process group, reaches D0 alone, which stops them in order instead of racing their
+deaths. A child whose launcher vanishes (SIGKILL) notices and exits (`StagePlan.watch_parent`).
+While serving, D0 polls the children: one that exits is reported by rank with its exit status and
+the tail of its log. With `runtime.hosts` set it is a testbed instead: D0 listens at
+hosts[0]:base_port and each board runs `flowspec stage SCENARIO --rank R`.
 
 One cluster serves several policies in turn (stages are policy-agnostic); single-sd needs a
 one-stage cluster of its own. `run_policies` yields each policy's result as soon as it exists,
@@ -44,6 +49,7 @@ from flowspec.workload import Request
 from runtime.draft_node import DraftNode
 from runtime.models import (Echo, check_devices, load_model, load_tokenizer, quiet, read_head,
                             resolve_model)  # fmt: skip
+from runtime.shutdown import shielded
 from runtime.stage import layer_ranges
 
 LOG_TAIL_LINES = 25
@@ -200,7 +206,8 @@ class Cluster:
             cmd = [sys.executable, "-m", "runtime.stage", str(spec), "--rank", str(rank), "--d0",
                    self.endpoint.address, "--model-dir", str(self.target.model_dir), *emulate]  # fmt: skip
             with open(log, "wb") as out:
-                self.procs[rank] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                self.procs[rank] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                                    start_new_session=True)  # fmt: skip
         self.node = DraftNode(self.scenario, self.endpoint, self.target.lm_head, self.ranges, check_peers=self.check)
         t = time.monotonic()
         self.node.connect()
@@ -229,26 +236,27 @@ class Cluster:
         return result
 
     def close(self) -> None:
-        if self.node is not None:
-            self.node.stop()
-        deadline = time.monotonic() + 2.0  # told to stop, a healthy stage exits within milliseconds
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=max(0.05, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=1.0)
-            except subprocess.TimeoutExpired:  # hung, or stopped (SIGSTOP defers SIGTERM)
-                proc.kill()
-                proc.wait()
-        if self.endpoint is not None:
-            self.endpoint.close()
-            self.endpoint = None
-        if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
-            self.folder = None
+        with shielded():
+            if self.node is not None:
+                self.node.stop()
+            deadline = time.monotonic() + 2.0  # told to stop, a healthy stage exits within milliseconds
+            for proc in self.procs.values():
+                try:
+                    proc.wait(timeout=max(0.05, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    proc.terminate()
+            for proc in self.procs.values():
+                try:
+                    proc.wait(timeout=1.0)
+                except subprocess.TimeoutExpired:  # hung, or stopped (SIGSTOP defers SIGTERM)
+                    proc.kill()
+                    proc.wait()
+            if self.endpoint is not None:
+                self.endpoint.close()
+                self.endpoint = None
+            if self.folder is not None:
+                shutil.rmtree(self.folder, ignore_errors=True)
+                self.folder = None
 
 
 def _status(code: int) -> str:
@@ -270,10 +278,13 @@ def run_policies(
     echo: Echo = quiet,
     on_tokens: Callable[[Policy, int, tuple[int, ...]], None] | None = None,
     emulated: Scenario | None = None,
+    on_failure: Callable[[Policy, RunResult | None], None] | None = None,
 ) -> Iterator[tuple[Policy, RunResult]]:
     """Each policy's result on loopback, as soon as it exists (pipelined policies share a cluster).
     `emulated`: the scenario as the simulator reads it (its model, devices and network), when
-    emulate.dilation makes this an emulated testbed (`runtime.emulation`)."""
+    emulate.dilation makes this an emulated testbed (`runtime.emulation`). `on_failure`: given the
+    requests a policy finished before its run failed (`DraftNode.completed`), before the error
+    goes on and the cluster closes; it should only keep them, since the stages wait for it."""
     groups: list[list[Policy]] = [[p for p in policies if not spec(p).one_device],
                                   [p for p in policies if spec(p).one_device]]  # fmt: skip
     for group in groups:
@@ -287,6 +298,15 @@ def run_policies(
             for policy in group:
                 sc = stage_scenario(scenario, policy)
                 tokens_cb = None if on_tokens is None else (lambda rid, toks, p=policy: on_tokens(p, rid, toks))
-                result = cluster.serve(sc, drafter(sc), requests, run_id=f"{sc.name}/{policy}", on_tokens=tokens_cb,
-                                       emulated=None if emulated is None else stage_scenario(emulated, policy))  # fmt: skip
+                started = False
+                try:
+                    chosen = drafter(sc)
+                    started = True
+                    result = cluster.serve(sc, chosen, requests, run_id=f"{sc.name}/{policy}", on_tokens=tokens_cb,
+                                           emulated=None if emulated is None else stage_scenario(emulated, policy))  # fmt: skip
+                except BaseException:
+                    if started and on_failure is not None and cluster.node is not None:
+                        with shielded():
+                            on_failure(policy, cluster.node.completed())
+                    raise
                 yield policy, result

@@ -5,6 +5,15 @@ writes each policy's record frames (the simulator's tables, with `source = runti
 finishes, so a failure later — a stage killed, a timeout — loses nothing already computed. The
 first policy's text is streamed as it is generated; every later policy's tokens are compared with
 it, since at T = 0 every lossless policy must produce the same output.
+
+A policy whose run fails part-way — a stage lost, wedged or timed out, or SIGINT / SIGTERM to this
+process — still leaves the requests it finished: its folder gets their frames (D0's records; the
+stages' spans are lost with the pipeline), `outputs.jsonl` (every request that started: the
+finished with their finish reason, the one in progress with its committed tokens and none) and
+`failure.json` (the error, which requests finished). Signals are exceptions for the whole run
+(`runtime.shutdown`): the stages are stopped and the temporary folder removed as after any error,
+what is done is written, and the caller gets `Interrupted` back as the error, a `SystemExit` whose
+code (130 for SIGINT, 143 for SIGTERM) ends the process once the caller re-raises it.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from flowspec.records import RunResult
 from flowspec.workload import Request
 from runtime.launcher import Target, drafter_kind, make_drafter, merges_lookup, run_policies
 from runtime.prompts import requests_for
+from runtime.shutdown import Interrupted, shielded, signals_raise
 
 Echo = Callable[..., None]
 
@@ -79,6 +89,21 @@ def write_outputs(path: Path, requests: Sequence[Request], result: RunResult, to
             }) + "\n")  # fmt: skip
 
 
+def write_failed(folder: Path, requests: Sequence[Request], completed: RunResult, error: BaseException, tokenizer) -> None:
+    """A failed policy's folder: frames and outputs of the requests it finished, and `failure.json`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, frame in completed.frames().items():
+        frame.to_parquet(folder / f"{name}.parquet", index=False)
+    started = [r for r in requests if r.request_id in completed.outputs]
+    write_outputs(folder / "outputs.jsonl", started, completed, tokenizer)
+    finished = sorted(int(i) for i in completed.frames()["requests"]["request_id"])
+    (folder / "failure.json").write_text(json.dumps({
+        "error": str(error), "kind": type(error).__name__, "elapsed_s": completed.elapsed_s,
+        "completed_request_ids": finished,
+        "started_request_ids": [r.request_id for r in started],
+    }, indent=1) + "\n")  # fmt: skip
+
+
 def overrun_summary(computes: pd.DataFrame, slack_ms: float) -> tuple[int, str]:
     """An emulated run's overrun count and its line: "N overruns in M padded computes (D0 a/b, ...)",
     naming each device that overran with its overruns / computes."""
@@ -108,7 +133,24 @@ def run_and_save(
     echo: Echo,
     stream: bool = True,
 ) -> tuple[dict[str, dict[str, pd.DataFrame]], BaseException | None, dict[str, RunResult]]:
-    """Frames by policy for every policy that finished, the error that stopped the rest, results."""
+    """Frames by policy for every policy that finished, the error that stopped the rest, results.
+    SIGINT and SIGTERM during the run come back as the error (`Interrupted`), after the cleanup."""
+    with signals_raise():
+        return _run_and_save(scenario, policies, folder, base_dir=base_dir, prompt=prompt, prompts_file=prompts_file,
+                             echo=echo, stream=stream)  # fmt: skip
+
+
+def _run_and_save(
+    scenario: Scenario,
+    policies: Sequence[Policy],
+    folder: Path,
+    *,
+    base_dir: Path | None,
+    prompt: str | None,
+    prompts_file: Path | None,
+    echo: Echo,
+    stream: bool,
+) -> tuple[dict[str, dict[str, pd.DataFrame]], BaseException | None, dict[str, RunResult]]:
     emulated = scenario if scenario.emulate.dilation else None  # as the simulator reads it: model, devices, network
     target = Target.load(scenario, base_dir=base_dir, echo=lambda m: echo(m, err=True))
     scenario = target.scenario
@@ -137,18 +179,24 @@ def run_and_save(
     done: dict[str, dict[str, pd.DataFrame]] = {}
     results: dict[str, RunResult] = {}
     reference: dict[int, list[int]] | None = None
+    failed: dict[Policy, RunResult | None] = {}  # the policy that failed part-way: what it finished
+
+    def keep_failed(policy: Policy, completed: RunResult | None) -> None:
+        failed[policy] = completed
+
     try:
         for policy, result in run_policies(scenario, target, policies, requests, echo=lambda m: echo(m, err=True),
                                            drafter=lambda sc: make_drafter(sc, target, base_dir=base_dir),
-                                           on_tokens=on_tokens, emulated=emulated):  # fmt: skip
-            frames = result.frames()
-            out = folder / str(policy)
-            out.mkdir(parents=True, exist_ok=True)
-            for name, frame in frames.items():
-                frame.to_parquet(out / f"{name}.parquet", index=False)
-            write_outputs(out / "outputs.jsonl", requests, result, target.tokenizer)
-            done[str(policy)] = frames
-            results[str(policy)] = result
+                                           on_tokens=on_tokens, emulated=emulated, on_failure=keep_failed):  # fmt: skip
+            with shielded():  # a finished policy is written whole, or a signal would leave half its files
+                frames = result.frames()
+                out = folder / str(policy)
+                out.mkdir(parents=True, exist_ok=True)
+                for name, frame in frames.items():
+                    frame.to_parquet(out / f"{name}.parquet", index=False)
+                write_outputs(out / "outputs.jsonl", requests, result, target.tokenizer)
+                done[str(policy)] = frames
+                results[str(policy)] = result
             n_tokens = sum(len(v) for v in result.outputs.values())
             if streamer is not None and policy is first:
                 echo("", err=False)
@@ -159,6 +207,15 @@ def run_and_save(
                 same = ", same tokens as " + str(first) if result.outputs == reference else ", OUTPUT DIFFERS"
             echo(f"  {policy}: {n_tokens} tokens in {result.elapsed_s:.2f} s ({n_tokens / result.elapsed_s:.1f} tok/s{same})"
                  f"{overrun_note(frames, emulated)}", err=True)  # fmt: skip
-    except Exception as e:  # keep what is done; the caller reports and exits non-zero
+    except (Exception, Interrupted) as e:  # keep what is done; the caller reports and exits non-zero
+        with shielded():
+            for policy, completed in failed.items():
+                if completed is not None:
+                    write_failed(folder / str(policy), requests, completed, e, target.tokenizer)
+                    n = len(completed.records.requests)
+                    echo(f"  {policy}: failed after {n} completed request(s); they are in {folder / str(policy)}/ "
+                         f"(outputs.jsonl, frames, failure.json)", err=True)  # fmt: skip
+            if isinstance(e, Interrupted):
+                echo(f"{e}: stages stopped, {len(done)} finished polic{'y' if len(done) == 1 else 'ies'} kept", err=True)
         return done, e, results
     return done, None, results

@@ -17,10 +17,14 @@ One set of stage processes serves several runs (policies) in turn: after each, D
 and the stage answers with a `report` of the run's spans and starts the next with an empty KV
 and a fresh ledger (prune versions restart at 1 with every run's core).
 
-Liveness: while idle the stage heartbeats to D0; if D0 is silent for `runtime.timeout_s` (it
-heartbeats too) the stage raises `StageTimeout`, as it does when the segment at the head of its
-queue has waited that long for a prune it claims to reflect. Any failure is reported to D0 as an
-`error` message with the traceback, and the process exits non-zero; `stop` ends it cleanly.
+Liveness: while idle the stage heartbeats to D0 with a `status` — the last segment it passed on,
+when, and how many wait in its queue — which D0's progress watchdog reads to name a stage that
+heartbeats but no longer moves; if D0 is silent for `runtime.timeout_s` (it heartbeats too) the
+stage raises `StageTimeout`, as it does when the segment at the head of its queue has waited that
+long for a prune it claims to reflect. Any failure is reported to D0 as an `error` message with
+the traceback, and the process exits non-zero; `stop` ends it cleanly. SIGINT and SIGTERM are
+failures too (`runtime.shutdown`): D0 hears which signal stopped which stage, and the exit code is
+130 or 143.
 
 Hostile or stray input: the inbox is reachable by anyone, so a frame is checked before anything
 is applied — by `wire.decode`, then against the stage's state: who may send which type, token ids
@@ -38,7 +42,9 @@ import argparse
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections import deque
@@ -56,6 +62,7 @@ from runtime.channel import Endpoint, RemoteError, StageTimeout, raise_fd_limit
 from runtime.emulation import Emulation, PacedEndpoint, Pad
 from runtime.model_slice import LayerSlice, hidden_from_wire, hidden_to_wire
 from runtime.models import read_head, torch_device
+from runtime.shutdown import Interrupted, signals_raise
 
 FROM_D0 = frozenset({"prune", "flush", "stop", "heartbeat"})  # what only D0 sends a stage while it serves
 MAX_QUEUED = 4096  # segments: a 245k-token prompt's chunks all at once; more is a flood
@@ -63,6 +70,9 @@ MAX_QUEUED_NBYTES = 1 << 30  # the frames queued segments hold
 MAX_DRAINED = 1000  # messages received in a row before the queue gets a turn: a flood cannot starve forwards
 LOGGED_REJECTIONS = 50  # per report, each logged; after that every 1000th, so a flood cannot fill a disk
 _ADDRESS = re.compile(r"tcp://[\w.\-:\[\]]+:\d{1,5}")
+# Test hook: with this set to its rank, a stage stops running segments on SIGUSR1 while it keeps
+# receiving and heartbeating — the wedge D0's progress watchdog exists for (tests/runtime/test_failures.py).
+WEDGE_ENV = "FLOWSPEC_TEST_WEDGE"
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +141,11 @@ class StageWorker:
         self._running = False  # a forward is under way: its ledger state must not be flushed
         self.rejected = 0  # frames dropped since the last report
         self.spans: list[list] = []
+        self.forwarded = -1  # the last segment passed on this run, and when (this stage's clock): the status
+        self.t_forwarded = 0.0
+        self.wedged = False  # the test hook (WEDGE_ENV)
+        if os.environ.get(WEDGE_ENV) == str(plan.rank) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGUSR1, self._wedge)
         self.stopping = False
         self.clock_offset_s = 0.0  # D0's clock minus this stage's (`_clock`)
         self._clock_samples = 0
@@ -198,20 +213,35 @@ class StageWorker:
     def serve(self) -> None:
         heartbeat_s = self.plan.timeout_s / 4
         while not self.stopping:
-            runnable = bool(self.queue) and self.ledger.ready(self.queue[0].segment)
+            runnable = self._runnable()
             self._drain(0.0 if runnable else heartbeat_s)
             if self.stopping:
                 break
-            while self.queue and self.ledger.ready(self.queue[0].segment) and not self._run_one():
+            while self._runnable() and not self._run_one():
                 pass  # the head was rejected: the next one may run
             now = time.monotonic()
             if now - self.last_to_d0 > heartbeat_s:
-                self._to_d0(wire.encode("heartbeat", self.plan.rank, {"clock_s": time.monotonic()}))
+                self._to_d0(self._status(now))
             if now - self.last_from_d0 > self.plan.timeout_s:
                 raise StageTimeout(f"stage {self.plan.rank}: no message from D0 for {now - self.last_from_d0:.1f} s "
                                    f"(runtime.timeout_s = {self.plan.timeout_s:g})")  # fmt: skip
             self._check_wedged(now)
             self._check_parent()
+
+    def _runnable(self) -> bool:
+        return bool(self.queue) and self.ledger.ready(self.queue[0].segment) and not self.wedged
+
+    def _wedge(self, signum: int, frame: object) -> None:
+        print(f"stage {self.plan.rank}: wedged on purpose ({WEDGE_ENV})", file=sys.stderr, flush=True)
+        self.wedged = True
+
+    def _status(self, now: float) -> list:
+        """The heartbeat D0 reads progress from. While an emulated link still carries data the
+        stage is moving (transmitting), so that counts as a forward now."""
+        t_forwarded = now if self.endpoint.busy else self.t_forwarded
+        t_d0 = 0.0 if self.forwarded < 0 and not self.endpoint.busy else t_forwarded + self.clock_offset_s
+        return wire.encode("status", self.plan.rank, {"forwarded": self.forwarded, "t_forwarded_s": t_d0,
+                                                     "queued": len(self.queue)})  # fmt: skip
 
     def _check_wedged(self, now: float) -> None:
         """Raise if the queue's head has waited `runtime.timeout_s` for a prune that has not come:
@@ -301,6 +331,7 @@ class StageWorker:
             self._to_d0(wire.encode("report", self.plan.rank, report))
             self.spans = []
             self.rejected = 0
+            self.forwarded, self.t_forwarded = -1, 0.0
             self.ledger = StageLedger()
             self.slice.reset()
         elif msg.type == "error":
@@ -419,6 +450,7 @@ class StageWorker:
             nbytes = self.emulation.wire.returned(len(seg), n_decided(seg)) if self.next_rank == 0 else \
                 self.emulation.wire.segment(len(seg), first_hop=False)  # fmt: skip
         self.endpoint.send_paced(self.next_rank, frames, nbytes, "segment")
+        self.forwarded, self.t_forwarded = seg.segment_id, time.monotonic()
         if self.next_rank == 0:
             self.last_to_d0 = time.monotonic()
 
@@ -452,6 +484,8 @@ class StageWorker:
 
     def report_failure(self, error: BaseException) -> None:
         text = "".join(traceback.format_exception(error)).rstrip()
+        if isinstance(error, Interrupted):  # not a bug: who stopped it is all D0 needs to say
+            text = f"stage {self.plan.rank} (pid {os.getpid()}) was stopped: {error}"
         try:
             self._to_d0(wire.encode("error", self.plan.rank, {"message": text}))
         except Exception:  # the failure being reported may be the socket itself
@@ -464,20 +498,23 @@ class StageWorker:
 def run_stage(plan: StagePlan, model_dir: Path, threads: int = 1, emulated: Scenario | None = None) -> int:
     """Serve until D0 says stop; the exit code (non-zero after a failure, which D0 is told about)."""
     raise_fd_limit()  # before the inbox exists: every connection to it, even a scanner's, holds a descriptor
-    worker = StageWorker(plan, model_dir, threads, emulated)
-    try:
-        worker.start()
-        worker.serve()
-        return 0
-    except KeyboardInterrupt:
-        return 130
-    except BaseException as e:
-        worker.report_failure(e)
-        print(f"stage {plan.rank} failed: {e}", file=sys.stderr)
-        traceback.print_exc()
-        return 1
-    finally:
-        worker.close()
+    with signals_raise():
+        worker = StageWorker(plan, model_dir, threads, emulated)
+        try:
+            worker.start()
+            worker.serve()
+            return 0
+        except Interrupted as e:  # SIGINT or SIGTERM: D0 is told, as of any failure, without a traceback
+            worker.report_failure(e)
+            print(f"stage {plan.rank}: {e}", file=sys.stderr)
+            return int(e.code)  # type: ignore[arg-type]
+        except BaseException as e:
+            worker.report_failure(e)
+            print(f"stage {plan.rank} failed: {e}", file=sys.stderr)
+            traceback.print_exc()
+            return 1
+        finally:
+            worker.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,9 +34,9 @@ import numpy as np
 from flowspec.messages import Prune, Segment, SegmentKind
 from flowspec.messages import ProtocolError
 
-PROTOCOL_VERSION = 5  # 2: heartbeat and flush carry the sender's clock; 3: report carries computes and
+PROTOCOL_VERSION = 6  # 2: heartbeat and flush carry the sender's clock; 3: report carries computes and
 # transfers; 4: a segment may carry the target's decisions (argmax, logits), a report its arrivals;
-# 5: a report counts the frames the stage rejected
+# 5: a report counts the frames the stage rejected; 6: a stage heartbeats with `status` (its progress)
 
 # Bounds on what a header may declare. Every header but a report is under 1 KB and 4 levels deep; a
 # report lists a run's spans (~80 bytes each), so its receiver (D0) raises the header bound.
@@ -82,6 +82,10 @@ SCHEMAS: dict[str, tuple[dict[str, type], dict[str, tuple[tuple[str, ...], int, 
     # D0's clock travels in peers, heartbeat and flush: a stage takes the offset from the least-delayed
     # of them, so that its spans land on D0's time axis (see runtime.stage, `clock_offset_s`).
     "heartbeat": ({"clock_s": float}, {}),
+    # a stage's heartbeat: alive, and how far it got — the last segment it passed on this run (-1:
+    # none yet), when (D0's clock), and how many wait in its queue — so D0's progress watchdog can
+    # tell a wedged stage that still heartbeats, and name it (runtime.draft_node)
+    "status": ({"forwarded": int, "t_forwarded_s": float, "queued": int}, {}),
     "flush": ({"clock_s": float}, {}),  # a run ended: report its spans, then forget it (KV, ledger, spans)
     # computes and transfers: an emulated run's padded computes and paced messages (empty otherwise)
     "report": ({"spans": list, "computes": list, "transfers": list, "arrivals": list, "rejected": int}, {}),

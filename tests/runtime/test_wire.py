@@ -84,7 +84,7 @@ GOOD = encode_segment(SEG, 2, hidden=np.zeros((3, 4), np.float32))
     "frames, message",
     [
         ([b"{nope"], "message from V2?: header is not JSON"),
-        (_tamper(GOOD, v=99), "message from rank 2: field v: protocol version 99, expected 5"),
+        (_tamper(GOOD, v=99), "message from rank 2: field v: protocol version 99, expected 6"),
         (_tamper(GOOD, type="gossip"), "message from rank 2: field type: unknown message type 'gossip'"),
         (_tamper(GOOD, fields__version=True), "segment message from rank 2: field version must be int, got True"),
         (_tamper(GOOD, fields__reset=_DROP), "segment message from rank 2: field reset must be bool, got None"),
