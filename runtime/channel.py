@@ -15,6 +15,14 @@ connection that has not completed the ZeroMQ handshake within `HANDSHAKE_MS` is 
 scanner, a health check, a stray HTTP client), as is a peer that sends a frame larger than
 `max_frame_nbytes`; TCP keepalive drops peers that vanished without closing. `raise_fd_limit`
 lifts the soft open-file limit, since every connection costs a descriptor until it is dropped.
+
+Who is heard (`runtime.security`): with a `Keyring` the inbox is a CURVE server and each PUSH
+socket a CURVE client holding its own pair and the peer's public key; with `allowed` addresses
+the inbox hears no one else. Both are decided by a ZAP handler (`ThreadAuthenticator`) on the
+endpoint's context, started before the inbox binds: without a handler libzmq would let any CURVE
+client in. A refused peer never completes its handshake, so nothing it sends reaches `recv` (its
+PUSH socket keeps the messages and retries, unheard). ZAP sees only connections with a security
+mechanism or a ZAP domain, so the inbox sets a domain: plain (NULL) connections are filtered too.
 """
 
 from __future__ import annotations
@@ -23,13 +31,16 @@ import errno
 import resource
 
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 
 from runtime import wire
+from runtime.security import Keyring
 
 LINGER_MS = 500  # a stop or error message still gets out when the process closes its sockets
 HANDSHAKE_MS = 5000  # ZeroMQ's default is 30 s; a real peer completes it in milliseconds, even on a testbed
 KEEPALIVE_IDLE_S = 30  # then probes every 10 s, 3 unanswered: a vanished peer's connection closes in ~1 min
 FD_LIMIT = 1 << 16  # raising the soft limit past this buys nothing a stage needs
+ZAP_DOMAIN = b"flowspec"  # any non-empty domain makes libzmq ask the handler about NULL connections too
 
 
 def raise_fd_limit(limit: int = FD_LIMIT) -> int:
@@ -60,12 +71,24 @@ class RemoteError(RuntimeError):
 
 class Endpoint:
     def __init__(self, rank: int, host: str = "127.0.0.1", port: int = 0, bind_host: str | None = None, *,
-                 max_header_nbytes: int = wire.MAX_HEADER_NBYTES, max_frame_nbytes: int = -1) -> None:  # fmt: skip
+                 max_header_nbytes: int = wire.MAX_HEADER_NBYTES, max_frame_nbytes: int = -1,
+                 keyring: Keyring | None = None, allowed: tuple[str, ...] = ()) -> None:  # fmt: skip
         """Bind the inbox on `bind_host` (default: `host`) at `port` (0: a free port); a peer that
-        sends a frame over `max_frame_nbytes` (-1: no bound) is disconnected."""
+        sends a frame over `max_frame_nbytes` (-1: no bound) is disconnected. `keyring`: CURVE on
+        the inbox and on every PUSH socket; `allowed`: the only IP addresses the inbox hears
+        (empty: any)."""
         self.rank = rank
         self.max_header_nbytes = max_header_nbytes
+        self.keyring = keyring
         self.context = zmq.Context()
+        self.auth: ThreadAuthenticator | None = None
+        if keyring is not None or allowed:
+            self.auth = ThreadAuthenticator(self.context)
+            self.auth.start()
+            if allowed:
+                self.auth.allow(*allowed)
+            if keyring is not None:
+                self.auth.configure_curve(domain=ZAP_DOMAIN.decode(), location=str(keyring.folder))  # pyzmq: no "*" wildcard here
         self.inbox = self.context.socket(zmq.PULL)
         self.inbox.setsockopt(zmq.LINGER, 0)
         self.inbox.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
@@ -74,6 +97,12 @@ class Endpoint:
         self.inbox.setsockopt(zmq.TCP_KEEPALIVE_IDLE, KEEPALIVE_IDLE_S)
         self.inbox.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 10)
         self.inbox.setsockopt(zmq.TCP_KEEPALIVE_CNT, 3)
+        if self.auth is not None:
+            self.inbox.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
+        if keyring is not None:
+            self.inbox.setsockopt(zmq.CURVE_SERVER, 1)
+            self.inbox.setsockopt(zmq.CURVE_PUBLICKEY, keyring.public)
+            self.inbox.setsockopt(zmq.CURVE_SECRETKEY, keyring.secret)
         where = f"tcp://{bind_host or host}"
         try:
             if port:
@@ -81,7 +110,9 @@ class Endpoint:
             else:
                 port = self.inbox.bind_to_random_port(where)
         except zmq.ZMQError as e:
-            self.context.destroy(linger=0)
+            self.inbox.close(linger=0)
+            self._stop_auth()
+            self.context.term()
             if e.errno == errno.EADDRINUSE and port:  # bad input: a testbed's configured port is taken
                 raise ListenError(f"rank {rank}: cannot listen on {where}:{port}: the port is in use (it is "
                                   f"runtime.base_port + {rank}: another run or program holds it; choose another "
@@ -97,6 +128,10 @@ class Endpoint:
             return
         sock = self.context.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, LINGER_MS)
+        if self.keyring is not None:
+            sock.setsockopt(zmq.CURVE_SERVERKEY, self.keyring.peers[rank])
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, self.keyring.public)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, self.keyring.secret)
         sock.connect(address)
         self.peers[rank] = sock
 
@@ -119,4 +154,11 @@ class Endpoint:
         for sock in self.peers.values():
             sock.close(linger=LINGER_MS)
         self.inbox.close(linger=0)
+        self._stop_auth()
         self.context.term()
+
+    def _stop_auth(self) -> None:
+        """Stop the ZAP handler's thread; its socket is on this context, so before `term`."""
+        if self.auth is not None:
+            self.auth.stop()
+            self.auth = None
