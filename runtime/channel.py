@@ -23,6 +23,9 @@ endpoint's context, started before the inbox binds: without a handler libzmq wou
 client in. A refused peer never completes its handshake, so nothing it sends reaches `recv` (its
 PUSH socket keeps the messages and retries, unheard). ZAP sees only connections with a security
 mechanism or a ZAP domain, so the inbox sets a domain: plain (NULL) connections are filtered too.
+With CURVE the key a message came with names its sender: the handler's user id for a connection
+is the client's public key, and a message whose claimed rank is not that key's rank fails like a
+malformed one (`ProtocolError`), so one board's key cannot speak for D0 or another stage.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import resource
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
+from flowspec.messages import ProtocolError
 from runtime import wire
 from runtime.security import Keyring
 
@@ -80,6 +84,8 @@ class Endpoint:
         self.rank = rank
         self.max_header_nbytes = max_header_nbytes
         self.keyring = keyring
+        # pyzmq's handler names a CURVE client by its Z85 public key: the frames' "User-Id"
+        self._rank_of_key = {} if keyring is None else {key.decode(): rank for rank, key in enumerate(keyring.peers)}
         self.context = zmq.Context()
         self.auth: ThreadAuthenticator | None = None
         if keyring is not None or allowed:
@@ -148,7 +154,13 @@ class Endpoint:
         if not self.poller.poll(max(0, int(timeout_s * 1000))):
             return None
         frames = self.inbox.recv_multipart(copy=False)
-        return wire.decode(frames, sender_hint=f"a peer of rank {self.rank}", max_header_nbytes=self.max_header_nbytes)
+        msg = wire.decode(frames, sender_hint=f"a peer of rank {self.rank}", max_header_nbytes=self.max_header_nbytes)
+        if self.keyring is not None:
+            rank = self._rank_of_key.get(frames[0].get("User-Id"))
+            if rank != msg.sender:
+                holder = "a key no rank of this run holds" if rank is None else f"the key of rank {rank}"
+                raise ProtocolError(f"{msg.type} message from rank {msg.sender}: came with {holder}")
+        return msg
 
     def close(self) -> None:
         for sock in self.peers.values():

@@ -35,7 +35,7 @@ counted (the count travels in the run's `report`) and dropped, leaving the stage
 Only a peer's `error`, D0's silence, a wedged queue and the stage's own failures end it. The
 sender rank is a claim: a forged frame that fits the state is obeyed. What narrows who can forge
 is the scenario's runtime.security (module `runtime.security`): on a testbed only the scenario's
-hosts are heard, and with CURVE only holders of the testbed's keys.
+hosts are heard, and with CURVE only holders of the testbed's keys, each for its own rank.
 """
 
 from __future__ import annotations

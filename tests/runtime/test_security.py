@@ -6,7 +6,8 @@ addresses; missing keys are bad input (exit 2) naming the key and the file.
 The attacks run on a 3-stage loopback cluster of the tiny random Llama: a PUSH socket of the test's
 own connects to stage 1's inbox and sends what would be rejected (random bytes) and what would be
 obeyed (a prompt chunk claiming to come from D0) if it were heard. A client holding D0's keys
-sends the same junk as a control, so the count that stays 0 could have moved.
+sends the same junk as a control, so the count that stays 0 could have moved; one holding stage
+3's key claims D0's rank, which the key it came with contradicts.
 """
 
 from __future__ import annotations
@@ -127,8 +128,9 @@ def test_missing_keys_are_bad_input_naming_the_key_and_the_file(tiny, tmp_path: 
 def test_a_curve_run_is_lossless_and_a_peer_without_the_keys_is_not_heard(tiny, tmp_path: Path) -> None:
     """Three CURVE stages decode the target's greedy output. A plain ZeroMQ peer and a CURVE peer
     whose key is not in the folder each send stage 1 a prompt chunk claiming to be D0's and
-    random frames: the chunk never comes round to D0 and no frame is counted; the control, which
-    holds D0's keys, gets every junk frame counted as rejected."""
+    random frames: the chunk never comes round to D0 and no frame is counted. A peer holding
+    stage 3's key is heard, but its chunk claiming D0's rank is rejected; the control, which holds
+    D0's keys, gets every junk frame counted as rejected."""
     keys = tmp_path / "keys"
     make_keys(keys, 3)
     target = Target.load(secured(tiny, keys))
@@ -145,7 +147,9 @@ def test_a_curve_run_is_lossless_and_a_peer_without_the_keys_is_not_heard(tiny, 
             stranger = curve_client(ctx, stage1, server_key, *zmq.curve_keypair())
             for push in (plain, stranger):
                 attack(push, rng)
-            deadline = time.monotonic() + 2.0  # a chunk that was heard is back at D0 in milliseconds
+            insider = curve_client(ctx, stage1, server_key, *zmq.auth.load_certificate(keys / "stage3.key_secret"))
+            insider.send_multipart(prompt_chunk())  # a testbed key, but D0's rank claimed: rejected
+            deadline = time.monotonic() + 2.0  # a chunk that was obeyed is back at D0 in milliseconds
             while time.monotonic() < deadline:
                 msg = cluster.endpoint.recv(0.1)
                 assert msg is None or msg.type == "status", msg  # the stages' heartbeats only
@@ -155,8 +159,9 @@ def test_a_curve_run_is_lossless_and_a_peer_without_the_keys_is_not_heard(tiny, 
             time.sleep(0.5)
             result = cluster.serve(stage_scenario(target.scenario, Policy.FLOWSPEC), PromptLookupDrafter(tiny.vocab), requests)
             assert [result.outputs[0], result.outputs[1]] == tiny.outputs
-            assert cluster.node.rejected == {1: N_JUNK, 2: 0, 3: 0}  # the control's junk only
-            assert "rejected frame #1: " in cluster.logs[1].read_text()
+            assert cluster.node.rejected == {1: 1 + N_JUNK, 2: 0, 3: 0}  # the insider's chunk and the control's junk
+            log = cluster.logs[1].read_text()
+            assert "rejected frame #1: segment message from rank 0: came with the key of rank 3" in log
             procs = list(cluster.procs.values())
     finally:
         ctx.destroy(linger=0)
