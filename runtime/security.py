@@ -8,8 +8,9 @@ Every process of a run — D0 (rank 0) and stages 1..N — has one CURVE key pai
 its own pair plus every process's public key, read from the folder `runtime.keys` names: its
 inbox is a CURVE server that accepts a client only if the client's public key is one of the
 `*.key` files in that folder (`runtime.channel.Endpoint`), and each PUSH socket it connects proves
-its own key and checks the peer's. So a board needs its own secret file and every public file;
-a folder holding the other boards' secrets works too, but gives them away.
+its own key and checks the peer's; a key speaks for its own rank only (`Endpoint.recv` rejects a
+message that claims another). So a board needs its own secret file and every public file; a
+folder holding the other boards' secrets works too, but gives them away.
 
 On a testbed (`runtime.hosts` set) an inbox also hears only the scenario's host addresses,
 resolved to IPs once at start-up (`peer_addresses`), whether or not CURVE is on. On loopback every
