@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import errno
 import resource
+import sys
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
@@ -45,6 +46,7 @@ HANDSHAKE_MS = 5000  # ZeroMQ's default is 30 s; a real peer completes it in mil
 KEEPALIVE_IDLE_S = 30  # then probes every 10 s, 3 unanswered: a vanished peer's connection closes in ~1 min
 FD_LIMIT = 1 << 16  # raising the soft limit past this buys nothing a stage needs
 ZAP_DOMAIN = b"flowspec"  # any non-empty domain makes libzmq ask the handler about NULL connections too
+MAX_LOGGED_REFUSALS = 100  # addresses, each logged once: a scan of a whole subnet cannot fill a disk
 
 
 def raise_fd_limit(limit: int = FD_LIMIT) -> int:
@@ -73,6 +75,32 @@ class RemoteError(RuntimeError):
     """A peer reported a failure (its traceback is in the message)."""
 
 
+class Gate(ThreadAuthenticator):
+    """The inbox's ZAP handler. It logs the first refusal of each address to stderr, so a board
+    whose address is not the one runtime.hosts gives (a second network interface, say) or whose
+    key is not in runtime.keys is named, not only unheard. (A plain peer knocking on a CURVE inbox
+    fails before ZAP is asked, so it goes unlogged.)"""
+
+    def __init__(self, context: zmq.Context, rank: int) -> None:
+        super().__init__(context)
+        self.rank = rank
+        self.refused: dict[str, str] = {}  # address -> pyzmq's reason, first refusals only
+        self._address = "?"
+
+    async def handle_zap_message(self, msg: list[bytes]) -> None:
+        self._address = msg[3].decode(errors="replace") if len(msg) > 3 else "?"
+        await super().handle_zap_message(msg)
+
+    def _send_zap_reply(self, request_id: bytes, status_code: bytes, status_text: bytes, user_id: str = "anonymous") -> None:
+        # pyzmq sends every verdict through here, and one request is handled at a time
+        address = self._address
+        if status_code != b"200" and address not in self.refused and len(self.refused) < MAX_LOGGED_REFUSALS:
+            self.refused[address] = status_text.decode(errors="replace")
+            print(f"rank {self.rank}: refused a connection from {address} ({self.refused[address]}): not one of "
+                  "runtime.hosts, or without a key from runtime.keys", file=sys.stderr, flush=True)  # fmt: skip
+        super()._send_zap_reply(request_id, status_code, status_text, user_id)
+
+
 class Endpoint:
     def __init__(self, rank: int, host: str = "127.0.0.1", port: int = 0, bind_host: str | None = None, *,
                  max_header_nbytes: int = wire.MAX_HEADER_NBYTES, max_frame_nbytes: int = -1,
@@ -87,9 +115,9 @@ class Endpoint:
         # pyzmq's handler names a CURVE client by its Z85 public key: the frames' "User-Id"
         self._rank_of_key = {} if keyring is None else {key.decode(): rank for rank, key in enumerate(keyring.peers)}
         self.context = zmq.Context()
-        self.auth: ThreadAuthenticator | None = None
+        self.auth: Gate | None = None
         if keyring is not None or allowed:
-            self.auth = ThreadAuthenticator(self.context)
+            self.auth = Gate(self.context, rank)
             self.auth.start()
             if allowed:
                 self.auth.allow(*allowed)
