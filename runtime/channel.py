@@ -113,7 +113,7 @@ class Endpoint:
         self.max_header_nbytes = max_header_nbytes
         self.keyring = keyring
         # pyzmq's handler names a CURVE client by its Z85 public key: the frames' "User-Id"
-        self._rank_of_key = {} if keyring is None else {key.decode(): rank for rank, key in enumerate(keyring.peers)}
+        self._rank_of_key = {} if keyring is None else {key.decode(): r for r, key in enumerate(keyring.peers)}
         self.context = zmq.Context()
         self.auth: Gate | None = None
         if keyring is not None or allowed:
