@@ -51,10 +51,11 @@ def _input_errors() -> tuple[type[Exception], ...]:
     """Errors that mean bad input (scenario, profile, trace file, model path): exit 2, no traceback."""
     from runtime.channel import ListenError
     from runtime.models import ModelError  # lazily: `flowspec check` needs neither backend
+    from runtime.security import KeysError
     from flowspec.costs import ProfileError
     from sim.replay import RunFolderError
 
-    return (ScenarioError, ProfileError, ModelError, RunFolderError, ListenError)
+    return (ScenarioError, ProfileError, ModelError, RunFolderError, ListenError, KeysError)
 
 
 def _runtime_failures() -> tuple[type[Exception], ...]:
@@ -293,9 +294,10 @@ def stage(scenario: Path, overrides: tuple[str, ...], rank: int) -> None:
     `flowspec run SCENARIO` on the draft node and this command on each stage's board.
     """
     from runtime.models import resolve_model
+    from runtime.security import with_keys_resolved
     from runtime.stage import run_stage, testbed_plan
 
-    sc = load_scenario(scenario, overrides)
+    sc = with_keys_resolved(load_scenario(scenario, overrides), scenario.parent)
     if not sc.runtime.hosts:
         raise ScenarioError(f"{scenario}: runtime.hosts must list the testbed (D0 first) for `flowspec stage`")
     if rank > sc.pipeline.n_stages:
@@ -304,8 +306,30 @@ def stage(scenario: Path, overrides: tuple[str, ...], rank: int) -> None:
     from runtime.launcher import with_model_shapes
 
     sc = with_model_shapes(sc, model_dir)  # the real model's layer count decides the split
-    click.echo(f"stage {rank}: listening on port {sc.runtime.base_port + rank}, D0 at {sc.runtime.hosts[0]}", err=True)
-    raise SystemExit(run_stage(testbed_plan(sc, rank), model_dir, sc.runtime.torch_threads))
+    plan = testbed_plan(sc, rank)  # reads the keys and resolves the hosts: bad input ends here, with exit 2
+    click.echo(f"stage {rank}: listening on port {sc.runtime.base_port + rank}, D0 at {sc.runtime.hosts[0]}"
+               f"{', CURVE on' if plan.keyring else ''}", err=True)  # fmt: skip
+    raise SystemExit(run_stage(plan, model_dir, sc.runtime.torch_threads))
+
+
+@main.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for the keys.")
+@click.option("--stages", "n_stages", type=click.IntRange(min=1), required=True, help="pipeline.n_stages of the testbed.")
+@reports_scenario_errors
+def keys(out: Path, n_stages: int) -> None:
+    """Make CURVE keys for a testbed: one pair for D0 and one per stage.
+
+    Writes d0.key and d0.key_secret, then stage1.key, stage1.key_secret, ... into OUT. A .key file
+    is public; a .key_secret file is that process's secret. Each board gets a folder holding its
+    own secret (D0: d0.key_secret; the board of stage R: stageR.key_secret) and every .key file,
+    and names that folder in runtime.keys with runtime.security: curve. Keep secrets off the other
+    boards: whoever holds one can speak as that process. Run it again into a new folder to change keys.
+    """
+    from runtime.security import make_keys
+
+    written = make_keys(out, n_stages)
+    click.echo(f"wrote {len(written) // 2} key pairs into {out}/: d0 and stage1..stage{n_stages} (.key public, "
+               f".key_secret secret); copy to each board its own .key_secret and every .key")
 
 
 @main.command("train-draft")

@@ -27,7 +27,7 @@ import yaml
 
 from flowspec import schema
 from flowspec.messages import DTYPE_BYTES
-from flowspec.runtime_config import DrafterKind, EmulateConfig, RuntimeConfig
+from flowspec.runtime_config import DrafterKind, EmulateConfig, RuntimeConfig, Security
 from flowspec.schema import ScenarioError, Section, at_least, at_most, from_dict, to_dict
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "Scenario",
     "ScenarioError",
     "Section",
+    "Security",
     "TreeConfig",
     "apply_overrides",
     "dump_scenario",

@@ -20,6 +20,11 @@ def _is_device(name: str) -> bool:
     return name in ("cpu", "cuda", "mps", "auto") or (kind == "cuda" and index.isdigit())
 
 
+class Security(StrEnum):
+    NONE = "none"  # plain ZeroMQ: on a testbed, only the scenario's host addresses are heard
+    CURVE = "curve"  # ZeroMQ CURVE: every connection authenticated by key and encrypted (runtime.keys)
+
+
 class DrafterKind(StrEnum):
     AUTO = "auto"  # eagle with the head shipped for the default model; ngram for other models
     NGRAM = "ngram"  # prompt lookup: continuations of earlier occurrences of the current suffix
@@ -53,6 +58,13 @@ class RuntimeConfig(Section):
     """Testbed addresses by rank, D0 first; empty: every process on this machine (loopback)."""
     base_port: int = 0
     """Rank r listens on base_port + r; 0 picks free ports (loopback only)."""
+    security: Security = Security.NONE
+    """none, or curve: peers authenticate with CURVE keys and their traffic is encrypted, for a
+    testbed on a shared network (keys from `flowspec keys`)."""
+    keys: str | None = None
+    """Folder of CURVE keys (security: curve): this process's `<name>.key_secret` and every
+    process's public `<name>.key`, names d0, stage1..stageN; relative paths are taken from the
+    scenario's folder."""
     timeout_s: float = 10.0
     """A peer silent for this long is declared dead (StageTimeout); heartbeats come 4x as often."""
     startup_timeout_s: float = 300.0
@@ -96,6 +108,9 @@ class RuntimeConfig(Section):
         if not self.startup_timeout_s > 0:
             raise ScenarioError(f"startup_timeout_s must be > 0, got {self.startup_timeout_s!r}")
         at_least(self, "torch_threads", 1)
+        if self.security is Security.CURVE and not self.keys:
+            raise ScenarioError("keys must name a folder of keys when security is curve (make them with "
+                                "`flowspec keys --out DIR --stages N`)")
         if self.drafter is DrafterKind.LM and not self.draft_model:
             raise ScenarioError(f"draft_model must name a folder when drafter is {self.drafter}")
 

@@ -18,7 +18,9 @@ signalling its process group, reaches D0 alone, which stops them in order instea
 deaths. A child whose launcher vanishes (SIGKILL) notices and exits (`StagePlan.watch_parent`).
 While serving, D0 polls the children: one that exits is reported by rank with its exit status and
 the tail of its log. With `runtime.hosts` set it is a testbed instead: D0 listens at
-hosts[0]:base_port and each board runs `flowspec stage SCENARIO --rank R`.
+hosts[0]:base_port and each board runs `flowspec stage SCENARIO --rank R`; every inbox then hears
+only the hosts' addresses, and with `runtime.security: curve` only holders of the testbed's keys
+(`runtime.security`).
 
 One cluster serves several policies in turn (stages are policy-agnostic); single-sd needs a
 one-stage cluster of its own. `run_policies` yields each policy's result as soon as it exists,
@@ -49,6 +51,7 @@ from flowspec.workload import Request
 from runtime.draft_node import DraftNode
 from runtime.models import (Echo, check_devices, load_model, load_tokenizer, quiet, read_head,
                             resolve_model)  # fmt: skip
+from runtime.security import keyring_for, peer_addresses, with_keys_resolved
 from runtime.shutdown import shielded
 from runtime.stage import layer_ranges
 
@@ -67,8 +70,11 @@ class Target:
     @classmethod
     def load(cls, scenario: Scenario, *, base_dir: Path | None = None, echo: Echo = quiet) -> Target:
         """D0's share of the target: its LM head and input embedding (the EAGLE drafter reads
-        both), read by name; the decoder layers stay on the stages."""
+        both), read by name; the decoder layers stay on the stages. runtime.keys comes back
+        absolute, and D0's keys are read here, before anything loads or starts."""
         check_devices(scenario)  # before anything loads or starts
+        scenario = with_keys_resolved(scenario, base_dir)  # the stages read a copy of the scenario elsewhere
+        keyring_for(scenario, 0)
         model_dir = resolve_model(scenario.runtime.model, base_dir=base_dir, echo=echo)
         head, embed = read_head(model_dir, with_embedding=True)
         return cls(with_model_shapes(scenario, model_dir), model_dir, head, embed, load_tokenizer(model_dir))
@@ -183,7 +189,8 @@ class Cluster:
         rt = self.scenario.runtime
         if rt.hosts:
             self.endpoint = Endpoint(0, rt.hosts[0], rt.base_port, bind_host="0.0.0.0",
-                                     max_header_nbytes=wire.MAX_REPORT_NBYTES)  # stages' reports list every span
+                                     max_header_nbytes=wire.MAX_REPORT_NBYTES,  # stages' reports list every span
+                                     keyring=keyring_for(self.scenario, 0), allowed=peer_addresses(rt.hosts))  # fmt: skip
             self.echo(f"D0 listening at {self.endpoint.address}; start each stage on its board with "
                       f"`flowspec stage SCENARIO --rank R` (R = 1..{len(self.ranges)})")  # fmt: skip
             self.node = DraftNode(self.scenario, self.endpoint, self.target.lm_head, self.ranges)
@@ -197,7 +204,7 @@ class Cluster:
         if self.emulated is not None and self.emulated.emulate.dilation:
             (self.folder / "emulated.yaml").write_text(dump_scenario(self.emulated))
             emulate = ["--emulated", str(self.folder / "emulated.yaml")]
-        self.endpoint = Endpoint(0, max_header_nbytes=wire.MAX_REPORT_NBYTES)
+        self.endpoint = Endpoint(0, max_header_nbytes=wire.MAX_REPORT_NBYTES, keyring=keyring_for(self.scenario, 0))
         n = len(self.ranges)
         self.echo(f"starting {n} stage process(es) on loopback ({self.target.model_dir.name})")
         for rank in range(1, n + 1):

@@ -33,7 +33,9 @@ within the vocabulary, hidden states of this model's width, a bounded queue, and
 state it will meet). A frame that fails is logged to stderr with its claimed sender and the reason,
 counted (the count travels in the run's `report`) and dropped, leaving the stage exactly as it was.
 Only a peer's `error`, D0's silence, a wedged queue and the stage's own failures end it. The
-sender rank is a claim: without authentication a forged frame that fits the state is obeyed.
+sender rank is a claim: a forged frame that fits the state is obeyed. What narrows who can forge
+is the scenario's runtime.security (module `runtime.security`): on a testbed only the scenario's
+hosts are heard, and with CURVE only holders of the testbed's keys, each for its own rank.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ from runtime.channel import Endpoint, RemoteError, StageTimeout, raise_fd_limit
 from runtime.emulation import Emulation, PacedEndpoint, Pad
 from runtime.model_slice import LayerSlice, hidden_from_wire, hidden_to_wire
 from runtime.models import read_head, torch_device
+from runtime.security import Keyring, keyring_for, peer_addresses
 from runtime.shutdown import Interrupted, signals_raise
 
 FROM_D0 = frozenset({"prune", "flush", "stop", "heartbeat"})  # what only D0 sends a stage while it serves
@@ -104,16 +107,19 @@ class StagePlan:
     head: bool = False  # the last stage with `pipeline.head: last`: it computes the target's decisions
     sampled: bool = False  # temperature > 0: it returns logits, not argmax ids
     features: bool = True  # it returns hidden states (always, unless `head` and D0's drafter does not read them)
+    keyring: Keyring | None = None  # runtime.security: curve
+    allowed: tuple[str, ...] = ()  # the IPs its inbox hears (a testbed's hosts); empty: any
 
 
 def _plan(scenario: Scenario, rank: int, d0: str, host: str, port: int, bind_host: str | None,
-          watch_parent: bool) -> StagePlan:  # fmt: skip
+          watch_parent: bool, allowed: tuple[str, ...] = ()) -> StagePlan:  # fmt: skip
     rt = scenario.runtime
     first, last = layer_ranges(scenario)[rank - 1]
     head = rank == scenario.pipeline.n_stages and scenario.pipeline.head is HeadPlacement.LAST
     return StagePlan(rank, scenario.pipeline.n_stages, first, last, d0, host, port, bind_host, rt.timeout_s,
                      rt.startup_timeout_s, *scenario.stage_compute(rank), watch_parent=watch_parent, head=head,
-                     sampled=scenario.decoding.temperature > 0, features=not head or scenario.features_on_the_wire)  # fmt: skip
+                     sampled=scenario.decoding.temperature > 0, features=not head or scenario.features_on_the_wire,
+                     keyring=keyring_for(scenario, rank), allowed=allowed)  # fmt: skip
 
 
 def layer_ranges(scenario: Scenario) -> list[tuple[int, int]]:
@@ -123,10 +129,11 @@ def layer_ranges(scenario: Scenario) -> list[tuple[int, int]]:
 
 
 def testbed_plan(scenario: Scenario, rank: int) -> StagePlan:
-    """Where stage `rank` listens and whom it reports to, from `runtime.hosts` and `base_port`."""
+    """Where stage `rank` listens and whom it reports to, from `runtime.hosts` and `base_port`; it
+    hears the hosts only. runtime.keys must be resolved already (`runtime.security.with_keys_resolved`)."""
     rt = scenario.runtime
     return _plan(scenario, rank, f"tcp://{rt.hosts[0]}:{rt.base_port}", rt.hosts[rank], rt.base_port + rank, "0.0.0.0",
-                 watch_parent=False)  # fmt: skip
+                 watch_parent=False, allowed=peer_addresses(rt.hosts))  # fmt: skip
 
 
 class StageWorker:
@@ -159,7 +166,8 @@ class StageWorker:
         config = AutoConfig.from_pretrained(model_dir)  # the bounds of what peers may send
         self.vocab_size, self.hidden_size = int(config.vocab_size), int(config.hidden_size)
         max_frame_nbytes = wire.MAX_ROWS * max(self.hidden_size * 4, 8)  # float32 hidden states or int64 ids
-        inner = Endpoint(plan.rank, plan.host, plan.port, plan.bind_host, max_frame_nbytes=max_frame_nbytes)
+        inner = Endpoint(plan.rank, plan.host, plan.port, plan.bind_host, max_frame_nbytes=max_frame_nbytes,
+                         keyring=plan.keyring, allowed=plan.allowed)  # fmt: skip
         self.endpoint = PacedEndpoint(inner, self.emulation, plan.rank)
         self.endpoint.connect(0, plan.d0_address)
         self.next_rank = plan.rank + 1 if plan.rank < plan.n_stages else 0

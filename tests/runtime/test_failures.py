@@ -35,6 +35,7 @@ def start_run(tiny, tmp_path: Path, env: dict[str, str] | None = None) -> tuple[
     spec.write_text(yaml.safe_dump({
         "pipeline": {"n_stages": 3},
         "decoding": {"max_new_tokens": LONG_TOKENS},
+        "workload": {"prompt_tokens": 12},  # the prompts file's length: within the tiny model's 256 positions
         "tree": {"total": 10, "topk": 3, "depth": 3, "segment_size": 4},
         "expansion": {"total": 6, "topk": 3, "depth": 2},
         "runtime": {"model": str(tiny.folder), "stop_at_eos": False, "timeout_s": TIMEOUT_S},
