@@ -246,6 +246,9 @@ class Cluster:
         with shielded():
             if self.node is not None:
                 self.node.stop()
+            for proc in self.procs.values():
+                if _stopped(proc.pid):  # SIGSTOPped: it can read no stop message and defers SIGTERM
+                    proc.kill()
             deadline = time.monotonic() + 2.0  # told to stop, a healthy stage exits within milliseconds
             for proc in self.procs.values():
                 try:
@@ -264,6 +267,15 @@ class Cluster:
             if self.folder is not None:
                 shutil.rmtree(self.folder, ignore_errors=True)
                 self.folder = None
+
+
+def _stopped(pid: int) -> bool:
+    """Whether process `pid` is stopped (SIGSTOP, or a debugger); False where /proc cannot tell."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2 : stat.rfind(")") + 3] in ("T", "t")  # the state follows "(comm) "
 
 
 def _status(code: int) -> str:

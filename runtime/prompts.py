@@ -94,7 +94,8 @@ def read_jsonl(path: Path, tokenizer: Any) -> list[Prompt]:
             raise ScenarioError(f"{where}: max_new_tokens must be an integer >= 1, got {max_new!r}")
         if "tokens" in row:
             tokens = row["tokens"]
-            if not (isinstance(tokens, list) and tokens and all(isinstance(t, int) and t >= 0 for t in tokens)):
+            # JSON true/false are not token ids, though Python's bool is an int
+            if not (isinstance(tokens, list) and tokens and all(type(t) is int and t >= 0 for t in tokens)):
                 raise ScenarioError(f"{where}: tokens must be a non-empty list of token ids")
             out.append((tuple(tokens), max_new))
             continue

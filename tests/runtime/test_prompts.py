@@ -8,8 +8,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from cli import main
+from flowspec.config import ScenarioError
+from runtime.prompts import read_jsonl
 
 TINY_YAML = str(Path(__file__).parents[2] / "scenarios" / "tiny.yaml")
 
@@ -39,3 +43,26 @@ def test_a_bad_prompts_file_is_refused_by_name_before_any_stage_starts(tiny, tmp
     assert result.exit_code == 2, result.output
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: {prompts}") and message in result.stderr
     assert "starting" not in result.stderr  # refused before the cluster
+
+
+VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 2**70), st.floats(allow_nan=True), st.text(max_size=6),
+                   st.lists(st.one_of(st.integers(-3, 200), st.booleans()), max_size=4), st.lists(st.dictionaries(st.sampled_from(["role", "content"]),
+                                                                                       st.text(max_size=4)), max_size=2))  # fmt: skip
+ROWS = st.dictionaries(st.sampled_from(["prompt", "messages", "input", "turns", "tokens", "max_new_tokens", "x"]), VALUES,
+                       max_size=3)  # fmt: skip
+LINES = st.lists(st.one_of(ROWS.map(json.dumps), st.text(max_size=12), st.just("[1, 2]"), st.just("")), max_size=4)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=LINES, tail=st.binary(max_size=6))
+def test_a_generated_prompts_file_is_read_or_refused_by_file_and_line(tmp_path, lines, tail) -> None:
+    """Whatever a prompts file holds, reading it gives prompts or an input error that starts with
+    the file (and the line, for a line that is wrong), never another exception."""
+    path = tmp_path / "generated.jsonl"
+    path.write_bytes("\n".join(lines).encode() + tail)
+    try:
+        prompts = read_jsonl(path, None)
+    except ScenarioError as e:
+        assert str(e).startswith(f"{path}:"), str(e)
+        return
+    assert prompts and all(tokens and all(type(t) is int and t >= 0 for t in tokens) for tokens, _ in prompts)
