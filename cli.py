@@ -3,8 +3,10 @@
 Rules: a command parses its options, calls one function, prints the result. Defaults are never
 declared here: a scenario file plus `--set dotted.key=value` overrides say everything, and the
 dataclasses in `flowspec/config.py` own every default. Exit codes: 0 ok, 1 the run failed (a
-traceback, since that is a bug or an environment problem), 2 the scenario is invalid (one line
-on stderr, no traceback; click's own usage errors share code 2).
+peer failed, timed out or stopped moving: one line naming it; otherwise a traceback, since that is
+a bug or an environment problem), 2 bad input (scenario, profile, prompts, model, keys, port: one
+line on stderr, no traceback; click's own usage errors share code 2), 130 interrupted (Ctrl-C),
+143 terminated (SIGTERM); interrupted or not, finished work is written and no stage is left.
 """
 
 from __future__ import annotations
