@@ -260,33 +260,6 @@ def run(scenario: Path, overrides: tuple[str, ...], policies: tuple[str, ...], p
 
 @main.command()
 @scenario_arguments
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder [runs/<scenario name>].")
-@reports_scenario_errors
-def hetedge(scenario: Path, overrides: tuple[str, ...], out: Path | None) -> None:
-    """Heterogeneous-edge speculative serving (arXiv 2510.11331) on a hetedge SCENARIO.
-
-    Many users upload prompts over a shared wireless uplink to an edge node that drafts; a strong
-    node verifies. Plans the uplink split, batches and speculation lengths jointly, then simulates
-    that plan against the paper's baselines (uniform uplink, maximal batching, autoregressive).
-    Prints a table; writes hetedge.csv and hetedge.png. Model and assumptions: sim/hetedge.py.
-    """
-    import pandas as pd
-
-    import report
-    from report.folder import claimed
-    from sim.hetedge import compare, load
-
-    sc = load(scenario, overrides)
-    table = pd.DataFrame(compare(sc))
-    click.echo(report.format_table(table))
-    with claimed(out or Path("runs") / sc.name, chosen=out is not None, echo=say) as folder:
-        table.to_csv(folder / "hetedge.csv", index=False)
-        plot = report.plot_hetedge(table, folder / "hetedge.png")
-    click.echo(f"\nwrote {folder}/hetedge.csv, {plot.name}")
-
-
-@main.command()
-@scenario_arguments
 @click.option("--rank", type=click.IntRange(min=1), required=True, help="This board's stage, 1..pipeline.n_stages.")
 @reports_scenario_errors
 def stage(scenario: Path, overrides: tuple[str, ...], rank: int) -> None:

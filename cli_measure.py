@@ -1,5 +1,6 @@
 """The `flowspec` commands of the validation loop: profile a device or a link, replay a run in the
-simulator, calibrate acceptance from runs, validate the simulator against the runtime (DESIGN §8). Same rules as `cli`: thin click layers over
+simulator, calibrate acceptance from runs, validate the simulator against the runtime (DESIGN §8); and
+`hetedge`, the multi-user family member simulated on its own scenario. Same rules as `cli`: thin click layers over
 plain functions, bad input is `error: ...` and exit 2.
 """
 
@@ -12,7 +13,7 @@ from typing import Any
 
 import click
 
-from cli import _runtime_failures, chosen_policies, main, policy_option, reports_scenario_errors, scenario_arguments
+from cli import _runtime_failures, chosen_policies, main, policy_option, reports_scenario_errors, say, scenario_arguments
 
 # --dilation auto times this machine's computes against the profiles at this dilation: padded, so
 # five processes contend less than at 1, whose inflated ratios would oversize the dilation.
@@ -353,3 +354,30 @@ def profile_link(listen: str | None, peer: str | None, out: Path | None, sizes: 
                    f"{p.throughput_mbps:>9.1f}")  # fmt: skip
     click.echo(f"wrote {out}/ (transfer.csv, meta.json) in {m.elapsed_s:.1f} s; listener {m.listener['hostname']}, "
                f"peer {m.peer['hostname']}")  # fmt: skip
+
+
+@main.command()
+@scenario_arguments
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder [runs/<scenario name>].")
+@reports_scenario_errors
+def hetedge(scenario: Path, overrides: tuple[str, ...], out: Path | None) -> None:
+    """Heterogeneous-edge speculative serving (arXiv 2510.11331) on a hetedge SCENARIO.
+
+    Many users upload prompts over a shared wireless uplink to an edge node that drafts; a strong
+    node verifies. Plans the uplink split, batches and speculation lengths jointly, then simulates
+    that plan against the paper's baselines (uniform uplink, maximal batching, autoregressive).
+    Prints a table; writes hetedge.csv and hetedge.png. Model and assumptions: sim/hetedge.py.
+    """
+    import pandas as pd
+
+    import report
+    from report.folder import claimed
+    from sim.hetedge import compare, load
+
+    sc = load(scenario, overrides)
+    table = pd.DataFrame(compare(sc))
+    click.echo(report.format_table(table))
+    with claimed(out or Path("runs") / sc.name, chosen=out is not None, echo=say) as folder:
+        table.to_csv(folder / "hetedge.csv", index=False)
+        plot = report.plot_hetedge(table, folder / "hetedge.png")
+    click.echo(f"\nwrote {folder}/hetedge.csv, {plot.name}")
