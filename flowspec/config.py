@@ -346,6 +346,9 @@ class ModelConfig(Section):
         at_least(self, "n_layers", 1)
         at_least(self, "hidden_size", 1)
         at_least(self, "vocab_size", 2)  # one token leaves nothing to draft or decide
+        at_most(self, "vocab_size", 2**31 - 1, "token ids are 32-bit integers")
+        at_most(self, "hidden_size", 2**20, "the widest hidden state a frame may carry")
+        at_most(self, "n_layers", 10_000, "one cost row per layer is kept")
         at_least(self, "context_tokens", 0)
         if self.dtype not in DTYPE_BYTES:
             raise ScenarioError(f"dtype must be one of {', '.join(sorted(DTYPE_BYTES))}, got {self.dtype!r}")
