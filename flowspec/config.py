@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from flowspec import schema
+from flowspec.draft_config import DsdConfig, ExpansionConfig, PipeDecConfig, SpecPipeConfig, TreeConfig
 from flowspec.messages import DTYPE_BYTES
 from flowspec.runtime_config import DrafterKind, EmulateConfig, RuntimeConfig, Security
 from flowspec.schema import ScenarioError, Section, at_least, at_most, from_dict, to_dict
@@ -49,6 +50,7 @@ __all__ = [
     "ScenarioError",
     "Section",
     "Security",
+    "SpecPipeConfig",
     "TreeConfig",
     "apply_overrides",
     "dump_scenario",
@@ -58,17 +60,6 @@ __all__ = [
     "scenario_to_dict",
     "to_dict",
 ]
-
-
-def _check_beam(total: int, topk: int, depth: int) -> None:
-    """Reject a `total` larger than the EAGLE-2 candidate pool.
-
-    The beam scores topk candidates in its first layer and topk**2 in each later iteration, then
-    keeps the best `total`: asking for more than it scored cannot be honoured.
-    """
-    pool = topk + depth * topk * topk
-    if total > pool:
-        raise ScenarioError(f"total must be <= topk + depth * topk**2 = {pool} (the beam's candidates), got {total}")
 
 
 class Policy(StrEnum):
@@ -82,6 +73,7 @@ class Policy(StrEnum):
     SERIAL = "serial"  # the whole tree as one batch through the pipeline per round
     SINGLE_SD = "single-sd"  # single-device EAGLE-style tree SD, no pipeline
     DSD = "dsd"  # decentralized SD: a drafted chain verified in one traversal, relaxed where unimportant
+    SPECPIPE = "specpipe"  # PipeDec's successor: the best new nodes anywhere in the tree each pipeline step
 
 
 # Sizes a run holds in memory, bounded so that a typo (1e9 requests) is an error, not an exhausted machine.
@@ -92,7 +84,6 @@ MAX_OUTPUT_TOKENS = 2_000_000
 NOT_IN_NAME = re.compile(r"[/\\\x00]")  # a scenario's name is a folder under runs/, never a path
 
 LOSSLESS_POLICIES = frozenset(Policy)  # at their defaults (dsd: tau = 0); Scenario.lossless says per scenario
-IMPORTANCE_FUNCTIONS = ("entropy", "none")  # flowspec.verify.IMPORTANCE
 
 
 
@@ -267,68 +258,6 @@ class AcceptanceConfig(Section):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class TreeConfig(Section):
-    total: int = 80
-    """Drafted nodes in a round's initial tree, the root excluded."""
-    topk: int = 10
-    """Beam width and children per expanded node."""
-    depth: int = 6
-    """EAGLE-2 beam iterations after the first layer: paths hold up to depth + 1 draft tokens."""
-    segment_size: int = 16
-    """Most nodes per segment when the initial tree is cut for the pipeline."""
-
-    def _check(self) -> None:
-        at_least(self, "total", 0)
-        at_least(self, "topk", 1)
-        at_least(self, "depth", 0)
-        at_least(self, "segment_size", 1)
-        _check_beam(self.total, self.topk, self.depth)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ExpansionConfig(Section):
-    total: int = 64
-    """Drafted nodes per expansion tree grown from the new root, the root excluded."""
-    topk: int = 10
-    """Beam width and children per expanded node."""
-    depth: int = 6
-    """Beam iterations after the first layer, as in TreeConfig.depth."""
-
-    def _check(self) -> None:
-        at_least(self, "total", 0)
-        at_least(self, "topk", 1)
-        at_least(self, "depth", 0)
-        _check_beam(self.total, self.topk, self.depth)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PipeDecConfig(Section):
-    width: int = 16
-    """Nodes per tree layer in the PipeDec baseline."""
-
-    def _check(self) -> None:
-        at_least(self, "width", 1)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DsdConfig(Section):
-    length: int = 5
-    """Tokens in the chain the dsd policy drafts and verifies in one traversal of the pipeline."""
-    tau: float = 0.0
-    """Relaxation of acceptance (0..1): 0 is strict verification (lossless); above it a drafted token
-    the target did not choose is accepted where the position matters little (flowspec.verify)."""
-    importance: str = "entropy"
-    """How much a position matters: entropy (exp(-H(p)) of the target's distribution p) or none (0)."""
-
-    def _check(self) -> None:
-        at_least(self, "length", 1)
-        if not 0.0 <= self.tau <= 1.0:  # also refuses nan
-            raise ScenarioError(f"tau must be within [0, 1], got {self.tau}")
-        if self.importance not in IMPORTANCE_FUNCTIONS:
-            raise ScenarioError(f"importance must be one of {', '.join(IMPORTANCE_FUNCTIONS)}, got {self.importance!r}")
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
 class ModelConfig(Section):
     n_layers: int = 30
     """Target decoder layers (SmolLM2-135M: 30)."""
@@ -372,6 +301,7 @@ class Scenario(Section):
     tree: TreeConfig = field(default_factory=TreeConfig)
     expansion: ExpansionConfig = field(default_factory=ExpansionConfig)
     pipedec: PipeDecConfig = field(default_factory=PipeDecConfig)
+    specpipe: SpecPipeConfig = field(default_factory=SpecPipeConfig)
     dsd: DsdConfig = field(default_factory=DsdConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
@@ -399,7 +329,7 @@ class Scenario(Section):
                                 f"{context}, got {self.workload.prompt_tokens + self.decoding.max_new_tokens}")  # fmt: skip
         vocab = self.model.vocab_size
         for key, value in (("tree.topk", self.tree.topk), ("expansion.topk", self.expansion.topk),
-                           ("pipedec.width", self.pipedec.width)):  # fmt: skip
+                           ("pipedec.width", self.pipedec.width), ("specpipe.width", self.specpipe.width)):  # fmt: skip
             if value > vocab:
                 raise ScenarioError(f"{key} must be <= model.vocab_size = {vocab} (children of one node), got {value}")
         n_stages, n_layers = self.pipeline.n_stages, self.model.n_layers

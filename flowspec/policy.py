@@ -18,10 +18,24 @@ policy is one entry here (and its name in `flowspec.config.Policy`).
 | ar-pp             | the root alone          | one                        | whole tree        | never       |
 | serial            | EAGLE-2, layer order    | one                        | whole tree        | never       |
 | single-sd         | EAGLE-2, layer order    | one                        | whole tree        | never       |
+| specpipe          | best nodes per segment  | root, then n_stages × w    | every segment     | best nodes *|
 | dsd               | a greedy chain          | one                        | whole chain **    | never       |
 
 (*) also after a step whose segment came back pruned empty (`refills_emptied`).
-`single-sd` decides exactly like `serial`; it runs on one device holding every layer (`one_device`).
+`specpipe` (SpecPipe, arXiv 2504.04104 v2, PipeDec's successor) fills the pipeline with
+`specpipe.width` nodes per step like PipeDec, but takes the best new nodes anywhere in its tree
+(`flowspec.tree.grow_best`), not the deepest layer's children, so a shallow node's second-best child
+can enter before a deep node's best. Only the paper's abstract could be read. What it states is
+built: a dynamic tree fed by the drafter that outputs tokens to the pipeline step by step, about one
+token decoded per pipeline step, pruning propagated to every node. The gaps, filled by our reading:
+- the tree step re-asks every node short of `width` children (the drafter is deterministic, so it
+  answers as a cache of its candidates would; the EAGLE drafter keeps each node's head output, so a
+  repeat costs its LM-head rows, and the simulator charges one draft call over those rows);
+- the fill schedule is PipeDec's (the root alone, then one `width` segment per stage);
+- the draft model is the scenario's drafter (the paper uses a small LLM of the target's family,
+  not fine-tuned); pruning is D0's one broadcast per step, as for every policy here;
+- SpecPipe-DB, its multi-request mode with dynamic batching, is not built: the core serves one
+  request at a time (others queue FIFO).
 (**) `dsd` (DSD, arXiv 2511.11733) drafts `dsd.length` tokens and verifies them in one traversal of
 the pipeline, relaxing acceptance where the position matters little when `dsd.tau > 0`
 (`flowspec.verify.verify_relaxed`): lossy then, lossless at tau = 0, so `lossless` is False for it
@@ -39,7 +53,7 @@ import numpy as np
 
 from flowspec.config import Policy, Scenario
 from flowspec.order import near_equal, segment_sizes
-from flowspec.tree import Drafter, DraftTree, IntArray, grow, grow_layer, merge, root_only
+from flowspec.tree import Drafter, DraftTree, IntArray, grow, grow_best, grow_layer, merge, root_only
 
 
 class CountingDrafter:
@@ -75,16 +89,38 @@ def _root_alone(scenario: Scenario, drafter: Drafter, context: IntArray, root_to
     return Drafted(root_only(root_token, len(context), next_id), [1], next_id + 1)
 
 
-def _layer_per_stage(scenario: Scenario, drafter: Drafter, context: IntArray, root_token: int, next_id: int) -> Drafted:
-    """PipeDec: the root, then one tree layer per stage, each its own segment."""
-    tree = root_only(root_token, len(context), next_id)
-    next_id += 1
-    sizes = [1]
-    for _ in range(scenario.pipeline.n_stages):
-        tree, n_new = grow_layer(drafter, context, tree, width=scenario.pipedec.width, next_id=next_id)
-        next_id += n_new
-        sizes.append(n_new)
-    return Drafted(tree, sizes, next_id)
+def _per_stage(step: Callable[..., tuple[DraftTree, int]], width: Callable[[Scenario], int]) -> Initial:
+    """The root, then one `step` of `width` nodes per stage, each its own segment (PipeDec, SpecPipe)."""
+
+    def initial(scenario: Scenario, drafter: Drafter, context: IntArray, root_token: int, next_id: int) -> Drafted:
+        tree = root_only(root_token, len(context), next_id)
+        next_id += 1
+        sizes = [1]
+        for _ in range(scenario.pipeline.n_stages):
+            tree, n_new = step(drafter, context, tree, width=width(scenario), next_id=next_id)
+            next_id += n_new
+            sizes.append(n_new)
+        return Drafted(tree, sizes, next_id)
+
+    return initial
+
+
+def _one_step(step: Callable[..., tuple[DraftTree, int]], width: Callable[[Scenario], int]) -> Expand:
+    """One more `step` of `width` nodes after a verification (PipeDec: a layer; SpecPipe: the best)."""
+
+    def expand(scenario: Scenario, drafter: Drafter, context: IntArray, tree: DraftTree, next_id: int) -> Drafted:
+        grown, n_new = step(drafter, context, tree, width=width(scenario), next_id=next_id)
+        return Drafted(grown, [n_new] if n_new else [], next_id + n_new)
+
+    return expand
+
+
+def _pipedec_width(scenario: Scenario) -> int:
+    return scenario.pipedec.width
+
+
+def _specpipe_width(scenario: Scenario) -> int:
+    return scenario.specpipe.width
 
 
 def _eagle2(order: str, split: Callable[[int, Scenario], list[int]]) -> Initial:
@@ -115,12 +151,6 @@ def _grow_and_merge(scenario: Scenario, drafter: Drafter, context: IntArray, tre
                  depth=cfg.depth, topk=cfg.topk, total=cfg.total, order="score")  # fmt: skip
     merged, n_new = merge(tree, fresh, next_id)
     return Drafted(merged, [n_new] if n_new else [], next_id + n_new)
-
-
-def _one_layer(scenario: Scenario, drafter: Drafter, context: IntArray, tree: DraftTree, next_id: int) -> Drafted:
-    """PipeDec: one more layer under the deepest."""
-    grown, n_new = grow_layer(drafter, context, tree, width=scenario.pipedec.width, next_id=next_id)
-    return Drafted(grown, [n_new] if n_new else [], next_id + n_new)
 
 
 def _score_slices(n: int, scenario: Scenario) -> list[int]:
@@ -157,7 +187,10 @@ POLICIES: dict[Policy, PolicySpec] = {
     Policy.FLOWSPEC: PolicySpec(_eagle2("score", _score_slices), expand=_grow_and_merge),
     Policy.FLOWSPEC_NOEXPAND: PolicySpec(_eagle2("score", _score_slices)),
     Policy.CHUNK_PP: PolicySpec(_eagle2("pool", _stage_chunks), whole_tree=True, reference_baseline=True),
-    Policy.PIPEDEC: PolicySpec(_layer_per_stage, expand=_one_layer, refills_emptied=True),
+    Policy.PIPEDEC: PolicySpec(_per_stage(grow_layer, _pipedec_width), expand=_one_step(grow_layer, _pipedec_width),
+                               refills_emptied=True),  # fmt: skip
+    Policy.SPECPIPE: PolicySpec(_per_stage(grow_best, _specpipe_width), expand=_one_step(grow_best, _specpipe_width),
+                                refills_emptied=True),  # fmt: skip
     Policy.AR_PP: PolicySpec(_root_alone, whole_tree=True, reference_baseline=True),
     Policy.SERIAL: PolicySpec(_eagle2("pool", _whole), whole_tree=True),
     Policy.SINGLE_SD: PolicySpec(_eagle2("pool", _whole), whole_tree=True, one_device=True),

@@ -263,6 +263,47 @@ def grow_layer(
     )
 
 
+def grow_best(
+    drafter: Drafter, context: IntArray, tree: DraftTree, *, width: int, next_id: int
+) -> tuple[DraftTree, int]:
+    """SpecPipe's step: append the `width` best new nodes found anywhere in the tree.
+
+    Every node with fewer than `width` children proposes its `width` best children; the candidates
+    already in the tree are dropped, and the best `width` of the rest by cumulative score (ties to
+    the lower candidate index: tree order, then rank) are appended in score order, with ids from
+    `next_id` on. Unlike `grow_layer`, a shallow node's second-best child can beat a deep node's
+    best, so the window is not one layer per step. Returns the grown tree and the number appended.
+
+    Example, width 2: a root-only tree, the root proposing (a: -0.1, b: -0.7), appends [a, b]. Then
+    a proposes (c: -0.2, d: -0.9) and b (e: -0.1, f: -0.9): ac (-0.3) and be (-0.8) are appended.
+    Then the root (two children) is not asked; a proposes (c, d) again, but ac is in the tree, so
+    ad (-1.0) is its candidate; with e proposing (j: -0.1, k: -0.5) and c (h: -0.9, i: -1.2),
+    the best new nodes are bej (-0.9) and ad (-1.0): a depth-2 node beside a depth-3 one.
+    """
+    n_children = np.bincount(tree.parents[1:], minlength=len(tree))
+    frontier = np.flatnonzero(n_children < width)
+    cand_tokens, cand_logp = drafter.propose(context, tree, frontier, width)
+    cand_tokens, cand_logp = _checked(cand_tokens, cand_logp, len(frontier), width)  # [f, width]
+    cand_scores = (tree.scores[frontier][:, None] + cand_logp).ravel()
+    parents = np.repeat(frontier, width)
+    tokens = cand_tokens.ravel()
+    present = set(zip(tree.parents[1:].tolist(), tree.tokens[1:].tolist()))
+    new = np.fromiter(((p, t) not in present for p, t in zip(parents.tolist(), tokens.tolist())), bool, len(tokens))
+    ranked = np.argsort(-cand_scores, kind="stable")
+    best = ranked[new[ranked]][:width]
+    parents = parents[best]
+    return (
+        DraftTree(
+            ids=np.concatenate([tree.ids, next_id + np.arange(len(best))]),
+            tokens=np.concatenate([tree.tokens, tokens[best]]),
+            parents=np.concatenate([tree.parents, parents]),
+            positions=np.concatenate([tree.positions, tree.positions[parents] + 1]),
+            scores=np.concatenate([tree.scores, cand_scores[best]]),
+        ),
+        len(best),
+    )
+
+
 def reroot(tree: DraftTree, new_root: int) -> tuple[DraftTree, IntArray]:
     """The sub-tree under `new_root`, and the old indices it kept (ascending, new root first).
 

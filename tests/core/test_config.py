@@ -28,8 +28,8 @@ from flowspec.config import (
 )
 
 TINY = Path(__file__).resolve().parents[2] / "scenarios" / "tiny.yaml"
-POLICIES = "ar-pp, chunk-pp, dsd, flowspec, flowspec-noexpand, pipedec, serial, single-sd"
-TOP_KEYS = "acceptance, decoding, devices, dsd, emulate, expansion, model, name, network, pipedec, pipeline, policy, runtime, seed, tree, workload"
+POLICIES = "ar-pp, chunk-pp, dsd, flowspec, flowspec-noexpand, pipedec, serial, single-sd, specpipe"
+TOP_KEYS = "acceptance, decoding, devices, dsd, emulate, expansion, model, name, network, pipedec, pipeline, policy, runtime, seed, specpipe, tree, workload"
 
 
 # A schema with the field kinds that later sections (links, devices, workload) will use, so the

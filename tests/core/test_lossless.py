@@ -21,6 +21,7 @@ from flowspec.config import (
     DsdConfig,
     ExpansionConfig,
     PipeDecConfig,
+    SpecPipeConfig,
     PipelineConfig,
     Policy,
     Scenario,
@@ -31,9 +32,10 @@ from flowspec.driver import Delays, InMemoryDriver
 from flowspec.synthetic import GroundTruth, HashLM, OracleDrafter
 
 N_CASES = 100
-# Each step of these verifies one tree layer, so it commits the root alone and emits one token:
+# Each step of these verifies a segment that holds no node's parent (one tree layer; specpipe's
+# best new children of nodes sent before), so it commits the root alone and emits one token:
 # nothing can be trimmed mid-step.
-ONE_TOKEN_PER_STEP = frozenset({Policy.AR_PP, Policy.PIPEDEC})
+ONE_TOKEN_PER_STEP = frozenset({Policy.AR_PP, Policy.PIPEDEC, Policy.SPECPIPE})
 
 
 def _beam(rng: np.random.Generator, max_topk: int, max_depth: int, max_total: int) -> tuple[int, int, int]:
@@ -61,6 +63,7 @@ def make_case(policy: Policy, case: int) -> tuple[InMemoryDriver, GroundTruth, l
         tree=TreeConfig(total=total, topk=topk, depth=depth, segment_size=int(rng.integers(1, 12))),
         expansion=ExpansionConfig(total=e_total, topk=e_topk, depth=e_depth),
         pipedec=PipeDecConfig(width=int(rng.integers(1, min(5, vocab - 1) + 1))),
+        specpipe=SpecPipeConfig(width=1),  # drawn below
         model=ModelConfig(hidden_size=8, vocab_size=vocab),
     )
     model = HashLM(vocab, n_stages + int(rng.integers(0, 3)), seed=case)
@@ -87,6 +90,7 @@ def make_case(policy: Policy, case: int) -> tuple[InMemoryDriver, GroundTruth, l
     requests.sort(key=lambda r: r[0])
     scenario = dataclasses.replace(scenario, dsd=DsdConfig(length=int(rng.integers(1, 9))))  # drawn last: the
     # other policies' cases stay what they were
+    scenario = dataclasses.replace(scenario, specpipe=SpecPipeConfig(width=int(rng.integers(1, min(5, vocab - 1) + 1))))
     driver = InMemoryDriver(scenario, drafter, model, delays=delays, delay_rng=np.random.default_rng(case))
     return driver, truth, requests
 
@@ -119,7 +123,7 @@ def test_greedy_output_equals_target_greedy(policy: Policy) -> None:
         assert eos_inside.any(), "EOS inside an accepted run"
         cap_mid_step = (finish.finish_reason == "max_new_tokens") & (finish.n_trimmed > 0)
         assert cap_mid_step.any(), "max_new_tokens reached mid-step"
-    if policy in (Policy.FLOWSPEC, Policy.FLOWSPEC_NOEXPAND, Policy.PIPEDEC):
+    if policy in (Policy.FLOWSPEC, Policy.FLOWSPEC_NOEXPAND, Policy.PIPEDEC, Policy.SPECPIPE):
         assert (steps.reroot_offset >= 2).any(), "re-rooting into a segment several steps ahead"
         assert ((steps.outcome == "empty") & (steps.n_verified == 0)).any(), "segments emptied by pruning"
     if policy is Policy.FLOWSPEC:

@@ -18,6 +18,7 @@ from flowspec.tree import (
     ancestor_mask,
     descendant_mask,
     grow,
+    grow_best,
     grow_layer,
     merge,
     reroot,
@@ -449,6 +450,64 @@ def test_grow_layer_tie_goes_to_the_lower_candidate() -> None:
     t1, _ = grow_layer(drafter, np.array([1]), root_only(0, 5, 0), width=2, next_id=1)
     t2, _ = grow_layer(drafter, np.array([1]), t1, width=1, next_id=3)
     assert rows(t2)[3:] == [(3, 3, 1, 7, -0.75)]
+
+
+# ---------------------------------------------------------------------------------------------
+# grow_best (SpecPipe)
+# ---------------------------------------------------------------------------------------------
+
+GROW_BEST_SCRIPT: Script = {
+    (0,): [(1, -0.1), (2, -0.7)],
+    (0, 1): [(3, -0.2), (4, -0.9)],
+    (0, 2): [(5, -0.1), (6, -0.9)],
+    (0, 1, 3): [(7, -0.9), (8, -1.2)],
+    (0, 2, 5): [(9, -0.1), (10, -0.5)],
+}
+
+
+def test_grow_best_docstring_example() -> None:
+    """grow_best's docstring: three calls of width 2 from a root-only tree (id 7, next ids 8..).
+
+    Call 3's candidates: ad -1.0, bf -1.6, ach -1.2, aci -1.5, bej -0.9, bek -1.3 (ac -0.3 and be
+    -0.8 are in the tree already) → bej then ad, parents e (index 4) and a (index 1)."""
+    drafter = ScriptedDrafter(GROW_BEST_SCRIPT)
+    t1, n1 = grow_best(drafter, np.array([1]), root_only(0, 5, 7), width=2, next_id=8)
+    t2, n2 = grow_best(drafter, np.array([1]), t1, width=2, next_id=8 + n1)
+    t3, n3 = grow_best(drafter, np.array([1]), t2, width=2, next_id=8 + n1 + n2)
+    assert (n1, n2, n3) == (2, 2, 2)
+    assert t3.ids.tolist() == [7, 8, 9, 10, 11, 12, 13]
+    assert t3.tokens.tolist() == [0, 1, 2, 3, 5, 9, 4]
+    assert t3.parents.tolist() == [-1, 0, 0, 1, 2, 4, 1]
+    assert t3.positions.tolist() == [5, 6, 6, 7, 7, 8, 7]
+    assert t3.scores.tolist() == pytest.approx([0.0, -0.1, -0.7, -0.3, -0.8, -0.9, -1.0])
+    # Every node short of `width` children is asked, at every depth; a full node (the root) is not.
+    assert [paths for _, paths in drafter.calls] == [
+        [(0,)], [(0, 1), (0, 2)], [(0, 1), (0, 2), (0, 1, 3), (0, 2, 5)]]  # fmt: skip
+
+
+def test_grow_best_reaches_where_grow_layer_does_not() -> None:
+    """On the same tree PipeDec's step takes the deepest layer's children (ach, aci, bej, bek here),
+    SpecPipe's may take a shallower node's: ad (-1.0) beats ach (-1.2)."""
+    t2, _ = grow_best(ScriptedDrafter(GROW_BEST_SCRIPT), np.array([1]),
+                      grow_best(ScriptedDrafter(GROW_BEST_SCRIPT), np.array([1]), root_only(0, 5, 0), width=2, next_id=1)[0],
+                      width=2, next_id=3)  # fmt: skip
+    layer, _ = grow_layer(ScriptedDrafter(GROW_BEST_SCRIPT), np.array([1]), t2, width=2, next_id=5)
+    best, _ = grow_best(ScriptedDrafter(GROW_BEST_SCRIPT), np.array([1]), t2, width=2, next_id=5)
+    assert layer.tokens[5:].tolist() == [9, 7]  # bej -0.9, ach -1.2: depth 3 only
+    assert best.tokens[5:].tolist() == [9, 4]  # bej -0.9, ad -1.0
+
+
+def test_grow_best_never_duplicates_a_path() -> None:
+    """Random drafters, many steps: no (parent, token) pair twice, every node's children <= width."""
+    for seed in range(20):
+        drafter = RandomDrafter(seed, vocab=6)
+        tree, next_id = root_only(0, 3, 0), 1
+        for _ in range(6):
+            tree, n = grow_best(drafter, np.array([1, 2]), tree, width=3, next_id=next_id)
+            next_id += n
+        pairs = list(zip(tree.parents[1:].tolist(), tree.tokens[1:].tolist()))
+        assert len(pairs) == len(set(pairs)) == 18
+        assert np.bincount(tree.parents[1:]).max() <= 3
 
 
 # ---------------------------------------------------------------------------------------------

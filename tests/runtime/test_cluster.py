@@ -50,6 +50,7 @@ def scenario(folder: Path, n_stages: int, segment_size: int, n_new: int = 20):
         "tree": {"total": 10, "topk": 3, "depth": 3, "segment_size": segment_size},
         "expansion": {"total": 6, "topk": 3, "depth": 2},
         "pipedec": {"width": 3},
+        "specpipe": {"width": 3},
         "runtime": {"model": str(folder), "stop_at_eos": False, "timeout_s": 20},
     })  # fmt: skip
 
@@ -147,7 +148,7 @@ def run_real_drafters(cluster: Cluster, target: Target, tiny, tmp_path: Path) ->
     lookup = make_drafter(target.scenario, target)  # the scenario's own drafter: auto, so prompt lookup here
     assert isinstance(lookup, PromptLookupDrafter)
     requests = one_after_another(tiny.prompts)
-    for policy in (Policy.FLOWSPEC, Policy.PIPEDEC):
+    for policy in (Policy.FLOWSPEC, Policy.PIPEDEC, Policy.SPECPIPE):
         result = cluster.serve(stage_scenario(target.scenario, policy), lookup, requests)
         assert [result.outputs[0], result.outputs[1]] == tiny.outputs, policy
     # a causal-LM drafter: the target drafting for itself ranks every true token first, and the

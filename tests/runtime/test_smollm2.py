@@ -35,6 +35,7 @@ def smollm2(greedy):
         "tree": {"total": 8, "topk": 2, "depth": 3, "segment_size": 4},
         "expansion": {"total": 4, "topk": 2, "depth": 2},
         "pipedec": {"width": 2},
+        "specpipe": {"width": 2},
         "runtime": {"stop_at_eos": False, "timeout_s": 30, "device": DEVICE},
     })  # fmt: skip
     target = Target.load(sc)
