@@ -65,17 +65,20 @@ def _child_with_token(tree: DraftTree, node: int, token: int) -> int:
     return int(hit[0]) if len(hit) else -1
 
 
-def verify_greedy(tree: DraftTree, verified: np.ndarray, argmax: IntArray) -> Verdict:
+def verify_greedy(
+    tree: DraftTree, verified: np.ndarray, argmax: IntArray, relax: Callable[[int, list[int]], int] | None = None
+) -> Verdict:  # fmt: skip
     """Accept the longest verified path that follows the target's argmax.
 
     `verified`: [n] bool; `argmax`: [n] target argmax per node (read only where verified).
+    `relax(node, verified_children)`, where the argmax child is not in the tree, may name one of
+    them to accept anyway (`verify_relaxed`), or -1.
 
     Example: tokens [r, a, b, c] with parents [-1, 0, 0, 1], nodes 0..2 verified, argmax at the
     root = a and at a = c: a is accepted, c (node 3) is unverified, so next_root = 3, bonus c.
     """
     assert verified[0], "the root must be verified"
-    node = 0
-    path = [0]
+    node, path, n_relaxed = 0, [0], 0
     while True:
         bonus = int(argmax[node])
         child = _child_with_token(tree, node, bonus)
@@ -83,7 +86,14 @@ def verify_greedy(tree: DraftTree, verified: np.ndarray, argmax: IntArray) -> Ve
             node = child
             path.append(child)
             continue
-        return Verdict(np.array(path, dtype=np.int64), bonus, child)
+        kids = [int(c) for c in tree.children(node) if verified[c]] if relax is not None and child < 0 else []
+        chosen = relax(node, kids) if kids else -1  # an unverified argmax child is waited for, never overruled
+        if chosen >= 0:
+            node = chosen
+            path.append(chosen)
+            n_relaxed += 1
+            continue
+        return Verdict(np.array(path, dtype=np.int64), bonus, child, n_relaxed)
 
 
 def verify_sampled(
@@ -141,22 +151,12 @@ def verify_relaxed(
     `argmax`: [n] the target's choice per node; `probs`: [n] its distribution [V] per node (both read
     only where verified). The bonus is always the target's argmax at the last accepted node.
     """
-    assert verified[0], "the root must be verified"
-    node, path, n_relaxed = 0, [0], 0
-    while True:
-        bonus = int(argmax[node])
-        child = _child_with_token(tree, node, bonus)
-        if child >= 0 and verified[child]:
-            node = child
-            path.append(child)
-            continue
-        kids = [int(c) for c in tree.children(node) if verified[c]]
-        if tau > 0 and child < 0 and kids:  # an unverified argmax child is waited for, never overruled
-            p = np.asarray(probs[node], dtype=np.float64)
-            best = max(kids, key=lambda c: p[tree.tokens[c]])
-            if p[tree.tokens[best]] >= (1.0 - tau * (1.0 - importance(p))) * p[bonus]:
-                node = best
-                path.append(best)
-                n_relaxed += 1
-                continue
-        return Verdict(np.array(path, dtype=np.int64), bonus, child, n_relaxed)
+    if tau <= 0:
+        return verify_greedy(tree, verified, argmax)
+
+    def relax(node: int, kids: list[int]) -> int:
+        p = np.asarray(probs[node], dtype=np.float64)
+        best = max(kids, key=lambda c: p[tree.tokens[c]])
+        return best if p[tree.tokens[best]] >= (1.0 - tau * (1.0 - importance(p))) * p[argmax[node]] else -1
+
+    return verify_greedy(tree, verified, argmax, relax)
