@@ -302,6 +302,7 @@ def summary(frames: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
         "n_rounds": n_rounds,
         "n_steps": len(_verifying_steps(steps)),
         "relaxed_share": relaxed_share(steps, int(n_output.sum())),
+        "lossy": bool(steps["relaxing"].astype(bool).any()) if "relaxing" in steps else False,
     }
     return pd.DataFrame([row])
 

@@ -313,7 +313,7 @@ class PipelineCore:
             req, req.round, segment_id, now, outcome, n_verified=int(verified.sum()),
             n_accepted=verdict.n_accepted, n_emitted=len(emitted), bonus=verdict.bonus_token,
             reroot_offset=reroot_offset, n_pruned=len(tree) - len(keep), n_expanded=n_expanded,
-            n_trimmed=n_trimmed, n_relaxed=verdict.n_relaxed,
+            n_trimmed=n_trimmed, n_relaxed=verdict.n_relaxed, relaxing=self.scenario.relaxed,
         )  # fmt: skip
         if cont:
             return cmds

@@ -63,6 +63,8 @@ class StepRecord:
     n_trimmed: int  # tokens dropped after EOS or beyond max_new_tokens
     t_s: float
     n_relaxed: int = 0  # accepted tokens strict verification would have refused (dsd with tau > 0: lossy)
+    relaxing: bool = False  # verification was relaxed (dsd with tau > 0): the run is lossy even where
+    # nothing happened to be relaxed, so tables label it by what it was asked to do
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -106,6 +106,7 @@ class Recorder:
         self, req: RequestState, round_: int, segment_id: int, now: float, outcome: str, *,
         n_verified: int, n_accepted: int = 0, n_emitted: int = 0, bonus: int = -1,
         reroot_offset: int = -1, n_pruned: int = 0, n_expanded: int = 0, n_trimmed: int = 0, n_relaxed: int = 0,
+        relaxing: bool = False,
     ) -> None:  # fmt: skip
         self.records.steps.append(
             StepRecord(
@@ -113,6 +114,7 @@ class Recorder:
                 step=req.step, segment_id=segment_id, n_verified=n_verified, n_accepted=n_accepted,
                 n_emitted=n_emitted, bonus_token=bonus, outcome=str(outcome), reroot_offset=reroot_offset,
                 n_pruned=n_pruned, n_expanded=n_expanded, n_trimmed=n_trimmed, t_s=now, n_relaxed=n_relaxed,
+                relaxing=relaxing,
             )  # fmt: skip
         )
 

@@ -202,8 +202,8 @@ def plot_speedup(table: pd.DataFrame, path: str | Path, baseline: str = "chunk-p
     relaxed = table["relaxed_share"] if "relaxed_share" in table else pd.Series(0.0, index=table.index)
     labels = [f"{_number_text(t, False)} tok/s"
               + (f"\n{_number_text(s, True)}" if np.isfinite(s) else "")
-              + (f"\n{r:.0%} relaxed" if r > 0 else "")  # a lossy bar says how lossy, beside its speed-up
-              for t, s, r in zip(table["tokens_per_s"], speedups, relaxed, strict=True)]
+              + (f"\n{r:.0%} relaxed" if r > 0 or str(p).endswith("(lossy)") else "")  # how lossy, beside its speed-up
+              for p, t, s, r in zip(table["policy"], table["tokens_per_s"], speedups, relaxed, strict=True)]
     ax.bar_label(bars, labels=labels, fontsize=8, padding=2)
     ax.margins(y=0.2)  # room for two-line labels above the tallest bar
     ax.set_ylabel("tokens/s")

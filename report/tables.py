@@ -36,10 +36,14 @@ def summary_table(summaries: Mapping[str, pd.DataFrame], baselines: Sequence[str
     table = pd.concat([s.assign(policy=p) for p, s in summaries.items()], ignore_index=True)
     for baseline, column in zip(present, speedups, strict=True):  # the ratio is metrics' to define
         table[column] = metrics.compare(summaries, baseline)[column].to_numpy()
-    if "relaxed_share" in table and (table["relaxed_share"] > 0).any():
+    lossy = pd.Series(False, index=table.index)
+    if "relaxed_share" in table:
+        lossy |= table["relaxed_share"] > 0
+    if "lossy" in table:
+        lossy |= table["lossy"].fillna(False).astype(bool)  # asked to relax, whether or not it did
+    if lossy.any():
         # A lossy run is never shown as a policy's own: its label says so, and beside its speed-up
         # stands the share of its tokens that strict verification would have refused.
-        lossy = table["relaxed_share"] > 0
         table.loc[lossy, "policy"] = table.loc[lossy, "policy"].astype(str) + " (lossy)"
         columns.insert(2 + len(speedups), "relaxed_share")
     return table[columns]

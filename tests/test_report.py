@@ -243,4 +243,7 @@ def test_a_lossy_run_is_labelled_and_shows_how_lossy_beside_its_speedup(tmp_path
     assert table["relaxed_share"].tolist() == [0.0, 0.125]
     lossless = report.summary_table({"chunk-pp": one(10.0, 0.0), "dsd": one(12.0, 0.0)})
     assert "relaxed_share" not in lossless and lossless["policy"].tolist() == ["chunk-pp", "dsd"]
+    # asked to relax (tau > 0) but nothing was: still labelled by what it was asked to do
+    asked = report.summary_table({"chunk-pp": one(10.0, 0.0).assign(lossy=False), "dsd": one(12.0, 0.0).assign(lossy=True)})
+    assert asked["policy"].tolist() == ["chunk-pp", "dsd (lossy)"] and asked["relaxed_share"].tolist() == [0.0, 0.0]
     assert report.plot_speedup(table, tmp_path / "speedup.png").stat().st_size > 1000

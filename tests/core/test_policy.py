@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from flowspec import metrics
 from flowspec import policy as pol
 from flowspec.config import DecodingConfig, DsdConfig, ModelConfig, PipelineConfig, Policy, Scenario, ScenarioError, TreeConfig
 from flowspec.driver import Delays, InMemoryDriver
@@ -124,6 +125,9 @@ def test_dsd_with_relaxed_acceptance_takes_what_the_target_would_refuse_and_coun
         return rows
     out, expected, frames = run_dsd(DsdConfig(length=4, tau=1.0), certain)
     assert out == expected and frames["steps"].n_relaxed.sum() == 0
+    # ... yet the run was asked to relax, so its records and summary say lossy (strict runs do not)
+    assert frames["steps"].query("outcome != 'prefill'").relaxing.all() and bool(metrics.summary(frames)["lossy"].iloc[0])
+    assert not bool(metrics.summary(run_dsd(DsdConfig(length=4))[2])["lossy"].iloc[0])
 
 
 def test_relaxed_dsd_is_labelled_lossy_and_refused_at_temperature_above_zero() -> None:
