@@ -252,6 +252,9 @@ def run(scenario: Path, overrides: tuple[str, ...], policies: tuple[str, ...], p
         if done:
             report.write_comparison(done, folder, plots=plots, echo=click.echo)
     if error is not None:
+        import gc
+
+        gc.freeze()  # all is written: spare the exit a walk over torch's heap (1-2 s on a busy machine)
         if isinstance(error, _runtime_failures()):
             click.echo(f"error: {error}", err=True)
             raise SystemExit(1)
