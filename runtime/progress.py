@@ -90,6 +90,7 @@ class ProgressWatch:
             return f"is held by {where}, which has sent no status this run"
         said = (f"its status {now - status.t_seen:.1f} s ago: {status.queued} segment(s) queued, last passed on "
                 f"{'none' if status.forwarded < 0 else f'segment {status.forwarded}'}")  # fmt: skip
-        if status.queued == 0:
-            return f"has not reached {where} ({said})"
+        if status.queued == 0:  # passed on, never received: a link far slower than its budget, or a lost message
+            sender = "D0" if rank == 1 else f"stage {rank - 1}"
+            return f"has not reached {where} ({said}): late or lost on the link from {sender}"
         return f"is held by {where} ({said})"
