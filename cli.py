@@ -228,30 +228,43 @@ def sweep(scenario: Path, overrides: tuple[str, ...], policies: tuple[str, ...],
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder [runs/<scenario name>-runtime].")
 @click.option("--plots/--no-plots", default=True, help="Write PNG plots and the trace.")
 @click.option("--stream/--no-stream", default=True, help="Print the first policy's text as it is generated.")
+@click.option("--resume", type=click.Path(file_okay=False, path_type=Path), metavar="RUN_DIR",
+              help="Finish a failed run of SCENARIO: keep what it finished, continue its unfinished request from the "
+                   "last committed token (token-exact at T = 0), serve the rest, with its policy [out: RUN_DIR-resumed].")
 @reports_scenario_errors
 def run(scenario: Path, overrides: tuple[str, ...], policies: tuple[str, ...], prompt: str | None,
-        prompts_file: Path | None, out: Path | None, plots: bool, stream: bool) -> None:  # fmt: skip
+        prompts_file: Path | None, out: Path | None, plots: bool, stream: bool, resume: Path | None) -> None:  # fmt: skip
     """Run SCENARIO for real: D0 here, one process per stage over ZeroMQ.
 
     Without runtime.hosts every stage runs on this machine over loopback (one torch thread each);
     with them, D0 listens at hosts[0] and each board runs `flowspec stage SCENARIO --rank R`.
     Prints the text, then per-policy metrics; writes the same record frames as `simulate`.
     Prompts: --prompt, --prompts FILE.jsonl, or built-in ones (workload.n_requests of them).
+    After a failure (a board lost, a timeout), --resume RUN_DIR with the same scenario finishes it.
     """
     import report
     from runtime.outputs import run_and_save
+    from runtime.resume import FailedRun
     from report.folder import claimed
 
     if prompt is not None and prompts_file is not None:
         raise click.BadParameter("give --prompt or --prompts, not both", param_hint="--prompt")
+    if resume is not None and (prompt is not None or prompts_file is not None or policies):
+        raise click.BadParameter("--resume serves the failed run's requests with its policy: drop --prompt, --prompts "
+                                 "and --policy", param_hint="--resume")  # fmt: skip
     sc = load_scenario(scenario, overrides)
-    chosen = chosen_policies(policies, sc.policy)
-    with claimed(out or Path("runs") / f"{sc.name}-runtime", chosen=out is not None, echo=say) as folder:
+    failed = None if resume is None else FailedRun.read(resume)
+    chosen = [failed.policy] if failed else chosen_policies(policies, sc.policy)
+    target = failed.out_folder(out) if failed else out or Path("runs") / f"{sc.name}-runtime"
+    with claimed(target, chosen=out is not None, echo=say) as folder:
         done, error, _ = run_and_save(sc, chosen, folder, base_dir=scenario.parent, prompt=prompt,
-                                      prompts_file=prompts_file, echo=click.echo, stream=stream)  # fmt: skip
+                                      prompts_file=prompts_file, echo=click.echo, stream=stream, resume=failed)  # fmt: skip
         if done:
             report.write_comparison(done, folder, plots=plots, echo=click.echo)
     if error is not None:
+        import gc
+
+        gc.freeze()  # all is written: spare the exit a walk over torch's heap (1-2 s on a busy machine)
         if isinstance(error, _runtime_failures()):
             click.echo(f"error: {error}", err=True)
             raise SystemExit(1)

@@ -25,21 +25,9 @@ Liveness: every wait is a poll with a timeout. A stage silent for `runtime.timeo
 `StageTimeout` naming it; a stage that reports an error raises `RemoteError` with its traceback;
 `check_peers` (the launcher's watch over its child processes) runs on every loop.
 
-Progress: silence is not the only way to stop. A stage can heartbeat and never pass its segment on
-(a segment it cannot run, a bug, a test's deliberate wedge). Every stage's heartbeat is a `status`:
-the last segment it passed on and when. While a segment is in flight, the pipeline *moves* when D0
-sends into an empty pipeline, a segment comes back, any stage passes one on, or an emulated link
-still carries one. If it has not moved for `runtime.timeout_s` plus one heartbeat interval
-(timeout_s / 4), the run ends with `StageTimeout` naming the oldest segment in flight, its
-request, how long ago it was sent, and the stage that holds it: the one after the last stage that
-reports passing it on. Why that deadline: one hop (a stage's forward, padded on an emulated board,
-plus its link) already has to fit in `runtime.timeout_s`, or the stage's silence ends the run; the
-pipeline moves at least once per hop, so a long prefill on a slow board moves as often as it is
-allowed to be silent, and the watchdog trips only where silence would, had the stage stopped
-heartbeating. The extra heartbeat interval covers a status that is one heartbeat old, and lets a
-stage that knows why it is stuck (a segment waiting for a prune: `runtime.stage`) say so first,
-on the same timeout_s. It is checked only with D0's inbox drained, so statuses waiting behind a
-busy D0 are never mistaken for silence.
+Progress: a stage can heartbeat and never pass its segment on, so D0 also watches the pipeline
+move (`runtime.progress`); the target's decisions on a returned segment come from
+`runtime.lm_head`.
 
 A run that fails part-way keeps what it finished: `completed()` is the result of the requests that
 finished before the failure (their outputs and D0's records of them).
@@ -48,9 +36,8 @@ finished before the failure (their outputs and D0's records of them).
 from __future__ import annotations
 
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -65,7 +52,6 @@ from flowspec.messages import (
     Event,
     FinishRequest,
     RequestArrived,
-    Segment,
     SegmentReturned,
     SendSegment,
     n_decided,
@@ -78,8 +64,10 @@ from flowspec.tree import Drafter, DraftTree, IntArray
 from runtime import wire
 from runtime.channel import Endpoint, RemoteError, StageTimeout
 from runtime.emulation import Emulation, PacedEndpoint, Pad, pair_transfers
+from runtime.lm_head import TargetHead
 from runtime.model_slice import hidden_from_wire
 from runtime.models import torch_device
+from runtime.progress import ProgressWatch
 
 
 class TimedDrafter:
@@ -99,16 +87,6 @@ class TimedDrafter:
 
 def _no_check() -> None:
     pass
-
-
-@dataclass(frozen=True, slots=True)
-class StageStatus:
-    """A stage's last `status` heartbeat: how far it got in this run."""
-
-    forwarded: int  # the last segment it passed on (-1: none yet)
-    t_forwarded: float  # when, on D0's monotonic clock (0.0: never)
-    queued: int  # segments waiting in its queue
-    t_seen: float  # when D0 received the status (monotonic)
 
 
 class DraftNode:
@@ -135,9 +113,7 @@ class DraftNode:
         self._last_heartbeat = 0.0
         self._reports: dict[int, dict] = {}
         self.rejected: dict[int, int] = {}  # frames each stage rejected during the last run (its report)
-        self._status: dict[int, StageStatus] = {}
-        self._in_flight: OrderedDict[int, tuple[int, float]] = OrderedDict()  # segment id -> (request id, t_sent)
-        self._t_returned = 0.0  # when the last segment came back (monotonic)
+        self.progress = ProgressWatch(self.n_stages, self.addresses, scenario.runtime.timeout_s)
         self.finished: set[int] = set()  # request ids the current (or last) run finished
         self.core: PipelineCore | None = None  # the current (or last) run's
 
@@ -190,10 +166,7 @@ class DraftNode:
         if msg.type == "report":
             self._reports[msg.sender] = msg.fields
         if msg.type == "status":
-            f = msg.fields
-            t_forwarded = min(float(f["t_forwarded_s"]), self.last_seen[msg.sender])  # clock offsets are estimates
-            self._status[msg.sender] = StageStatus(int(f["forwarded"]), t_forwarded, int(f["queued"]),  # type: ignore[arg-type]
-                                                   self.last_seen[msg.sender])  # fmt: skip
+            self.progress.status(msg.sender, msg.fields, self.last_seen[msg.sender])
 
     # ---- one run --------------------------------------------------------------------------------
 
@@ -225,8 +198,7 @@ class DraftNode:
         core = PipelineCore(scenario, timed, np.random.default_rng(scenario.seed), run_id=run_id, source="runtime",
                             trace=True)  # fmt: skip
         self.run_id = run_id
-        self.temperature = scenario.decoding.temperature
-        self.relaxed = scenario.relaxed  # dsd with tau > 0: verification reads the target's distributions
+        self.head = TargetHead(self.lm_head, scenario.decoding.temperature, scenario.relaxed)
         self.core = core
         self.timed = timed
         self.spans: list[StageSpan] = []
@@ -236,7 +208,7 @@ class DraftNode:
         pending = deque(range(len(requests)))
         events: deque[Event] = deque()
         finished = self.finished = set()
-        self._status, self._in_flight, self._t_returned = {}, OrderedDict(), 0.0
+        self.progress = ProgressWatch(self.n_stages, self.addresses, self.scenario.runtime.timeout_s)
         heartbeat_s = scenario.runtime.timeout_s / 4
         for rank in self.last_seen:
             self.last_seen[rank] = time.monotonic()
@@ -279,7 +251,7 @@ class DraftNode:
                 msg = self.link.recv(0.0)
             self._keep_alive(heartbeat_s)
             if drained:
-                self._watch_progress(time.monotonic())
+                self.progress.check(time.monotonic(), self.link.busy)
         wall_s = self.now()
         self.link.settle()  # the last prunes are still on D0's emulated link
         self._flush()
@@ -317,7 +289,7 @@ class DraftNode:
         em = self.emulation
         for cmd in cmds:
             if isinstance(cmd, SendSegment):
-                self._in_flight[cmd.segment.segment_id] = (cmd.segment.request_id, time.monotonic())
+                self.progress.sent(cmd.segment.segment_id, cmd.segment.request_id, time.monotonic())
                 nbytes = 0 if em is None else em.wire.segment(len(cmd.segment), first_hop=True)
                 self.link.send_paced(1, wire.encode_segment(cmd.segment, 0), nbytes, "segment")
             elif isinstance(cmd, BroadcastPrune):
@@ -381,18 +353,17 @@ class DraftNode:
                                 f"stage {self.n_stages} only while serving")  # fmt: skip
         seg = wire.to_segment(msg)
         t_real = time.monotonic()
-        self._in_flight.pop(seg.segment_id, None)  # one out of order is the core's to reject
-        self._t_returned = t_real
+        self.progress.returned(seg.segment_id, t_real)
         hidden = msg.arrays.get("hidden")
         h = None if hidden is None else hidden_from_wire(hidden, msg.dtypes["hidden"])
         observe = getattr(self.timed.inner, "observe", None)  # drafters that read the target's features
         n_rows = n_decided(seg)
         if self.head_last:  # the last stage decided: its argmax ids, or logits to sample from
-            argmax, probs = self._decisions(msg, seg, n_rows)
+            argmax, probs = self.head.returned(msg, seg, n_rows)
         else:
             if h is None:
                 raise ProtocolError(f"segment message from rank {msg.sender}: field hidden: missing")
-            argmax, probs = self._verify(seg, h, n_rows)
+            argmax, probs = self.head.over_hidden(seg, h, n_rows)
         if observe is not None and len(seg):
             if h is None:
                 raise ProtocolError(f"segment message from rank {msg.sender}: field hidden: missing (the drafter reads it)")
@@ -409,39 +380,6 @@ class DraftNode:
                                         t_start_s=self._emulated(t_real), t_end_s=self._emulated(t_end)))  # fmt: skip
         return SegmentReturned(seg.segment_id, seg.node_ids, seg.version, argmax=argmax, probs=probs)
 
-    def _verify(self, seg: Segment, h: torch.Tensor, n_rows: int) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """The target's LM head here (`pipeline.head: d0`) over the segment's decided rows — a
-        prompt chunk's last row only if it is the prompt's last chunk: the rest nobody reads, and
-        the head over every prompt row would cost D0 tens of milliseconds per chunk."""
-        with torch.inference_mode():
-            logits = h[len(seg) - n_rows :].to(self.device, self.lm_head.dtype) @ self.lm_head.T  # [rows, V]
-            return self._from_logits(seg, logits, n_rows)
-
-    def _decisions(self, msg: wire.Message, seg: Segment, n_rows: int) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """The decisions a last stage with the LM head returned (`pipeline.head: last`)."""
-        if n_rows == 0:  # nothing decided (a prompt chunk before the last, a segment pruned empty)
-            return self._from_logits(seg, torch.zeros((0, self.lm_head.shape[0])), 0)
-        name = "logits" if self.temperature > 0 else "argmax"
-        got = msg.arrays.get(name)
-        expected = (n_rows, self.lm_head.shape[0]) if name == "logits" else (len(seg),)
-        if got is None or got.shape != expected:
-            raise ProtocolError(f"segment message from rank {msg.sender}: field {name}: "
-                                f"{'missing' if got is None else f'shape {list(got.shape)}'}, expected {list(expected)}")  # fmt: skip
-        if name == "argmax":
-            return got.astype(np.int64), None
-        return self._from_logits(seg, torch.from_numpy(got.copy()), n_rows)
-
-    def _from_logits(self, seg: Segment, logits: torch.Tensor, n_rows: int) -> tuple[np.ndarray | None, np.ndarray | None]:
-        if self.temperature > 0:
-            return None, torch.softmax(logits.double() / self.temperature, dim=-1).cpu().numpy()
-        argmax = np.full(len(seg), -1, dtype=np.int64)
-        argmax[len(seg) - n_rows :] = logits.argmax(dim=-1).cpu().numpy()
-        if self.relaxed:  # the decisions stay the argmax; relaxation reads p at T = 1 beside them
-            probs = np.zeros((len(seg), logits.shape[-1]))
-            probs[len(seg) - n_rows :] = torch.softmax(logits.double(), dim=-1).cpu().numpy()
-            return argmax, probs
-        return argmax, None
-
     def _keep_alive(self, heartbeat_s: float) -> None:
         now = time.monotonic()
         if now - self._last_heartbeat > heartbeat_s:
@@ -453,38 +391,6 @@ class DraftNode:
                 raise StageTimeout(f"stage {rank} ({self.addresses.get(rank, '?')}) silent for {now - seen:.1f} s "
                                    f"(runtime.timeout_s = {timeout:g})")  # fmt: skip
         self.check_peers()
-
-    def _watch_progress(self, now: float) -> None:
-        """Raise `StageTimeout` if work is in flight and the pipeline has not moved for
-        `runtime.timeout_s` and a heartbeat (see the module docstring), naming the stage that holds
-        the oldest segment."""
-        if not self._in_flight or self.link.busy:
-            return
-        segment_id, (request_id, t_sent) = next(iter(self._in_flight.items()))
-        t_moved = max([t_sent, self._t_returned, *(s.t_forwarded for s in self._status.values())])
-        timeout = self.scenario.runtime.timeout_s
-        if now - t_moved <= timeout * 1.25:
-            return
-        raise StageTimeout(f"no progress for {now - t_moved:.1f} s while the stages heartbeat (runtime.timeout_s = "
-                           f"{timeout:g}): segment {segment_id} of request {request_id}, sent {now - t_sent:.1f} s ago, "
-                           f"{self._whereabouts(segment_id, now)}")  # fmt: skip
-
-    def _whereabouts(self, segment_id: int, now: float) -> str:
-        """Where segment `segment_id` is stuck, by the stages' statuses: after the last stage that
-        passed it on (statuses are up to a heartbeat old, so a later stage's word beats an earlier's)."""
-        passed = [rank for rank, s in self._status.items() if s.forwarded >= segment_id]
-        rank = max(passed, default=0) + 1
-        if rank > self.n_stages:
-            return "which every stage passed on and D0 never received"
-        where = f"stage {rank} ({self.addresses.get(rank, '?')})"
-        status = self._status.get(rank)
-        if status is None:
-            return f"is held by {where}, which has sent no status this run"
-        said = (f"its status {now - status.t_seen:.1f} s ago: {status.queued} segment(s) queued, last passed on "
-                f"{'none' if status.forwarded < 0 else f'segment {status.forwarded}'}")  # fmt: skip
-        if status.queued == 0:
-            return f"has not reached {where} ({said})"
-        return f"is held by {where} ({said})"
 
     def completed(self) -> RunResult | None:
         """The requests the last run finished — their outputs and D0's records of them — for a run

@@ -20,6 +20,12 @@ it does not respect, work it does not charge), which is what `flowspec validate`
   (heartbeats, reports) is not paced: the simulator does not carry it.
 - Time: D0 reports every time divided by k, so frames, metrics and plots are in emulated time.
 
+A link fault, for tests (`LinkDelay`): with FLOWSPEC_TEST_LINK_DELAY=SRC>DST:SECONDS in its
+environment, device SRC's endpoint holds every message to DST for SECONDS once SIGUSR2 reaches it,
+as a congested or flapping link would: the sender has let go of the message (its link is not
+`busy`), the receiver does not have it. D0 must then end the run within 2 x runtime.timeout_s,
+naming the stage the work never reached (`runtime.progress`), or the one whose heartbeats are late.
+
 What dilation cannot emulate: work outside the padded computes (the wire encoding after a forward,
 the poll loop, a message's real loopback time) shrinks by k in emulated time; that is why k should
 be only as large as overruns require (`flowspec validate` reports the residue).
@@ -29,6 +35,10 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import os
+import re
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -59,6 +69,41 @@ class Emulation:
 
     def padded_s(self, model_ms: float) -> float:
         return self.dilation * model_ms / 1000.0
+
+
+LINK_DELAY_ENV = "FLOWSPEC_TEST_LINK_DELAY"
+
+
+@dataclass(slots=True)
+class LinkDelay:
+    """The test hook of the module docstring: messages to `dst` held `delay_s` once `on`. It holds
+    what goes through a `PacedEndpoint` (all of a stage's traffic; D0's data, not its broadcasts)."""
+
+    dst: int
+    delay_s: float
+    on: bool = False
+
+    @classmethod
+    def from_env(cls, rank: int) -> LinkDelay | None:
+        """The hook for device `rank`'s endpoint, armed on SIGUSR2; None unless LINK_DELAY_ENV names
+        `rank` as the sender (and this is the main thread, where signal handlers live)."""
+        spec = os.environ.get(LINK_DELAY_ENV)
+        if not spec:
+            return None
+        m = re.fullmatch(r"(\d+)>(\d+):(\d+(?:\.\d*)?)", spec)
+        if m is None:
+            raise ValueError(f"{LINK_DELAY_ENV}={spec!r}: expected SRC>DST:SECONDS, e.g. 2>3:6")
+        if int(m[1]) != rank or threading.current_thread() is not threading.main_thread():
+            return None
+        hook = cls(int(m[2]), float(m[3]))
+        signal.signal(signal.SIGUSR2, hook._arm)
+        return hook
+
+    def _arm(self, signum: int, frame: object) -> None:
+        self.on = True
+
+    def holds(self, rank: int) -> bool:
+        return self.on and rank == self.dst
 
 
 @dataclass(slots=True)
@@ -102,6 +147,8 @@ class PacedEndpoint:
         self.transfers: list[list] = []  # [dst, kind, nbytes, t_send, t_recv], monotonic clock
         self.arrivals: list[list] = []  # [src, kind, t_recv] of data messages received (not emulated)
         self.last_arrival: list | None = None  # the row of the message `recv` returned last, if it made one
+        self.delay = LinkDelay.from_env(rank)
+        self._late: list[tuple[float, int, int, list]] = []  # heap as `_due`: messages the delay hook holds
 
     @property
     def address(self) -> str:
@@ -112,7 +159,14 @@ class PacedEndpoint:
 
     def send(self, rank: int, frames: list) -> None:
         """Control traffic: at once."""
-        self.inner.send(rank, frames)
+        self._deliver(rank, frames)
+
+    def _deliver(self, rank: int, frames: list) -> None:
+        """Hand `frames` to ZeroMQ now, or to the delay hook's heap when it holds this link."""
+        if self.delay is not None and self.delay.holds(rank):
+            heapq.heappush(self._late, (time.monotonic() + self.delay.delay_s, next(self._seq), rank, frames))
+        else:
+            self.inner.send(rank, frames)
 
     def send_all(self, frames: list) -> None:
         self.inner.send_all(frames)
@@ -121,7 +175,7 @@ class PacedEndpoint:
         em = self.emulation
         if em is None:
             self.transfers.append([rank, kind, sum(memoryview(f).nbytes for f in frames), time.monotonic(), float("nan")])
-            self.inner.send(rank, frames)
+            self._deliver(rank, frames)
             return
         now = time.monotonic()
         t_send = max(now, self._link_free)
@@ -140,16 +194,21 @@ class PacedEndpoint:
         now = time.monotonic()
         while self._due and self._due[0][0] <= now:
             _, _, rank, frames = heapq.heappop(self._due)
+            self._deliver(rank, frames)
+        while self._late and self._late[0][0] <= now:
+            _, _, rank, frames = heapq.heappop(self._late)
             self.inner.send(rank, frames)
+
+    def _next_due(self) -> float:
+        """When the next held message falls due (monotonic; inf when none is held)."""
+        return min(self._due[0][0] if self._due else float("inf"), self._late[0][0] if self._late else float("inf"))
 
     def recv(self, timeout_s: float) -> wire.Message | None:
         deadline = time.monotonic() + timeout_s
         while True:
             self._release()
             now = time.monotonic()
-            wait = deadline - now
-            if self._due:
-                wait = min(wait, self._due[0][0] - now)
+            wait = min(deadline, self._next_due()) - now
             self.last_arrival = None
             msg = self.inner.recv(max(0.0, wait))
             if msg is not None and self.emulation is None and msg.type in DATA_MESSAGES:
@@ -174,7 +233,7 @@ class PacedEndpoint:
             now = time.monotonic()
             if now >= until:
                 return
-            time.sleep(max(0.0, min(until, self._due[0][0] if self._due else until) - now))
+            time.sleep(max(0.0, min(until, self._next_due()) - now))
 
     def settle(self) -> None:
         """Wait until every paced message has been handed to ZeroMQ."""

@@ -60,6 +60,9 @@ def load_run(folder: Path) -> RecordedRun:
     folder = Path(folder)
     if not folder.is_dir():
         raise RunFolderError(f"{folder}: no such run folder")
+    if (folder / "resume.json").is_file():  # `flowspec run --resume`: its frames miss what it carried over
+        raise RunFolderError(f"{folder / 'resume.json'}: a resumed run's frames hold only the requests it served; "
+                             "replay the run it resumed, or run the scenario afresh")  # fmt: skip
     try:  # an emulated testbed's run is replayed on the testbed it emulated
         emulated = folder / "emulated.yaml"
         scenario = load_scenario(emulated if emulated.is_file() else folder / "resolved.yaml")

@@ -1,6 +1,7 @@
-"""`flowspec run` when a stage dies, hangs or wedges, or when the run itself is signalled: a
-non-zero exit in time that names the stage (or the signal), no process or temporary folder left
-behind, and every request that completed before the failure on disk (issue 16)."""
+"""`flowspec run` when a stage dies, hangs or wedges, when a link holds its messages past the budget,
+or when the run itself is signalled: a non-zero exit in time that names the stage (or the signal),
+no process or temporary folder left behind, and every request that completed before the failure on
+disk (issue 16)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import psutil
 import pytest
 import yaml
 
+from runtime.emulation import LINK_DELAY_ENV
 from runtime.stage import WEDGE_ENV
 
 pytestmark = pytest.mark.runtime
@@ -133,6 +135,13 @@ FAILURES = {
     "terminated": (signal.SIGTERM, {}, ["stage 2 (pid", "SIGTERM"], 2 * TIMEOUT_S),
     # heartbeats on, forwards off: the progress watchdog's case
     "wedged": (signal.SIGUSR1, {WEDGE_ENV: "2"}, ["no progress for", "is held by stage 2 (tcp://"], 2 * TIMEOUT_S),
+    # the link from stage 2 to stage 3 holds every segment past the budget; both ends heartbeat: the watchdog's case
+    "delayed": (signal.SIGUSR2, {LINK_DELAY_ENV: f"2>3:{3 * TIMEOUT_S:g}"},
+                ["no progress for", "has not reached stage 3 (tcp://", "late or lost on the link from stage 2"],
+                2 * TIMEOUT_S),  # fmt: skip
+    # the link from stage 2 to D0 holds its heartbeats past the budget while the data flows: silence
+    "delayed-heartbeats": (signal.SIGUSR2, {LINK_DELAY_ENV: f"2>0:{3 * TIMEOUT_S:g}"}, ["stage 2 (tcp://", "silent for"],
+                           2 * TIMEOUT_S),  # fmt: skip
 }
 
 

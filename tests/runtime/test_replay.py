@@ -91,6 +91,7 @@ def test_replay_notices_a_run_that_does_not_match(run_dir: Path, tmp_path: Path)
     (lambda f: pd.read_parquet(f / "serial" / "commands.parquet").drop(columns="detail").to_parquet(
         f / "serial" / "commands.parquet"), r"serial/commands.parquet: column detail missing"),
     (lambda f: (f / "resolved.yaml").write_text("tree: {topk: 0}\n"), r"resolved.yaml: tree.topk must be >= 1"),
+    (lambda f: (f / "resume.json").write_text("{}\n"), r"resume.json: a resumed run's frames hold only the requests"),
 ])  # fmt: skip
 def test_a_malformed_run_folder_is_named(run_dir: Path, tmp_path: Path, damage, message: str) -> None:
     bad = tmp_path / "bad"
