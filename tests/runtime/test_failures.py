@@ -27,7 +27,8 @@ pytestmark = pytest.mark.runtime
 TIMEOUT_S = 2.0
 N_REQUESTS = 50
 LONG_TOKENS = 200  # after the tiny fixture's two short requests: far more work than a test waits for
-MID_RUN_S = 1.5  # after the stages are ready: the two short requests (40 tokens, ~0.3 s) are done
+MID_RUN_S = 3.0  # after the stages are ready: the two short requests (40 tokens, ~0.3 s idle) are done, with
+# room for a loaded machine (at 1.5 s, request 1 was still running once under the full suite and two other jobs)
 
 
 def start_run(tiny, tmp_path: Path, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, Path]:
