@@ -74,16 +74,17 @@ def check_pattern(name: str, policy: Policy, frames) -> None:
 def assert_on_one_clock(spans) -> None:
     """Every stage's spans are on D0's clock: a segment's forward on stage k+1 starts after it ended
     on stage k, and D0 verifies it after the last stage. The offset estimate is late by the least
-    delay a clock message met (a few ms when 6 processes share 2 cores), hence 10 ms of slack; the
-    bug this guards against shifted stages by the time they spent loading (~0.2 s on the tiny model)."""
+    delay a clock message met (a few ms when 6 processes share 2 cores; beyond 10 ms once, with other
+    jobs on the machine), hence 50 ms of slack; the bug this guards against shifted stages by the
+    time they spent loading (~0.2 s on the tiny model)."""
     work = spans[spans.stage >= 1].pivot_table(index="segment_id", columns="stage", values=["t_start_s", "t_end_s"])
     stages = sorted(work["t_start_s"].columns)
     for a, b in zip(stages, stages[1:]):
         gap = (work["t_start_s"][b] - work["t_end_s"][a]).dropna()
-        assert (gap > -1e-2).all(), (a, b, gap.min())
+        assert (gap > -5e-2).all(), (a, b, gap.min())
     verify = spans[spans.stage == 0].query("kind == 'verify'").set_index("segment_id")
     gap = (verify.t_start_s - work["t_end_s"][stages[-1]]).dropna()
-    assert (gap > -1e-2).all(), ("verify", gap.min())
+    assert (gap > -5e-2).all(), ("verify", gap.min())
 
 
 def assert_links_recorded(transfers, n_stages: int) -> None:
