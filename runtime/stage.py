@@ -62,8 +62,9 @@ from flowspec.messages import ProtocolError, Segment, SegmentKind, n_decided
 from runtime import wire
 from runtime.channel import Endpoint, RemoteError, StageTimeout, raise_fd_limit
 from runtime.emulation import Emulation, PacedEndpoint, Pad
+from runtime.llama import LlamaShape, ShapeError
 from runtime.model_slice import LayerSlice, hidden_from_wire, hidden_to_wire
-from runtime.models import read_head, torch_device
+from runtime.models import ModelError, read_head, torch_device
 from runtime.security import Keyring, keyring_for, peer_addresses
 from runtime.shutdown import Interrupted, signals_raise
 
@@ -161,10 +162,13 @@ class StageWorker:
         self._parent = os.getppid()
         self.emulation = Emulation.of(emulated)  # None: compute and links as they are
         self.pad = None if self.emulation is None else Pad(self.emulation)
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(model_dir)  # the bounds of what peers may send
-        self.vocab_size, self.hidden_size = int(config.vocab_size), int(config.hidden_size)
+        # The bounds of what peers may send, from config.json itself: transformers' AutoConfig would
+        # import transformers, 80 MB of a board's memory that no stage needs.
+        try:
+            shape = LlamaShape.read(model_dir)
+        except ShapeError as e:
+            raise ModelError(f"runtime.model: {e}") from None
+        self.vocab_size, self.hidden_size = shape.vocab_size, shape.hidden_size
         max_frame_nbytes = wire.MAX_ROWS * max(self.hidden_size * 4, 8)  # float32 hidden states or int64 ids
         inner = Endpoint(plan.rank, plan.host, plan.port, plan.bind_host, max_frame_nbytes=max_frame_nbytes,
                          keyring=plan.keyring, allowed=plan.allowed)  # fmt: skip
