@@ -67,6 +67,7 @@ from runtime.model_slice import LayerSlice, hidden_from_wire, hidden_to_wire
 from runtime.models import ModelError, read_head, torch_device
 from runtime.security import Keyring, keyring_for, peer_addresses
 from runtime.shutdown import Interrupted, signals_raise
+from runtime.working_set import let_go_of_startup_pages
 
 FROM_D0 = frozenset({"prune", "flush", "stop", "heartbeat"})  # what only D0 sends a stage while it serves
 MAX_QUEUED = 4096  # segments: a 245k-token prompt's chunks all at once; more is a flood
@@ -190,6 +191,7 @@ class StageWorker:
         self.slice = LayerSlice.from_checkpoint(self.model_dir, p.first_layer, p.last_layer, device=self.device,
                                                 dtype=dtype)  # its own layers only  # fmt: skip
         self.lm_head = read_head(self.model_dir, with_embedding=False)[0].to(self.device, dtype) if p.head else None
+        let_go_of_startup_pages()  # torch's initialisers and the loader's code: ~55 MB a board need not hold
         deadline = time.monotonic() + p.startup_timeout_s
         while True:
             msg = self._receive(max(0.0, min(1.0, deadline - time.monotonic())))
