@@ -4,10 +4,10 @@ A testbed run serves requests for hours; a process whose memory grows with every
 This serves `--requests` requests one after another in ONE run of one policy on the scenario's
 cluster (loopback), reads the resident set of D0 (this process) and of every stage every `--every`
 requests, and reports each process's last reading against its reading after the first `--every`
-requests (the warm-up: caches, allocator pools, the first long prompt). The last in-run reading
-is taken as the last request starts; the one after the run also holds D0's assembled result (its
-records sorted and framed once, the run's output, not growth), so it is shown but not judged.
-Prints a table, writes a CSV and a PNG of the curves.
+requests (the warm-up: caches, allocator pools, the first long prompt), and each process's peak
+(VmHWM) over the run. The last in-run reading is taken as the last request starts; the one after
+the run also holds D0's assembled result (its records sorted and framed once, the run's output,
+not growth), so it is shown but not judged. Prints a table, writes a CSV and a PNG of the curves.
 
 Usage:
     python bench/memory_soak.py scenarios/loopback.yaml [--requests 500] [--tokens 8] [--policy flowspec]
@@ -28,12 +28,12 @@ from runtime.launcher import Cluster, Target, make_drafter, stage_scenario
 from runtime.prompts import requests_for
 
 
-def resident_bytes(pid: int) -> int:
-    """VmRSS of process `pid` (Linux)."""
+def resident_bytes(pid: int, field: str = "VmRSS") -> int:
+    """VmRSS (or VmHWM, the peak so far) of process `pid` (Linux)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    raise RuntimeError(f"no {field} for pid {pid}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
 
         def sample(n_done: int) -> None:
             for name, pid in processes.items():
-                rows.append({"requests_done": n_done, "process": name, "rss_mb": resident_bytes(pid) / 2**20})
+                rows.append({"requests_done": n_done, "process": name, "rss_mb": resident_bytes(pid) / 2**20,
+                             "peak_mb": resident_bytes(pid, "VmHWM") / 2**20})  # fmt: skip
             print(f"{n_done:5d} requests, {time.monotonic() - t0:6.0f} s: "
                   + ", ".join(f"{r['process']} {r['rss_mb']:.0f} MB" for r in rows[-len(processes):]), flush=True)  # fmt: skip
 
@@ -78,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     wide = frame.pivot(index="requests_done", columns="process", values="rss_mb")
     base = wide.loc[args.every] if args.every in wide.index else wide.iloc[0]
     in_run = wide[wide.index < len(requests)]
+    peak = frame.groupby("process").peak_mb.max()  # a spike between two readings shows here, not in max_mb
     summary = pd.DataFrame({"after_first_mb": base, "last_mb": in_run.iloc[-1], "max_mb": in_run.max(),
-                            "with_result_mb": wide.iloc[-1]})  # fmt: skip
+                            "with_result_mb": wide.iloc[-1], "peak_mb": peak})  # fmt: skip
     summary["last_vs_first"] = summary.last_mb / summary.after_first_mb
     print(summary.to_string(float_format=lambda v: f"{v:.3f}"))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -2,8 +2,10 @@
 
 Theory of operation
 -------------------
-Start-up: bind the inbox, say `hello` to D0 (address and layer range), load the layers, wait for
-`peers` (where to send results; D0's clock, to report spans on one time axis), say `ready`.
+Start-up: bind the inbox, say `hello` to D0 (address and layer range), load the layers, let go of
+the library pages only start-up touched (`runtime.working_set`), wait for `peers` (where to send
+results; D0's clock, to report spans on one time axis), say `ready`. Where a stage sits is its
+`StagePlan` (`runtime.stage_plan`).
 
 Loop: drain every waiting message — prunes go straight into the `StageLedger` and compact the KV,
 segments queue in arrival order — then run the first queued segment once the ledger has every
@@ -26,16 +28,17 @@ the traceback, and the process exits non-zero; `stop` ends it cleanly. SIGINT an
 failures too (`runtime.shutdown`): D0 hears which signal stopped which stage, and the exit code is
 130 or 143.
 
-Hostile or stray input: the inbox is reachable by anyone, so a frame is checked before anything
-is applied — by `wire.decode`, then against the stage's state: who may send which type, token ids
-within the vocabulary, hidden states of this model's width, a bounded queue, and the ledger's own
-`check_prune` / `check_segment` (a queued segment is checked again just before its forward, on the
-state it will meet). A frame that fails is logged to stderr with its claimed sender and the reason,
-counted (the count travels in the run's `report`) and dropped, leaving the stage exactly as it was.
-Only a peer's `error`, D0's silence, a wedged queue and the stage's own failures end it. The
-sender rank is a claim: a forged frame that fits the state is obeyed. What narrows who can forge
-is the scenario's runtime.security (module `runtime.security`): on a testbed only the scenario's
-hosts are heard, and with CURVE only holders of the testbed's keys, each for its own rank.
+Hostile or stray input: the inbox is reachable by anyone, so a frame is checked before anything is
+applied — by `wire.decode`, then against the stage's state (`runtime.stage_inbox`): who may send
+which type, token ids within the vocabulary, hidden states of this model's width, a bounded queue,
+and the ledger's own `check_prune` / `check_segment` (a queued segment is checked again just before
+its forward, on the state it will meet). A frame that fails is logged to stderr with its claimed
+sender and the reason, counted (the count travels in the run's `report`) and dropped, leaving the
+stage exactly as it was. Only a peer's `error`, D0's silence, a wedged queue and the stage's own
+failures end it. The sender rank is a claim: a forged frame that fits the state is obeyed. What
+narrows who can forge is the scenario's runtime.security (module `runtime.security`): on a testbed
+only the scenario's hosts are heard, and with CURVE only holders of the testbed's keys, each for its
+own rank.
 """
 
 from __future__ import annotations
@@ -43,20 +46,18 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 import signal
 import sys
 import threading
 import time
 import traceback
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from flowspec.config import HeadPlacement, Scenario, load_scenario
+from flowspec.config import Scenario, load_scenario
 from flowspec.kv import StageLedger
 from flowspec.messages import ProtocolError, Segment, SegmentKind, n_decided
 from runtime import wire
@@ -64,76 +65,17 @@ from runtime.channel import Endpoint, RemoteError, StageTimeout, raise_fd_limit
 from runtime.emulation import Emulation, PacedEndpoint, Pad
 from runtime.model_slice import LayerSlice, hidden_from_wire, hidden_to_wire
 from runtime.models import read_head, torch_device
-from runtime.security import Keyring, keyring_for, peer_addresses
 from runtime.shutdown import Interrupted, signals_raise
+from runtime.stage_inbox import FrameBounds, Queued
+from runtime.stage_plan import StagePlan, loopback_plan
+from runtime.stage_plan import layer_ranges, testbed_plan  # noqa: F401 (the launcher and cli import them from here)
+from runtime.working_set import let_go_of_startup_pages
 
-FROM_D0 = frozenset({"prune", "flush", "stop", "heartbeat"})  # what only D0 sends a stage while it serves
-MAX_QUEUED = 4096  # segments: a 245k-token prompt's chunks all at once; more is a flood
-MAX_QUEUED_NBYTES = 1 << 30  # the frames queued segments hold
 MAX_DRAINED = 1000  # messages received in a row before the queue gets a turn: a flood cannot starve forwards
 LOGGED_REJECTIONS = 50  # per report, each logged; after that every 1000th, so a flood cannot fill a disk
-_ADDRESS = re.compile(r"tcp://[\w.\-:\[\]]+:\d{1,5}")
 # Test hook: with this set to its rank, a stage stops running segments on SIGUSR1 while it keeps
 # receiving and heartbeating — the wedge D0's progress watchdog exists for (tests/runtime/test_failures.py).
 WEDGE_ENV = "FLOWSPEC_TEST_WEDGE"
-
-
-@dataclass(frozen=True, slots=True)
-class Queued:
-    """A segment that passed the arrival checks, waiting for its forward."""
-
-    segment: Segment
-    hidden: np.ndarray | None  # [L, H] as received (None on the first hop)
-    hidden_dtype: str | None
-    nbytes: int  # of its frames
-    arrival: list | None  # its row in the endpoint's arrivals, forgotten if it is rejected later
-
-
-@dataclass(frozen=True, slots=True)
-class StagePlan:
-    rank: int  # 1..N
-    n_stages: int
-    first_layer: int  # 0-based, inclusive
-    last_layer: int  # exclusive
-    d0_address: str
-    host: str  # the address peers reach this stage at
-    port: int  # 0: any free port
-    bind_host: str | None  # None: bind on `host`
-    timeout_s: float
-    startup_timeout_s: float
-    device: str  # runtime.device (or this stage's override)
-    dtype: str  # the stage's weights, and its hidden states on the wire
-    watch_parent: bool  # exit if the launcher that started us goes away (loopback runs)
-    head: bool = False  # the last stage with `pipeline.head: last`: it computes the target's decisions
-    sampled: bool = False  # temperature > 0: it returns logits, not argmax ids
-    features: bool = True  # it returns hidden states (always, unless `head` and D0's drafter does not read them)
-    keyring: Keyring | None = None  # runtime.security: curve
-    allowed: tuple[str, ...] = ()  # the IPs its inbox hears (a testbed's hosts); empty: any
-
-
-def _plan(scenario: Scenario, rank: int, d0: str, host: str, port: int, bind_host: str | None,
-          watch_parent: bool, allowed: tuple[str, ...] = ()) -> StagePlan:  # fmt: skip
-    rt = scenario.runtime
-    first, last = layer_ranges(scenario)[rank - 1]
-    head = rank == scenario.pipeline.n_stages and scenario.pipeline.head is HeadPlacement.LAST
-    return StagePlan(rank, scenario.pipeline.n_stages, first, last, d0, host, port, bind_host, rt.timeout_s,
-                     rt.startup_timeout_s, *scenario.stage_compute(rank), watch_parent=watch_parent, head=head,
-                     sampled=scenario.decoding.temperature > 0, features=not head or scenario.features_on_the_wire,
-                     keyring=keyring_for(scenario, rank), allowed=allowed)  # fmt: skip
-
-
-def layer_ranges(scenario: Scenario) -> list[tuple[int, int]]:
-    """[first, last) of every stage's layers, V1 first."""
-    bounds = np.concatenate([[0], np.cumsum(scenario.stage_layers)]).tolist()
-    return list(zip(bounds[:-1], bounds[1:]))
-
-
-def testbed_plan(scenario: Scenario, rank: int) -> StagePlan:
-    """Where stage `rank` listens and whom it reports to, from `runtime.hosts` and `base_port`; it
-    hears the hosts only. runtime.keys must be resolved already (`runtime.security.with_keys_resolved`)."""
-    rt = scenario.runtime
-    return _plan(scenario, rank, f"tcp://{rt.hosts[0]}:{rt.base_port}", rt.hosts[rank], rt.base_port + rank, "0.0.0.0",
-                 watch_parent=False, allowed=peer_addresses(rt.hosts))  # fmt: skip
 
 
 class StageWorker:
@@ -161,12 +103,8 @@ class StageWorker:
         self._parent = os.getppid()
         self.emulation = Emulation.of(emulated)  # None: compute and links as they are
         self.pad = None if self.emulation is None else Pad(self.emulation)
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(model_dir)  # the bounds of what peers may send
-        self.vocab_size, self.hidden_size = int(config.vocab_size), int(config.hidden_size)
-        max_frame_nbytes = wire.MAX_ROWS * max(self.hidden_size * 4, 8)  # float32 hidden states or int64 ids
-        inner = Endpoint(plan.rank, plan.host, plan.port, plan.bind_host, max_frame_nbytes=max_frame_nbytes,
+        self.bounds = FrameBounds.read(model_dir, plan.rank)  # what peers may send
+        inner = Endpoint(plan.rank, plan.host, plan.port, plan.bind_host, max_frame_nbytes=self.bounds.max_frame_nbytes,
                          keyring=plan.keyring, allowed=plan.allowed)  # fmt: skip
         self.endpoint = PacedEndpoint(inner, self.emulation, plan.rank)
         self.endpoint.connect(0, plan.d0_address)
@@ -186,6 +124,7 @@ class StageWorker:
         self.slice = LayerSlice.from_checkpoint(self.model_dir, p.first_layer, p.last_layer, device=self.device,
                                                 dtype=dtype)  # its own layers only  # fmt: skip
         self.lm_head = read_head(self.model_dir, with_embedding=False)[0].to(self.device, dtype) if p.head else None
+        let_go_of_startup_pages()  # torch's initialisers and the loader's code: ~55 MB a board need not hold
         deadline = time.monotonic() + p.startup_timeout_s
         while True:
             msg = self._receive(max(0.0, min(1.0, deadline - time.monotonic())))
@@ -202,18 +141,13 @@ class StageWorker:
 
     def _peers(self, msg: wire.Message) -> bool:
         """Whether `msg` is D0's peer list (then applied); anything else before it is rejected."""
-        nxt = str(msg.fields.get("next", ""))
-        reason = None
-        if msg.type != "peers" or msg.sender != 0:
-            reason = f"{msg.type} message from rank {msg.sender}: not expected before D0's peer list"
-        elif self.next_rank and not _ADDRESS.fullmatch(nxt):
-            reason = f"peers message from rank 0: field next: {nxt[:80]!r} is not tcp://host:port"
+        reason = self.bounds.peers_refusal(msg, has_next=self.next_rank != 0)
         if reason is not None:
             self._reject(ProtocolError(reason))
             return False
         self._clock(msg)
         if self.next_rank:
-            self.endpoint.connect(self.next_rank, nxt)
+            self.endpoint.connect(self.next_rank, str(msg.fields["next"]))
         return True
 
     # ---- loop -----------------------------------------------------------------------------------
@@ -302,19 +236,11 @@ class StageWorker:
 
     def _apply(self, msg: wire.Message) -> None:
         rank = self.plan.rank
+        self.bounds.check_sender(msg)
         if msg.type == "segment":
-            if msg.sender != rank - 1:
-                raise ProtocolError(f"segment message from rank {msg.sender}: stage {rank} takes segments from rank {rank - 1}")
-        elif msg.type in FROM_D0:
-            if msg.sender != 0:
-                raise ProtocolError(f"{msg.type} message from rank {msg.sender}: only D0 sends it")
-        elif msg.type == "error":
-            if msg.sender not in (0, rank - 1):
-                raise ProtocolError(f"error message from rank {msg.sender}: not a peer of stage {rank}")
-        else:
-            raise ProtocolError(f"{msg.type} message from rank {msg.sender}: not expected by stage {rank}")
-        if msg.type == "segment":
-            self._enqueue(msg)
+            item = self.bounds.admit(msg, self.endpoint.last_arrival, len(self.queue), self._queued_nbytes)
+            self.queue.append(item)
+            self._queued_nbytes += item.nbytes
         elif msg.type == "prune":
             prune = wire.to_prune(msg)
             self.ledger.check_prune(prune)
@@ -348,30 +274,6 @@ class StageWorker:
             self.last_from_d0 = time.monotonic()
             if "clock_s" in msg.fields:
                 self._clock(msg)
-
-    def _enqueue(self, msg: wire.Message) -> None:
-        """Queue a segment that fits what this stage can run; its ledger check comes before its forward."""
-        seg = wire.to_segment(msg)
-        who = f"segment message from rank {msg.sender}"
-        hidden = msg.arrays.get("hidden")
-        if (hidden is None) != (self.plan.rank == 1):
-            raise ProtocolError(f"{who}: field hidden: {'missing after' if hidden is None else 'sent on'} the first hop")
-        if hidden is not None and hidden.shape[1] != self.hidden_size:
-            raise ProtocolError(f"{who}: field hidden: width {hidden.shape[1]}, the model's is {self.hidden_size}")
-        if "argmax" in msg.arrays or "logits" in msg.arrays:
-            raise ProtocolError(f"{who}: carries decisions, which only D0 receives")
-        if len(seg) and not (0 <= seg.tokens.min() and seg.tokens.max() < self.vocab_size):
-            raise ProtocolError(f"{who}: field tokens: ids {int(seg.tokens.min())}..{int(seg.tokens.max())} outside "
-                                f"the vocabulary 0..{self.vocab_size - 1}")  # fmt: skip
-        if len(seg) and seg.positions.min() < 0:
-            raise ProtocolError(f"{who}: field positions: {int(seg.positions.min())} < 0")
-        nbytes = sum(a.nbytes for a in msg.arrays.values())
-        if len(self.queue) >= MAX_QUEUED or self._queued_nbytes + nbytes > MAX_QUEUED_NBYTES:
-            raise ProtocolError(f"{who}: stage {self.plan.rank}'s queue is full ({len(self.queue)} segments, "
-                                f"{self._queued_nbytes} bytes)")  # fmt: skip
-        dtype = None if hidden is None else msg.dtypes["hidden"]
-        self.queue.append(Queued(seg, hidden, dtype, nbytes, self.endpoint.last_arrival))
-        self._queued_nbytes += nbytes
 
     def _drain_until(self, deadline: float) -> None:
         """Receive (and apply) messages until `deadline` (monotonic): the padding of a forward."""
@@ -536,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     scenario = load_scenario(args.scenario)
     emulated = None if args.emulated is None else load_scenario(args.emulated)
-    plan = _plan(scenario, args.rank, args.d0, "127.0.0.1", 0, None, watch_parent=True)
+    plan = loopback_plan(scenario, args.rank, args.d0)
     return run_stage(plan, args.model_dir, scenario.runtime.torch_threads, emulated)
 
 
