@@ -86,28 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     print(summary.to_string(float_format=lambda v: f"{v:.3f}"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(args.out, index=False)
-    _plot(wide, args.out.with_suffix(".png"), args.policy)
+    import report  # matplotlib, lazily: plots live in report
+
+    report.plot_sweep(frame, x="requests_done", y="rss_mb", hue="process", path=args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     return 0 if (summary.last_vs_first <= 1.10).all() else 1
-
-
-def _plot(wide: pd.DataFrame, path: Path, policy: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for column in wide.columns:
-        ax.plot(wide.index, wide[column], marker="o", markersize=3, label=column)
-    ax.set_xlabel("requests served")
-    ax.set_ylabel("resident memory (MB)")
-    ax.set_title(f"Resident memory over one long {policy} run", loc="left", fontweight="bold")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 if __name__ == "__main__":
