@@ -28,9 +28,11 @@ policy is one entry here (and its name in `flowspec.config.Policy`).
 can enter before a deep node's best. Only the paper's abstract could be read. What it states is
 built: a dynamic tree fed by the drafter that outputs tokens to the pipeline step by step, about one
 token decoded per pipeline step, pruning propagated to every node. The gaps, filled by our reading:
-- the tree step re-asks every node short of `width` children (the drafter is deterministic, so it
-  answers as a cache of its candidates would; the EAGLE drafter keeps each node's head output, so a
-  repeat costs its LM-head rows, and the simulator charges one draft call over those rows);
+- the tree step re-asks every node short of `width` children, as a cache of its candidates would
+  answer (the EAGLE drafter keeps each node's head output, so a repeat costs its LM-head rows; the
+  simulator charges one draft call over those rows). The simulator's synthetic drafter does not
+  yet answer a repeat the same way: it draws by depth below the current root, which overstates
+  specpipe's hits in calibrated mode (issue 13);
 - the fill schedule is PipeDec's (the root alone, then one `width` segment per stage);
 - the draft model is the scenario's drafter (the paper uses a small LLM of the target's family,
   not fine-tuned); pruning is D0's one broadcast per step, as for every policy here;
