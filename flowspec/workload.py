@@ -167,3 +167,25 @@ def read_trace(path: Path) -> list[tuple[float, int, int]]:
     if not out:
         raise ScenarioError(f"{path}: workload.trace: no requests")
     return out
+
+
+def read_requests(path: Path, error: type[Exception], missing: str = "") -> list[Request]:
+    """A run folder's requests.jsonl (as `runtime.outputs.write_requests` writes it); `error` names
+    the file, line and field of anything else. Token ids and request ids are ints, never bools."""
+    if not path.is_file():
+        raise error(f"{path}: file missing{missing}")
+    out = []
+    for where, row in json_lines(path, error):
+        rid, t, prompt, max_new = (row.get(k) for k in ("request_id", "t_arrival_s", "prompt", "max_new_tokens"))
+        if type(rid) is not int or rid != len(out):
+            raise error(f"{where}: request_id must be {len(out)} (requests in order), got {rid!r}")
+        if t is not None and not (type(t) in (int, float) and math.isfinite(t) and t >= 0):
+            raise error(f"{where}: t_arrival_s must be null or a number >= 0, got {t!r}")
+        if not (isinstance(prompt, list) and prompt and all(type(x) is int and x >= 0 for x in prompt)):
+            raise error(f"{where}: prompt must be a non-empty list of token ids")
+        if max_new is not None and not (type(max_new) is int and max_new >= 1):
+            raise error(f"{where}: max_new_tokens must be null or an integer >= 1, got {max_new!r}")
+        out.append(Request(rid, None if t is None else float(t), tuple(prompt), max_new))
+    if not out:
+        raise error(f"{path}: no requests")
+    return out

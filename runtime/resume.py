@@ -30,13 +30,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from flowspec.config import Policy, Scenario, ScenarioError, load_scenario, scenario_to_dict
-from flowspec.workload import Request, json_lines
+from flowspec.workload import Request, json_lines, read_requests
 
 # where the boards are and how long D0 waits for them: nothing here changes a token
 RESUMABLE_KEYS = ("runtime.hosts", "runtime.base_port", "runtime.security", "runtime.keys", "runtime.timeout_s",
@@ -78,7 +77,7 @@ class FailedRun:
         completed = failure.get("completed_request_ids")
         if not (isinstance(completed, list) and all(type(i) is int for i in completed)):
             raise ResumeError(f"{sub / 'failure.json'}: field completed_request_ids: expected a list of request ids")
-        requests = _requests(folder / "requests.jsonl")
+        requests = read_requests(folder / "requests.jsonl", ResumeError, " (written by `flowspec run` before it serves)")
         rows: dict[int, dict[str, Any]] = {}
         for where, row in json_lines(sub / "outputs.jsonl", ResumeError) if (sub / "outputs.jsonl").is_file() else ():
             rid, tokens = row.get("request_id"), row.get("tokens")
@@ -171,27 +170,6 @@ def _json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ResumeError(f"{path}: expected a JSON object")
     return data
-
-
-def _requests(path: Path) -> list[Request]:
-    """requests.jsonl as `runtime.outputs.write_requests` wrote it; errors name the line and field."""
-    if not path.is_file():
-        raise ResumeError(f"{path}: file missing (written by `flowspec run` before it serves)")
-    out = []
-    for where, row in json_lines(path, ResumeError):
-        rid, t, prompt, max_new = (row.get(k) for k in ("request_id", "t_arrival_s", "prompt", "max_new_tokens"))
-        if type(rid) is not int or rid != len(out):
-            raise ResumeError(f"{where}: field request_id: must be {len(out)} (requests in order), got {rid!r}")
-        if t is not None and not (type(t) in (int, float) and math.isfinite(t) and t >= 0):
-            raise ResumeError(f"{where}: field t_arrival_s: must be null or a number >= 0, got {t!r}")
-        if not (isinstance(prompt, list) and prompt and all(type(x) is int and x >= 0 for x in prompt)):
-            raise ResumeError(f"{where}: field prompt: must be a non-empty list of token ids")
-        if max_new is not None and not (type(max_new) is int and max_new >= 1):
-            raise ResumeError(f"{where}: field max_new_tokens: must be null or an integer >= 1, got {max_new!r}")
-        out.append(Request(rid, None if t is None else float(t), tuple(prompt), max_new))
-    if not out:
-        raise ResumeError(f"{path}: no requests")
-    return out
 
 
 def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

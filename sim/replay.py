@@ -15,7 +15,6 @@ sequence with the run's, which must be identical (DESIGN invariant 6).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from flowspec.config import Policy, Scenario, ScenarioError, load_scenario
 from flowspec.policy import device_scenario
 from flowspec.records import RunResult
 from flowspec.replay import ReplayDrafter, ReplayMismatch, ReplayTarget
-from flowspec.workload import Request, json_lines
+from flowspec.workload import Request, read_requests
 from sim.engine import SimEngine, SimulationError
 from sim.experiment import with_policy
 from flowspec.platform import PROFILES_DIR, build_platform
@@ -71,7 +70,7 @@ def load_run(folder: Path) -> RecordedRun:
     if scenario.decoding.temperature > 0:
         raise RunFolderError(f"{folder / 'resolved.yaml'}: decoding.temperature is {scenario.decoding.temperature}: "
                              "replay repeats greedy (T = 0) runs only")  # fmt: skip
-    requests = read_requests(folder / "requests.jsonl")
+    requests = read_requests(folder / "requests.jsonl", RunFolderError)
     frames: dict[str, dict[str, pd.DataFrame]] = {}
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
         try:
@@ -97,26 +96,6 @@ def _read_frame(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
     for c in (c for c in columns if c not in frame.columns):
         raise RunFolderError(f"{path}: column {c} missing")
     return frame
-
-
-def read_requests(path: Path) -> list[Request]:
-    if not path.is_file():
-        raise RunFolderError(f"{path}: file missing")
-    out = []
-    for where, row in json_lines(path, RunFolderError):
-        rid, t, prompt, max_new = (row.get(k) for k in ("request_id", "t_arrival_s", "prompt", "max_new_tokens"))
-        if not isinstance(rid, int) or rid != len(out):
-            raise RunFolderError(f"{where}: request_id must be {len(out)} (requests in order), got {rid!r}")
-        if t is not None and not (isinstance(t, (int, float)) and math.isfinite(t) and t >= 0):
-            raise RunFolderError(f"{where}: t_arrival_s must be null or a number >= 0, got {t!r}")
-        if not (isinstance(prompt, list) and prompt and all(isinstance(x, int) and x >= 0 for x in prompt)):
-            raise RunFolderError(f"{where}: prompt must be a non-empty list of token ids")
-        if max_new is not None and not (isinstance(max_new, int) and max_new >= 1):
-            raise RunFolderError(f"{where}: max_new_tokens must be null or an integer >= 1, got {max_new!r}")
-        out.append(Request(rid, None if t is None else float(t), tuple(prompt), max_new))
-    if not out:
-        raise RunFolderError(f"{path}: no requests")
-    return out
 
 
 def replay(run: RecordedRun, policy: Policy, *, profiles_dir: Path = PROFILES_DIR) -> RunResult:
