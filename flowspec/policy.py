@@ -30,9 +30,9 @@ built: a dynamic tree fed by the drafter that outputs tokens to the pipeline ste
 token decoded per pipeline step, pruning propagated to every node. The gaps, filled by our reading:
 - the tree step re-asks every node short of `width` children, as a cache of its candidates would
   answer (the EAGLE drafter keeps each node's head output, so a repeat costs its LM-head rows; the
-  simulator charges one draft call over those rows). The simulator's synthetic drafter does not
-  yet answer a repeat the same way: it draws by depth below the current root, which overstates
-  specpipe's hits in calibrated mode (issue 13);
+  simulator charges one draft call over those rows). The simulator's synthetic drafter answers a
+  repeat at a new depth with that depth's hit rate but the same draw (`flowspec.synthetic`), so a
+  re-ask is no free retry;
 - the fill schedule is PipeDec's (the root alone, then one `width` segment per stage);
 - the draft model is the scenario's drafter (the paper uses a small LLM of the target's family,
   not fine-tuned); pruning is D0's one broadcast per step, as for every policy here;

@@ -192,7 +192,8 @@ class OracleDrafter:
     the probability that a path is accepted, which is what EAGLE-2's re-ranking relies on. The
     shorthand `hit_rate` + `rank_weights` builds a one-row table and draws random descending
     log-probs instead. The same context and depth always get the same proposals, as from a
-    deterministic draft model.
+    deterministic draft model; the same context at another depth draws its rank from the same
+    uniform under that depth's row (a coupling: `propose`).
     """
 
     def __init__(
@@ -258,15 +259,19 @@ class OracleDrafter:
         keys = self._node_keys(base, len(context), pool, frontier)
         targets = np.array([self.truth.next_after(key) for key in keys], dtype=np.int64)  # [f]
         rows = np.minimum(pool.depths[frontier], len(self.rank_table) - 1)  # [f] child depth - 1
-        # Hash-derived uniforms [f, k + 3]: cheap, and a pure function of (seed, context, depth).
-        salts = _mix_np((np.uint64(self.seed) * np.uint64(7919) + rows.astype(np.uint64)))
-        seeds = np.array(keys, dtype=np.uint64) ^ salts
+        # Hash-derived uniforms [f, k + 3]: cheap, and a pure function of (seed, context), not of the
+        # depth. A node asked again after a re-root (one level shallower) reads its new depth's row
+        # with the same uniform: each depth keeps its marginal, and a miss stays a miss wherever the
+        # shallower row's hit rate is no higher, as a real drafter's hard token stays hard. Fresh
+        # dice per depth would hand a policy that re-asks (specpipe) free retries.
+        salt = np.uint64(_mix((self.seed * 7919) & _M))
+        seeds = np.array(keys, dtype=np.uint64) ^ salt
         u = _mix_np(seeds[:, None] ^ _mix_np(np.arange(k + 3, dtype=np.uint64))[None, :]) / 2.0**64
         offsets = (u[:, 0] * (vocab - 1)).astype(np.int64)
         tokens = (targets[:, None] + 1 + (offsets[:, None] + np.arange(k)) % (vocab - 1)) % vocab  # [f, k]
         cdf = self._cdf[rows]  # [f, ranks]
-        ranks = (cdf <= u[:, 1:2]).sum(axis=1)  # searchsorted, right side, per row
-        hit = np.flatnonzero(ranks < k)
+        ranks = (cdf <= u[:, 1:2]).sum(axis=1)  # searchsorted, right side, per row; cdf.shape[1]: none
+        hit = np.flatnonzero(ranks < min(k, cdf.shape[1]))  # k beyond the table: its none still misses
         tokens[hit, ranks[hit]] = targets[hit]
         if self.calibrated:
             probs = np.full((len(frontier), k), 1e-6)
