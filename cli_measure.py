@@ -84,8 +84,10 @@ def validate(scenario: Path, overrides: tuple[str, ...], policies: tuple[str, ..
         modes = validation.MODES if mode == "both" else (mode,)
         click.echo(f"predicting {len(chosen)} polic{'y' if len(chosen) == 1 else 'ies'} with the simulator ({', '.join(modes)})",
                    err=True)  # fmt: skip
-        table, same = validation.compare(run, chosen, modes, replicates=replicates, echo=lambda m: click.echo(m, err=True))
+        table, same, draws = validation.compare(run, chosen, modes, replicates=replicates,
+                                                echo=lambda m: click.echo(m, err=True))  # fmt: skip
         table.to_csv(folder / "validate.csv", index=False)
+        draws.to_csv(folder / "validate-draws.csv", index=False)
         heads = validation.headline(table)
         report.plot_validation(heads, folder / "validate.png", tolerance)
         click.echo(report.format_table(heads))
@@ -102,13 +104,35 @@ def validate(scenario: Path, overrides: tuple[str, ...], policies: tuple[str, ..
         problems += [f"{p} (replay): the simulator's commands differ from the run's" for p, ok in same.items() if not ok]
         problems += _overruns(run, chosen)
         for m in modes:
-            measured, predicted = validation.ranking(table, m)
-            click.echo(f"ranking by tokens/s ({m}): {'same' if measured == predicted else 'DIFFERENT'}: "
-                       f"measured {' > '.join(measured)}; predicted {' > '.join(predicted)}")  # fmt: skip
-        click.echo(f"\nwrote {folder}/validate.csv, validate.png")
+            click.echo(_ranking_line(table, draws, m))
+        click.echo(f"\nwrote {folder}/validate.csv, validate-draws.csv, validate.png")
         if problems:
             click.echo("validation failed:\n  " + "\n  ".join(problems), err=True)
             raise SystemExit(1)
+
+
+def _ranking_line(table, draws, mode: str) -> str:
+    """Whether the policies rank alike by tokens/s in the run and in `mode`'s prediction; pairs the
+    draws cannot order (`sim.validation.inversions`) are ties, named with their ratios."""
+    from sim import validation
+
+    measured, predicted = validation.ranking(table, mode)
+    pairs = validation.inversions(table, draws, mode)
+    n_draws = int(draws[draws["mode"] == mode].replicate.nunique())
+
+    def named(rows) -> str:
+        return ", ".join(f"{r.faster} > {r.slower} in the run ({r.measured_ratio:.3f}x, predicted "
+                         f"{r.predicted_ratio:.3f}x, {round(r.draws_agree * n_draws)}/{n_draws} draws agree)"
+                         for r in rows.itertuples())  # fmt: skip
+
+    verdict = "same" if measured == predicted else \
+        "DIFFERENT" if pairs.decided.any() else "same up to pairs too close to order"  # fmt: skip
+    line = f"ranking by tokens/s ({mode}): {verdict}: measured {' > '.join(measured)}; predicted {' > '.join(predicted)}"
+    if pairs.decided.any():
+        line += f"\n  inverted: {named(pairs[pairs.decided])}"
+    if (~pairs.decided).any():
+        line += f"\n  too close to order: {named(pairs[~pairs.decided])}"
+    return line
 
 
 def _dilation_override(scenario: Path, overrides: tuple[str, ...], dilation: str | None, policies: list,

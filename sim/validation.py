@@ -41,6 +41,7 @@ MODES = ("replay", "calibrated")
 RATES = ("tokens_per_s", "step_ms", "accepted_per_step")
 COLUMNS = ("policy", "mode", "observable", "device", "measured", "predicted", "error", "predicted_p05", "predicted_p95")
 REPLICATES = 16  # calibrated draws per run: the mean's noise is a quarter of one draw's
+CONFIDENCE = 0.9  # an inversion counts when nine in ten paired draws order the pair against the run
 SEED_STRIDE = 1_000_003  # replicate r of request i simulates with seed i + r * SEED_STRIDE
 
 
@@ -121,11 +122,17 @@ def _pair(policy: str, mode: str, measured: list, predicted: list[list]) -> list
     return rows
 
 
+def _draw_rows(policy: str, mode: str, predicted: list[list]) -> list[tuple[str, str, int, float]]:
+    return [(policy, mode, r, v) for r, one in enumerate(predicted) for o, d, v in one if o == "tokens_per_s"]
+
+
 def compare(run: RecordedRun, policies: Sequence[Policy], modes: Sequence[str] = MODES, *, replicates: int = REPLICATES,
-            profiles_dir: Path = PROFILES_DIR, echo=lambda _m: None) -> tuple[pd.DataFrame, dict[str, bool]]:  # fmt: skip
-    """The long table of measured vs predicted (module docstring), and per policy whether replay's
-    command sequence equals the run's (True where replay was not asked for)."""
+            profiles_dir: Path = PROFILES_DIR, echo=lambda _m: None) -> tuple[pd.DataFrame, dict[str, bool], pd.DataFrame]:  # fmt: skip
+    """The long table of measured vs predicted (module docstring); per policy whether replay's
+    command sequence equals the run's (True where replay was not asked for); and each draw's
+    tokens/s (policy, mode, replicate, tokens_per_s: replay is one draw), for `inversions`."""
     rows: list[dict] = []
+    draws: list[tuple[str, str, int, float]] = []
     same: dict[str, bool] = {}
     for policy in policies:
         measured = run_frames(run, policy)
@@ -135,13 +142,17 @@ def compare(run: RecordedRun, policies: Sequence[Policy], modes: Sequence[str] =
             echo(f"  {policy}: replay")
             replayed = replay(run, policy, profiles_dir=profiles_dir).frames()
             same[str(policy)] = first_divergence(measured["commands"], replayed["commands"]) is None
-            rows += _pair(str(policy), "replay", m, [observables(replayed)])
+            one = [observables(replayed)]
+            rows += _pair(str(policy), "replay", m, one)
+            draws += _draw_rows(str(policy), "replay", one)
         if "calibrated" in modes:
             echo(f"  {policy}: calibrated, {replicates} draw(s)")
-            draws = [observables(calibrated(run, policy, measured, replicate=r, profiles_dir=profiles_dir))
-                     for r in range(replicates)]  # fmt: skip
-            rows += _pair(str(policy), "calibrated", m, draws)
-    return pd.DataFrame(rows, columns=list(COLUMNS)), same
+            many = [observables(calibrated(run, policy, measured, replicate=r, profiles_dir=profiles_dir))
+                    for r in range(replicates)]  # fmt: skip
+            rows += _pair(str(policy), "calibrated", m, many)
+            draws += _draw_rows(str(policy), "calibrated", many)
+    return (pd.DataFrame(rows, columns=list(COLUMNS)), same,
+            pd.DataFrame(draws, columns=["policy", "mode", "replicate", "tokens_per_s"]))  # fmt: skip
 
 
 def headline(table: pd.DataFrame) -> pd.DataFrame:
@@ -162,3 +173,34 @@ def ranking(table: pd.DataFrame, mode: str) -> tuple[list[str], list[str]]:
     t = table[(table.observable == "tokens_per_s") & (table["mode"] == mode)]
     return (t.sort_values("measured", ascending=False).policy.tolist(),
             t.sort_values("predicted", ascending=False).policy.tolist())  # fmt: skip
+
+
+def inversions(table: pd.DataFrame, draws: pd.DataFrame, mode: str, confidence: float = CONFIDENCE) -> pd.DataFrame:
+    """Pairs of policies the run and `mode`'s mean prediction order differently by tokens/s.
+
+    Per pair (`faster`: faster in the run): the run's ratio faster / slower, the prediction's, and
+    `draws_agree`, the share of draws that order the pair as the run did, draw r of one policy
+    against draw r of the other (same seeds: paired). An inversion is `decided` when fewer than
+    1 - `confidence` of the draws agree with the run: the simulator is sure of the other order.
+    Otherwise the pair is too close for a run this long, and either order is a chance outcome.
+    Replay has one draw, so each of its inversions is decided.
+
+    >>> t = pd.DataFrame({"policy": ["a", "b", "c"], "mode": "calibrated", "observable": "tokens_per_s",
+    ...                   "measured": [10.0, 9.0, 5.0], "predicted": [9.0, 9.5, 5.0]})
+    >>> d = pd.DataFrame({"policy": ["a"] * 4 + ["b"] * 4, "mode": "calibrated", "replicate": [0, 1, 2, 3] * 2,
+    ...                   "tokens_per_s": [9.0, 9.9, 8.0, 9.1, 9.5, 9.5, 9.5, 9.5]})
+    >>> inversions(t, d, "calibrated")[["faster", "slower", "draws_agree", "decided"]].to_dict("records")
+    [{'faster': 'a', 'slower': 'b', 'draws_agree': 0.25, 'decided': False}]
+    """
+    rates = table[(table.observable == "tokens_per_s") & (table["mode"] == mode)].set_index("policy")
+    per_draw = draws[draws["mode"] == mode].pivot_table(index="replicate", columns="policy", values="tokens_per_s")
+    rows = []
+    for a in rates.index:
+        for b in rates.index:
+            ma, mb, pa, pb = rates.at[a, "measured"], rates.at[b, "measured"], rates.at[a, "predicted"], rates.at[b, "predicted"]
+            if not (ma > mb and pa < pb):
+                continue
+            pair = per_draw[[a, b]].dropna() if {a, b} <= set(per_draw.columns) else per_draw.iloc[:0]
+            agree = float((pair[a] > pair[b]).mean()) if len(pair) else 0.0
+            rows.append((a, b, ma / mb, pa / pb, agree, agree < 1 - confidence))
+    return pd.DataFrame(rows, columns=["faster", "slower", "measured_ratio", "predicted_ratio", "draws_agree", "decided"])

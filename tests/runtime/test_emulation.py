@@ -180,6 +180,8 @@ def test_validate_reports_the_distance_and_fails_beyond_the_tolerance(tiny, tmp_
     rates = pd.read_csv(out / "validate.csv").query("observable == 'tokens_per_s'")
     assert (rates.predicted_p05 <= rates.predicted_p95).all() and (rates.predicted_p05 < rates.predicted_p95).any()
     assert table.query("mode == 'replay'").predicted_p05.isna().all()  # one replay, no band
+    per_draw = pd.read_csv(out / "validate-draws.csv")  # what the ranking's ties are judged on
+    assert sorted(per_draw.groupby("policy").replicate.nunique().items()) == [("flowspec", 4), ("serial", 4)]
 
 
 def test_the_dilation_covers_the_slowest_computes_with_a_margin() -> None:
