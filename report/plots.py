@@ -251,6 +251,24 @@ def plot_validation(headline: pd.DataFrame, path: str | Path, tolerance: float |
     return _save(fig, path)
 
 
+def sweep_ticks(xs: np.ndarray, min_gap: float = 0.04) -> list:
+    """The swept values to label on an axis: all of them, less any closer than `min_gap` of the
+    range to the previous label (their text would overlap); the last value is always labelled.
+
+    >>> sweep_ticks(np.array([0, 100, 200, 499, 500]))
+    [0, 100, 200, 500]
+    """
+    values = sorted(xs.tolist())
+    span = values[-1] - values[0]
+    ticks = values[:1]
+    for v in values[1:]:
+        if v - ticks[-1] >= min_gap * span:
+            ticks.append(v)
+        elif v == values[-1] and len(ticks) > 1:
+            ticks[-1] = v
+    return ticks
+
+
 def plot_sweep(frame: pd.DataFrame, x: str, y: str = "tokens_per_s", hue: str | None = "policy",
                *, path: str | Path, y_key: str | None = None) -> Path:
     """A line plot of metric `y` against swept key `x`, one line per `hue` value.
@@ -272,7 +290,7 @@ def plot_sweep(frame: pd.DataFrame, x: str, y: str = "tokens_per_s", hue: str | 
             ax.plot(mean.index, mean.to_numpy(), marker="o", label=str(label) or None)
         xs = np.unique(frame[x].to_numpy())
         if pd.api.types.is_numeric_dtype(frame[x]) and xs.size <= 12:
-            ax.set_xticks(xs)  # swept values, not 2.25 between 2 and 2.5 stages
+            ax.set_xticks(sweep_ticks(xs))  # swept values, not 2.25 between 2 and 2.5 stages
         ax.set_xlabel(x)
         ax.set_ylabel(y)
         ax.grid(alpha=0.3)

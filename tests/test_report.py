@@ -6,6 +6,7 @@ import itertools
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -247,3 +248,12 @@ def test_a_lossy_run_is_labelled_and_shows_how_lossy_beside_its_speedup(tmp_path
     asked = report.summary_table({"chunk-pp": one(10.0, 0.0).assign(lossy=False), "dsd": one(12.0, 0.0).assign(lossy=True)})
     assert asked["policy"].tolist() == ["chunk-pp", "dsd (lossy)"] and asked["relaxed_share"].tolist() == [0.0, 0.0]
     assert report.plot_speedup(table, tmp_path / "speedup.png").stat().st_size > 1000
+
+
+def test_sweep_ticks_label_every_swept_value_unless_two_would_overlap() -> None:
+    from report.plots import sweep_ticks
+
+    assert sweep_ticks(np.array([2, 3, 4, 5])) == [2, 3, 4, 5]
+    assert sweep_ticks(np.array([0, 100, 200, 300, 400, 499, 500])) == [0, 100, 200, 300, 400, 500]
+    assert sweep_ticks(np.array([0.0, 0.01, 1.0])) == [0.0, 1.0]
+    assert sweep_ticks(np.array([7])) == [7]
