@@ -20,9 +20,14 @@ drafter/target pair that tests use now and the simulator calibrates from accepta
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from flowspec.tree import DraftTree, IntArray
+
+log = logging.getLogger(__name__)
+_WARNED_WIDTHS: set[tuple[int, int]] = set()  # (profile ranks, children asked): said once per process
 
 _M = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -272,6 +277,11 @@ class OracleDrafter:
         cdf = self._cdf[rows]  # [f, ranks]
         ranks = (cdf <= u[:, 1:2]).sum(axis=1)  # searchsorted, right side, per row; cdf.shape[1]: none
         hit = np.flatnonzero(ranks < min(k, cdf.shape[1]))  # k beyond the table: its none still misses
+        if k > cdf.shape[1] and self.calibrated and (cdf.shape[1], k) not in _WARNED_WIDTHS:
+            _WARNED_WIDTHS.add((cdf.shape[1], k))
+            log.warning("the acceptance profile has %d ranks and the policy asks for %d children: the target's "
+                        "token is never at ranks %d-%d (the profile cannot say how often it is)",
+                        cdf.shape[1], k, cdf.shape[1], k - 1)  # fmt: skip
         tokens[hit, ranks[hit]] = targets[hit]
         if self.calibrated:
             probs = np.full((len(frontier), k), 1e-6)

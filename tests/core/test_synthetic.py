@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from flowspec import synthetic
 from flowspec.synthetic import GroundTruth, HashLM, OracleDrafter
 from flowspec.tree import DraftTree
 
@@ -35,7 +36,8 @@ def contexts(n: int, length: int = 6, seed: int = 0) -> list[list[int]]:
     return [rng.integers(0, VOCAB, size=length).tolist() for _ in range(n)]
 
 
-def test_asking_for_more_children_than_the_table_has_ranks_still_misses_as_often() -> None:
+def test_asking_for_more_children_than_the_table_has_ranks_still_misses_as_often(caplog) -> None:
+    synthetic._WARNED_WIDTHS.clear()
     truth = GroundTruth(HashLM(VOCAB, 2, seed=1))
     drafter = OracleDrafter(truth, rank_table=np.array([[0.3, 0.2, 0.5]]), seed=4)  # ranks 0, 1; none 0.5
     ctxs = contexts(N_CONTEXTS)
@@ -43,6 +45,11 @@ def test_asking_for_more_children_than_the_table_has_ranks_still_misses_as_often
         rate = hits(drafter, truth, ctxs, depth=0, k=k).mean()
         assert 0.46 < rate < 0.54, (k, rate)
     assert 0.26 < hits(drafter, truth, ctxs, depth=0, k=1).mean() < 0.34
+    # said once per width over 2000 calls, so a user sees why a wide policy gains nothing from ranks
+    # the profile never measured
+    warned = [r.getMessage() for r in caplog.records if "acceptance profile has 2 ranks" in r.getMessage()]
+    assert warned == [f"the acceptance profile has 2 ranks and the policy asks for {k} children: the target's "
+                      f"token is never at ranks 2-{k - 1} (the profile cannot say how often it is)" for k in (5, 16)]
 
 
 def test_a_node_asked_again_one_level_shallower_keeps_its_miss() -> None:
