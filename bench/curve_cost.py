@@ -20,8 +20,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from flowspec.config import Policy, scenario_from_dict
 from flowspec.lookup import PromptLookupDrafter
@@ -29,17 +27,10 @@ from flowspec.workload import one_after_another
 from runtime import wire
 from runtime.channel import Endpoint
 from runtime.launcher import Cluster, Target, stage_scenario
+from runtime.models import save_tiny_llama
 from runtime.security import Keyring, make_keys
 
 VOCAB = 97
-
-
-def tiny_model(folder: Path) -> None:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=5,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         initializer_range=0.2)  # fmt: skip
-    LlamaForCausalLM(config).eval().save_pretrained(folder)
 
 
 def scenario(model: Path, keys: Path | None, n_new: int):
@@ -103,7 +94,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model, keys = Path(tmp) / "model", Path(tmp) / "keys"
-        tiny_model(model)
+        save_tiny_llama(model, vocab_size=VOCAB, max_positions=512)
         make_keys(keys, 3)
         prompts = [np.random.default_rng(i).integers(0, VOCAB, 12).tolist() for i in range(args.requests)]
         requests = one_after_another(prompts)

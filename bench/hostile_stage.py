@@ -23,9 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 import zmq
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from flowspec.config import Policy, scenario_from_dict
 from flowspec.messages import Prune, Segment, SegmentKind
@@ -33,16 +31,9 @@ from flowspec.lookup import PromptLookupDrafter
 from flowspec.workload import one_after_another
 from runtime import wire
 from runtime.launcher import Cluster, Target, stage_scenario
+from runtime.models import save_tiny_llama
 
 VOCAB = 97
-
-
-def tiny_model(folder: Path) -> None:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=5,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         initializer_range=0.2)  # fmt: skip
-    LlamaForCausalLM(config).eval().save_pretrained(folder)
 
 
 def prefill(tokens: list[int], version: int = 0, **kw) -> Segment:
@@ -160,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stage-hard-nofile", type=int, help="set the running stage's soft and hard limits (prlimit)")
     args = p.parse_args(argv)
     folder = Path(tempfile.mkdtemp(prefix="hostile-"))
-    tiny_model(folder)
+    save_tiny_llama(folder, vocab_size=VOCAB)
     ctx = zmq.Context()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if args.stage_nofile:  # the children inherit it; this process then takes its hard limit back

@@ -18,7 +18,8 @@ and renames it into place, so concurrent first runs never see half a model.
 
 `read_tensors` reads named tensors one by one from a directory's safetensors (one file or shards
 with an index), so a stage holds its own layers and D0 its head, never the whole model (an edge
-board cannot); `load_model` loads everything, for `generate`, profiling and tests.
+board cannot); `load_model` loads everything, for `generate`, profiling and tests;
+`save_tiny_llama` makes the tiny random model that tests and benches run the runtime on.
 """
 
 from __future__ import annotations
@@ -155,6 +156,22 @@ def load_model(path: Path):  # -> PreTrainedModel; typed loosely so importing th
         raise ModelError(f"runtime.model: cannot load {path}: {e}") from e
     model.config._attn_implementation = "sdpa"
     return model.eval()
+
+
+def save_tiny_llama(folder: Path, *, vocab_size: int = 97, n_layers: int = 5, max_positions: int = 256):
+    """A randomly initialised Llama small enough to run anywhere in milliseconds, saved into `folder`
+    (seeded: the same weights every time); returns the model. Tests and benches run the runtime on
+    it where the model's behaviour does not matter, only that every bookkeeping step is exact."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                         initializer_range=0.2)  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(folder)
+    return model
 
 
 def load_tokenizer(path: Path):

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+
+from runtime.models import save_tiny_llama
 
 VOCAB = 97
 N_NEW = 20
@@ -28,13 +29,8 @@ class Tiny:
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
     """A saved tiny Llama, two prompts, and the target's greedy outputs for them."""
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=5,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         initializer_range=0.2)  # fmt: skip
-    model = LlamaForCausalLM(config).eval()
     folder = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(folder)
+    model = save_tiny_llama(folder, vocab_size=VOCAB)
     prompts = [np.random.default_rng(i).integers(0, VOCAB, 12).tolist() for i in range(2)]
     return Tiny(folder, prompts, [greedy_reference(model, p, N_NEW) for p in prompts])
 
