@@ -212,6 +212,7 @@ class OracleDrafter:
     ) -> None:
         self.truth = truth
         self.seed = seed
+        self._salt = np.uint64(_mix((seed * 7919) & _M))  # per drafter, so one seed's draws differ from another's
         self.calibrated = rank_table is not None
         if rank_table is None:
             assert hit_rate is not None, "give rank_table or hit_rate"
@@ -269,8 +270,7 @@ class OracleDrafter:
         # with the same uniform: each depth keeps its marginal, and a miss stays a miss wherever the
         # shallower row's hit rate is no higher, as a real drafter's hard token stays hard. Fresh
         # dice per depth would hand a policy that re-asks (specpipe) free retries.
-        salt = np.uint64(_mix((self.seed * 7919) & _M))
-        seeds = np.array(keys, dtype=np.uint64) ^ salt
+        seeds = np.array(keys, dtype=np.uint64) ^ self._salt
         u = _mix_np(seeds[:, None] ^ _mix_np(np.arange(k + 3, dtype=np.uint64))[None, :]) / 2.0**64
         offsets = (u[:, 0] * (vocab - 1)).astype(np.int64)
         tokens = (targets[:, None] + 1 + (offsets[:, None] + np.arange(k)) % (vocab - 1)) % vocab  # [f, k]
