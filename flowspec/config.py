@@ -74,6 +74,8 @@ class Policy(StrEnum):
     SINGLE_SD = "single-sd"  # single-device EAGLE-style tree SD, no pipeline
     DSD = "dsd"  # decentralized SD: a drafted chain verified in one traversal, relaxed where unimportant
     SPECPIPE = "specpipe"  # PipeDec's successor: the best new nodes anywhere in the tree each pipeline step
+    SPECPIPE_DB = "specpipe-db"  # SpecPipe's multi-request mode: up to pipeline.max_batch requests batched per step
+    AR_PP_DB = "ar-pp-db"  # ar-pp with the same dynamic batching (vLLM-style continuous batching): its baseline
 
 
 # Sizes a run holds in memory, bounded so that a typo (1e9 requests) is an error, not an exhausted machine.
@@ -81,6 +83,7 @@ MAX_REQUESTS = 100_000
 MAX_NEW_TOKENS = 100_000
 MAX_PROMPT_TOKENS = 1_000_000
 MAX_OUTPUT_TOKENS = 2_000_000
+MAX_BATCH = 256
 NOT_IN_NAME = re.compile(r"[/\\\x00]")  # a scenario's name is a folder under runs/, never a path
 
 LOSSLESS_POLICIES = frozenset(Policy)  # at their defaults (dsd: tau = 0); Scenario.lossless says per scenario
@@ -119,9 +122,15 @@ class PipelineConfig(Section):
     """Where the target's LM head runs: d0 (as the FlowSpec reference: the last stage returns hidden
     states) or last (the last stage returns the target's decisions: argmax ids at temperature 0,
     logits above it; hidden states too when D0's drafter reads them, as EAGLE does)."""
+    max_batch: int = 4
+    """Requests a batching policy (specpipe-db, ar-pp-db) serves at once, each with its own tree and
+    KV; a device forwards every segment waiting for it as one batch. The other policies serve one
+    request at a time and ignore it."""
 
     def _check(self) -> None:
         at_least(self, "n_stages", 1)
+        at_least(self, "max_batch", 1)
+        at_most(self, "max_batch", MAX_BATCH, "each request in a batch holds its own KV on every stage")
         if self.layers and len(self.layers) != self.n_stages:
             raise ScenarioError(f"layers must list {self.n_stages} stages (n_stages), got {len(self.layers)}")
         if any(n < 1 for n in self.layers):

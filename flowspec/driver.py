@@ -42,8 +42,8 @@ from flowspec.messages import (
     payload_nbytes,
 )
 from flowspec.order import near_equal
-from flowspec.pipeline import PipelineCore
-from flowspec.policy import device_scenario
+from flowspec.batch import make_core
+from flowspec.policy import device_scenario, spec
 from flowspec.records import LinkTransfer, RunResult, StageSpan
 from flowspec.synthetic import HashLM
 from flowspec.tree import Drafter
@@ -67,8 +67,10 @@ class _Stage:
     rank: int
     first_layer: int  # 1-based global index of its first layer
     n_layers: int
-    ledger: StageLedger = field(default_factory=StageLedger)
-    kv: np.ndarray = field(default_factory=lambda: np.zeros((0, 1), dtype=np.uint64))
+    # One ledger and KV per request, from its first prompt chunk on (a batching policy serves several
+    # at once; the others one after another).
+    ledgers: dict[int, StageLedger] = field(default_factory=dict)
+    kvs: dict[int, np.ndarray] = field(default_factory=dict)
     inbox: deque[tuple[Segment, np.ndarray]] = field(default_factory=deque)
     busy: bool = False
 
@@ -94,17 +96,14 @@ class InMemoryDriver:
         self.delays = delays
         self.run_id = run_id
         self._rng = delay_rng or np.random.default_rng(scenario.seed)
-        self.core = PipelineCore(
-            scenario, drafter, np.random.default_rng(scenario.seed), run_id=run_id, source="inmemory"
-        )
+        self.batched = spec(scenario.policy).batched
+        self.core = make_core(scenario, drafter, np.random.default_rng(scenario.seed), run_id=run_id, source="inmemory")
         n_stages = scenario.pipeline.n_stages
         assert model.n_layers >= n_stages, "every stage needs at least one layer"
         self.stages: list[_Stage] = []
         first = 1
         for rank, n_layers in enumerate(near_equal(model.n_layers, n_stages), start=1):
-            stage = _Stage(rank, first, n_layers)
-            stage.kv = np.zeros((0, n_layers), dtype=np.uint64)
-            self.stages.append(stage)
+            self.stages.append(_Stage(rank, first, n_layers))
             first += n_layers
         self._heap: list[tuple[float, int, Callable[..., None], tuple]] = []
         self._seq = itertools.count()
@@ -198,38 +197,55 @@ class InMemoryDriver:
 
     def _prune_at_stage(self, t: float, k: int, prune: Prune) -> None:
         stage = self.stages[k]
-        stage.ledger.receive(prune)
+        stage.ledgers[prune.request_id].receive(prune)
         if not stage.busy:
-            self._compact(stage, stage.ledger.sync())
+            self._compact(stage, prune.request_id, stage.ledgers[prune.request_id].sync())
         self._stage_next(t, k)
 
     def _to_stage(self, t: float, k: int, seg: Segment, h: np.ndarray) -> None:
         self.stages[k].inbox.append((seg, h))
         self._stage_next(t, k)
 
-    def _compact(self, stage: _Stage, slots: np.ndarray | None) -> None:
+    def _compact(self, stage: _Stage, request_id: int, slots: np.ndarray | None) -> None:
         if slots is not None:
-            stage.kv = stage.kv[slots]
+            stage.kvs[request_id] = stage.kvs[request_id][slots]
+
+    def _next_ready(self, stage: _Stage) -> int | None:
+        """The inbox item to run next: the head, once its prunes are here; a batching policy's stage
+        also runs a later request's segment while an earlier one waits (in order per request)."""
+        blocked = set()
+        for i, (seg, _) in enumerate(stage.inbox):
+            ledger = stage.ledgers.get(seg.request_id)
+            if seg.request_id not in blocked and (seg.reset or (ledger is not None and ledger.ready(seg))):
+                return i
+            if not self.batched:
+                return None
+            blocked.add(seg.request_id)
+        return None
 
     def _stage_next(self, t: float, k: int) -> None:
         stage = self.stages[k]
-        if stage.busy or not stage.inbox or not stage.ledger.ready(stage.inbox[0][0]):
+        i = None if stage.busy else self._next_ready(stage)
+        if i is None:
             return
-        seg, h = stage.inbox.popleft()
-        if seg.reset:
-            stage.ledger.reset()
-            stage.kv = np.zeros((0, stage.n_layers), dtype=np.uint64)
-        slots, seg, rows = stage.ledger.catch_up(seg)
-        self._compact(stage, slots)
+        seg, h = stage.inbox[i]
+        del stage.inbox[i]
+        if seg.reset:  # the request's first chunk: a fresh ledger at the version it carries, an empty KV
+            stage.ledgers[seg.request_id] = StageLedger(seg.version)
+            stage.kvs[seg.request_id] = np.zeros((0, stage.n_layers), dtype=np.uint64)
+        ledger = stage.ledgers[seg.request_id]
+        slots, seg, rows = ledger.catch_up(seg)
+        self._compact(stage, seg.request_id, slots)
         h = h[rows]
         if len(seg) == 0:  # emptied by pruning: pass the marker on, nothing to run
             self._stage_done(t, k, seg, h)
             return
-        visible = stage.ledger.visibility(seg)  # [n, kv_len + n]
-        kv_len = stage.ledger.kv_len
-        h_out, new_kv = self.model.forward_rows(h, seg.positions, stage.kv, visible, stage.first_layer)
-        stage.kv = np.vstack([stage.kv, new_kv])
-        stage.ledger.append(seg)
+        visible = ledger.visibility(seg)  # [n, kv_len + n]
+        kv_len = ledger.kv_len
+        kv = stage.kvs[seg.request_id]
+        h_out, new_kv = self.model.forward_rows(h, seg.positions, kv, visible, stage.first_layer)
+        stage.kvs[seg.request_id] = np.vstack([kv, new_kv])
+        ledger.append(seg)
         stage.busy = True
         cost = self._draw(self.delays.stage_s + self.delays.stage_s_per_token * len(seg))
         self._spans.append(
@@ -242,8 +258,8 @@ class InMemoryDriver:
     def _stage_done(self, t: float, k: int, seg: Segment, h: np.ndarray) -> None:
         stage = self.stages[k]
         stage.busy = False
-        slots, seg, rows = stage.ledger.catch_up(seg)  # prunes that arrived during the forward
-        self._compact(stage, slots)
+        slots, seg, rows = stage.ledgers[seg.request_id].catch_up(seg)  # prunes that arrived during the forward
+        self._compact(stage, seg.request_id, slots)
         h = h[rows]
         nbytes = self._nbytes(len(seg), False)
         if k + 1 < len(self.stages):

@@ -66,14 +66,16 @@ def keep_rows(node_ids: IntArray, keep_ids: IntArray) -> IntArray:
 class StageLedger:
     """The node-id mirror of one stage's KV cache (see the module docstring for the protocol)."""
 
-    def __init__(self) -> None:
+    def __init__(self, version: int = 0) -> None:
+        """`version`: the prune version the stream starts after (a batched core's lane starts a
+        request's ledger at the version its first prompt chunk carries)."""
         self.committed_len = 0
         self.region_ids = np.zeros(0, dtype=np.int64)  # [T] node ids in KV slots G..G+T-1
         self.region_parents = np.zeros(0, dtype=np.int64)  # [T] their parent ids
-        self.version = 0  # last prune applied to the KV
+        self.version = version  # last prune applied to the KV
         self._prunes: dict[int, Prune] = {}  # received, by version
-        self._received = 0
-        self._floor = 0  # prunes up to this version were dropped by `reset`
+        self._received = version
+        self._floor = version  # prunes up to this version were dropped by `reset` (or never belonged here)
         self._committed_ids: set[int] = set()  # accepted node ids of this request
 
     @property

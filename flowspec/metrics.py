@@ -270,7 +270,9 @@ def summary(frames: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
     each request spent being served (prefill start to finish). Queueing and the idle gaps between
     sparse arrivals are excluded, so it measures the pipeline, not the arrival rate.
     ``decode_tokens_per_s`` leaves prefill out too (first token to finish). ``n_steps`` counts
-    verifying steps.
+    verifying steps. ``throughput_tokens_per_s`` is what a multi-request workload sees: all output
+    tokens over the first arrival to the last finish, queueing and idle gaps included;
+    ``max_concurrent`` is the most requests in service at once (a batching policy's batch).
 
     >>> req = pd.DataFrame({"request_id": [0, 1], "n_output_tokens": [5, 3],
     ...                     "t_arrival_s": 0.0, "t_start_s": [0.0, 1.0],
@@ -302,9 +304,40 @@ def summary(frames: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
         "n_rounds": n_rounds,
         "n_steps": len(_verifying_steps(steps)),
         "relaxed_share": relaxed_share(steps, int(n_output.sum())),
+        "throughput_tokens_per_s": throughput_tokens_per_s(requests),
+        "max_concurrent": max_concurrent(requests),
         "lossy": bool(steps["relaxing"].astype(bool).any()) if "relaxing" in steps else False,
     }
     return pd.DataFrame([row])
+
+
+def throughput_tokens_per_s(requests: pd.DataFrame) -> float:
+    """All output tokens over the first arrival to the last finish.
+
+    >>> r = pd.DataFrame({"n_output_tokens": [4, 4], "t_arrival_s": [0.0, 1.0], "t_finish_s": [2.0, 4.0]})
+    >>> throughput_tokens_per_s(r)
+    2.0
+    """
+    if requests.empty:
+        return float("nan")
+    window_s = numeric(requests, "t_finish_s").max() - numeric(requests, "t_arrival_s").min()
+    return float(numeric(requests, "n_output_tokens").sum() / window_s) if window_s > 0 else float("nan")
+
+
+def max_concurrent(requests: pd.DataFrame) -> int:
+    """The most requests in service (prefill start to finish) at once; one ending as another starts
+    does not overlap it.
+
+    >>> max_concurrent(pd.DataFrame({"t_start_s": [0.0, 1.0, 2.0], "t_finish_s": [2.0, 3.0, 4.0]}))
+    2
+    """
+    if requests.empty:
+        return 0
+    starts, ends = numeric(requests, "t_start_s").to_numpy(), numeric(requests, "t_finish_s").to_numpy()
+    times = np.concatenate([starts, ends])
+    delta = np.concatenate([np.ones(len(starts)), -np.ones(len(ends))])
+    order = np.lexsort((delta, times))  # at equal times, ends (-1) before starts
+    return int(np.cumsum(delta[order]).max())
 
 
 def relaxed_share(steps: pd.DataFrame, n_output_tokens: int) -> float:

@@ -64,6 +64,17 @@ class _InFlight:
     final: bool
 
 
+@dataclass(slots=True)
+class IdCounters:
+    """The next free segment, node and draft ids of a run. The lanes of a batched core share one,
+    so ids stay unique across the requests served at once (the stages and the synthetic target key
+    on them)."""
+
+    segment: int = 0
+    node: int = 0
+    draft: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class _PendingDraft:
     request_id: int
@@ -82,25 +93,28 @@ class PipelineCore:
         run_id: str = "run",
         source: str = "core",
         trace: bool = False,
+        ids: IdCounters | None = None,
+        recorder: Recorder | None = None,
+        outputs: dict[int, list[int]] | None = None,
     ) -> None:
+        """`ids`, `recorder` and `outputs` are shared by the lanes of a batched core
+        (`flowspec.batch`); a core of its own makes its own."""
         self.scenario = scenario
         self.rng = rng
         self.run_id = run_id
         self.source = source
-        self._rec = Recorder(run_id, source)
+        self._rec = Recorder(run_id, source) if recorder is None else recorder
         self.trace = trace
         self._rec.records.traced = trace
         self.drafter: Drafter = RecordingDrafter(drafter, self._rec.records.proposals, run_id, source) if trace else drafter
-        self.outputs: dict[int, list[int]] = {}
+        self.outputs: dict[int, list[int]] = {} if outputs is None else outputs
         self._queue: deque[RequestState] = deque()
         self._active: RequestState | None = None
         self._in_flight: OrderedDict[int, _InFlight] = OrderedDict()
         self._pending: dict[int, _PendingDraft] = {}
         self._version = 0
         self._prunes: dict[int, IntArray] = {}  # version -> keep_ids, while a segment may need it
-        self._next_segment = 0
-        self._next_node = 0
-        self._next_draft = 0
+        self._ids = IdCounters() if ids is None else ids
 
     @property
     def records(self) -> RunRecords:
@@ -363,8 +377,8 @@ class PipelineCore:
         req.start_round(now)
         self._drafting_for(req)
         counter = pol.CountingDrafter(self.drafter)
-        drafted = pol.initial_tree(self.scenario, counter, np.array(req.context), root_token, self._next_node)
-        self._next_node = drafted.next_id
+        drafted = pol.initial_tree(self.scenario, counter, np.array(req.context), root_token, self._ids.node)
+        self._ids.node = drafted.next_id
         req.tree = drafted.tree
         return self._after_draft(req, counter, drafted.sizes)
 
@@ -372,10 +386,10 @@ class PipelineCore:
         assert req.tree is not None
         self._drafting_for(req)
         counter = pol.CountingDrafter(self.drafter)
-        drafted = pol.expand(self.scenario, counter, np.array(req.context), req.tree, self._next_node)
+        drafted = pol.expand(self.scenario, counter, np.array(req.context), req.tree, self._ids.node)
         if drafted is None:
             return []
-        self._next_node = drafted.next_id
+        self._ids.node = drafted.next_id
         req.tree = drafted.tree
         return self._after_draft(req, counter, drafted.sizes)
 
@@ -389,8 +403,8 @@ class PipelineCore:
         pending = _PendingDraft(
             req.request_id, req.round, req.tree.ids[len(req.tree) - n_new :], tuple(sizes)
         )
-        draft_id = self._next_draft
-        self._next_draft += 1
+        draft_id = self._ids.draft
+        self._ids.draft += 1
         self._pending[draft_id] = pending
         if counter.n_calls == 0:  # nothing was drafted (ar-pp): send at once
             return self._on_draft_done(DraftDone(draft_id))
@@ -423,8 +437,8 @@ class PipelineCore:
         return SendSegment(seg)
 
     def _new_segment_id(self) -> int:
-        self._next_segment += 1
-        return self._next_segment - 1
+        self._ids.segment += 1
+        return self._ids.segment - 1
 
     # ---- ends -----------------------------------------------------------------------------------
 

@@ -20,6 +20,10 @@ policy is one entry here (and its name in `flowspec.config.Policy`).
 | single-sd         | EAGLE-2, layer order    | one                        | whole tree        | never       |
 | specpipe          | best nodes per segment  | root, then n_stages × w    | every segment     | best nodes *|
 | dsd               | a greedy chain          | one                        | whole chain **    | never       |
+| specpipe-db       | as specpipe             | as specpipe                | every segment     | as specpipe |
+| ar-pp-db          | as ar-pp                | as ar-pp                   | whole tree        | never       |
+
+The `-db` policies serve up to `pipeline.max_batch` requests at once (`flowspec.batch`).
 
 (*) also after a step whose segment came back pruned empty (`refills_emptied`).
 `specpipe` (SpecPipe, arXiv 2504.04104 v2, PipeDec's successor) fills the pipeline with
@@ -36,8 +40,11 @@ token decoded per pipeline step, pruning propagated to every node. The gaps, fil
 - the fill schedule is PipeDec's (the root alone, then one `width` segment per stage);
 - the draft model is the scenario's drafter (the paper uses a small LLM of the target's family,
   not fine-tuned); pruning is D0's one broadcast per step, as for every policy here;
-- SpecPipe-DB, its multi-request mode with dynamic batching, is not built: the core serves one
-  request at a time (others queue FIFO).
+- SpecPipe-DB, its multi-request mode with dynamic batching, is `specpipe-db`: each request in
+  the batch runs specpipe's own schedule, and a device forwards whatever segments of them wait for
+  it as one batch (`flowspec.batch` says what was read and what was filled in). `ar-pp-db` is the
+  same batching over plain autoregressive decoding, the vLLM-style baseline the paper measures
+  SpecPipe-DB against.
 (**) `dsd` (DSD, arXiv 2511.11733) drafts `dsd.length` tokens and verifies them in one traversal of
 the pipeline, relaxing acceptance where the position matters little when `dsd.tau > 0`
 (`flowspec.verify.verify_relaxed`): lossy then, lossless at tau = 0, so `lossless` is False for it
@@ -183,6 +190,10 @@ class PolicySpec:
     lossless: bool = True  # its output is always the target's own (greedy: token for token); False: it
     # can be lossy, depending on the scenario (Scenario.lossless)
     reference_baseline: bool = False  # tables report every policy's speed-up over it
+    # Serves up to `pipeline.max_batch` requests at once, each with its own tree, segments and prunes
+    # (`flowspec.batch.BatchCore`); devices forward what waits for them as one batch. Simulator only
+    # for now: the runtime's stages hold one request's KV.
+    batched: bool = False
 
 
 POLICIES: dict[Policy, PolicySpec] = {
@@ -197,6 +208,10 @@ POLICIES: dict[Policy, PolicySpec] = {
     Policy.SERIAL: PolicySpec(_eagle2("pool", _whole), whole_tree=True),
     Policy.SINGLE_SD: PolicySpec(_eagle2("pool", _whole), whole_tree=True, one_device=True),
     Policy.DSD: PolicySpec(_chain, whole_tree=True, lossless=False),
+    Policy.SPECPIPE_DB: PolicySpec(_per_stage(grow_best, _specpipe_width),
+                                   expand=_one_step(grow_best, _specpipe_width), refills_emptied=True,
+                                   batched=True),  # fmt: skip
+    Policy.AR_PP_DB: PolicySpec(_root_alone, whole_tree=True, batched=True),
 }
 
 
@@ -223,6 +238,12 @@ def device_scenario(scenario: Scenario) -> Scenario:
         devices=replace(scenario.devices, per_stage=scenario.stage_profiles[:1]),  # the first stage's device
         network=replace(scenario.network, links=scenario.network.links[:2]),  # D0's link and that stage's
     )
+
+
+def batch_size(scenario: Scenario) -> int:
+    """How many requests the scenario's policy serves at once: `pipeline.max_batch` for a batching
+    policy, else one."""
+    return scenario.pipeline.max_batch if spec(scenario.policy).batched else 1
 
 
 def verifies_whole_tree(policy: Policy) -> bool:

@@ -41,6 +41,10 @@ def summary_table(summaries: Mapping[str, pd.DataFrame], baselines: Sequence[str
         lossy |= table["relaxed_share"] > 0
     if "lossy" in table:
         lossy |= table["lossy"].fillna(False).astype(bool)  # asked to relax, whether or not it did
+    if "max_concurrent" in table and (table["max_concurrent"] > 1).any():
+        # Several requests served at once (a batching policy): per-request speed alone would hide
+        # what batching is for, so the workload's throughput and the batch stand beside it.
+        columns[2 + len(speedups):2 + len(speedups)] = ["throughput_tokens_per_s", "max_concurrent"]
     if lossy.any():
         # A lossy run is never shown as a policy's own: its label says so, and beside its speed-up
         # stands the share of its tokens that strict verification would have refused.

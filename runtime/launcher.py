@@ -304,6 +304,10 @@ def run_policies(
     emulate.dilation makes this an emulated testbed (`runtime.emulation`). `on_failure`: given the
     requests a policy finished before its run failed (`DraftNode.completed`), before the error
     goes on and the cluster closes; it should only keep them, since the stages wait for it."""
+    for policy in policies:
+        if spec(policy).batched:
+            raise ScenarioError(f"policy {policy} serves several requests at once, which the runtime cannot yet (its "
+                                "stages hold one request's KV): simulate it")  # fmt: skip
     groups: list[list[Policy]] = [[p for p in policies if not spec(p).one_device],
                                   [p for p in policies if spec(p).one_device]]  # fmt: skip
     for group in groups:

@@ -30,7 +30,7 @@ with the scenario name and simulated time.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import simpy
@@ -51,11 +51,12 @@ from flowspec.messages import (
     SendSegment,
     n_decided,
 )
-from flowspec.pipeline import PipelineCore
+from flowspec.batch import make_core
+from flowspec.policy import spec
 from flowspec.records import LinkTransfer, RunResult, StageSpan
 from flowspec.synthetic import ContextOracle
 from flowspec.tree import Drafter
-from flowspec.costs import ProfileError
+from flowspec.costs import OutOfGridError, ProfileError
 from flowspec.platform import Platform, d0_draft_cost_ms, d0_step_cost_ms, wire_sizes
 from flowspec.workload import Request
 
@@ -69,7 +70,20 @@ class _Stage:
     rank: int
     ledger: StageLedger = field(default_factory=StageLedger)
     inbox: simpy.Store | None = None
-    prune_arrived: simpy.Event | None = None
+    wake: simpy.Event | None = None  # a prune arrived (or, batched, a segment)
+    ledgers: dict[int, StageLedger] = field(default_factory=dict)  # batched: one per request
+    waiting: list[Segment] = field(default_factory=list)  # batched: segments in arrival order
+
+
+def in_pieces(cost_ms: Callable[[int], float], n_rows: int) -> float:
+    """What `n_rows` rows of a batch cost in one forward, or — where that is beyond the profile's
+    grid, which is never extrapolated — in the fewest equal forwards the grid covers."""
+    for pieces in range(1, n_rows + 1):
+        try:
+            return pieces * cost_ms(-(-n_rows // pieces))
+        except OutOfGridError:
+            continue
+    return cost_ms(1)  # raises: not even one row is on the grid
 
 
 class SimEngine:
@@ -93,8 +107,9 @@ class SimEngine:
         self.requests = requests
         self.run_id = run_id
         self.env = simpy.Environment()
-        self.core = PipelineCore(scenario, drafter, np.random.default_rng(scenario.seed), run_id=run_id, source="sim",
-                                 trace=trace)  # fmt: skip
+        self.batched = spec(scenario.policy).batched
+        self.core = make_core(scenario, drafter, np.random.default_rng(scenario.seed), run_id=run_id, source="sim",
+                              trace=trace)  # fmt: skip
         n_stages = scenario.pipeline.n_stages  # the policy's: one for single-sd (flowspec.policy.device_scenario)
         self.stages = [_Stage(rank, inbox=simpy.Store(self.env)) for rank in range(1, n_stages + 1)]
         self._link_free = [0.0] * (n_stages + 1)  # when each device's egress link falls free
@@ -110,8 +125,9 @@ class SimEngine:
     # ---- running --------------------------------------------------------------------------------
 
     def run(self) -> RunResult:
-        procs = [self.env.process(self._draft_node()), self.env.process(self._arrivals())]
-        procs += [self.env.process(self._stage(s)) for s in self.stages]
+        d0, stage = (self._batched_draft_node, self._batched_stage) if self.batched else (self._draft_node, self._stage)
+        procs = [self.env.process(d0()), self.env.process(self._arrivals())]
+        procs += [self.env.process(stage(s)) for s in self.stages]
         try:
             self.env.run()
         except SimulationError:
@@ -169,6 +185,45 @@ class SimEngine:
                     break
                 cmds = self.core.handle(DraftDone(draft.draft_id), now=env.now)
 
+    def _batched_draft_node(self):
+        """D0 under a batching policy: every event waiting when it falls free is one batch — one LM
+        head over all returned rows, each lane's bookkeeping, one batched draft for every lane that
+        asks (the most calls any lane needs, all lanes' rows, the longest context)."""
+        env, core = self.env, self.core
+        while True:
+            batch = [(yield self.d0_inbox.get())]
+            while self.d0_inbox.items:
+                batch.append((yield self.d0_inbox.get()))
+            n_rows = sum(n for _, cost_ms, n in batch if cost_ms > 0)
+            if n_rows:
+                first = next(e for e, cost_ms, _ in batch if cost_ms > 0)
+                cost_ms = in_pieces(self.platform.verify_ms, n_rows)
+                yield from self._busy(0, -1, first.segment_id, "verify", n_rows, 0, cost_ms)
+            step_ms, sizes, cmds = 0.0, [], []
+            for event, _, _ in batch:
+                lane = core.lane_for(event)
+                size = 0 if lane is None else lane.tree_size
+                out = core.handle(event, now=env.now)
+                size = max(size, 0 if lane is None else lane.tree_size)
+                step_ms += d0_step_cost_ms(self.platform, event, out, size)
+                sizes.append(size)
+                cmds += out
+            if step_ms > 0:
+                yield from self._busy(0, -1, -1, "step", max(sizes), 0, step_ms)
+            drafts = [c for c in cmds if isinstance(c, Draft)]
+            if drafts:
+                kv_len = max(len(self.prompts[d.request_id]) + len(core.outputs[d.request_id]) for d in drafts)
+                joint = Draft(-1, -1, max(d.n_calls for d in drafts), sum(d.n_rows for d in drafts),
+                              sum(d.n_nodes for d in drafts))  # fmt: skip
+                cost_ms = in_pieces(lambda rows: d0_draft_cost_ms(self.platform, replace(joint, n_rows=rows), kv_len),
+                                    joint.n_rows)  # fmt: skip
+                yield from self._busy(0, -1, -1, "draft", joint.n_rows, kv_len, cost_ms)
+            self._execute(cmds)
+            for draft in drafts:
+                done = core.handle(DraftDone(draft.draft_id), now=env.now)
+                assert not any(isinstance(c, Draft) for c in done), "a finished draft only sends"
+                self._execute(done)
+
     def _busy(self, rank: int, request_id: int, segment_id: int, kind: str, n_tokens: int, kv_len: int, cost_ms: float):
         if self.cores is not None:  # devices sharing a host's cores: wait for one, hold it while computing
             with self.cores.request() as core:
@@ -190,14 +245,14 @@ class SimEngine:
         for cmd in cmds:
             if isinstance(cmd, SendSegment):
                 seg = cmd.segment
-                if seg.reset:  # a new request: every earlier segment has drained
+                if seg.reset and not self.batched:  # a new request: every earlier segment has drained
                     self.target.forget()
                 if seg.kind is SegmentKind.TREE:
                     output = self.core.outputs[seg.request_id]
                     self.target.register(seg.node_ids, seg.tokens, seg.parent_ids, seg.positions,
                                          self.prompts[seg.request_id] + output[:-1])  # fmt: skip
                 nbytes = self.wire.segment(len(seg), first_hop=True)
-                self._send(0, 1, "segment", nbytes, lambda seg=seg: self.stages[0].inbox.put(seg))
+                self._send(0, 1, "segment", nbytes, lambda seg=seg: self._arrive(self.stages[0], seg))
             elif isinstance(cmd, BroadcastPrune):
                 for stage in self.stages:
                     self._send(0, stage.rank, "prune", cmd.prune.nbytes,
@@ -208,9 +263,24 @@ class SimEngine:
     # ---- stages ---------------------------------------------------------------------------------
 
     def _prune_arrives(self, stage: _Stage, prune: Prune) -> None:
-        stage.ledger.receive(prune)
-        if stage.prune_arrived is not None and not stage.prune_arrived.triggered:
-            stage.prune_arrived.succeed()
+        ledger = stage.ledgers.get(prune.request_id) if self.batched else stage.ledger
+        if ledger is None:
+            raise SimulationError(f"stage {stage.rank}: prune v{prune.version} of request {prune.request_id}, "
+                                  "whose first prompt chunk never reached it")  # fmt: skip
+        ledger.receive(prune)
+        self._wake(stage)
+
+    def _arrive(self, stage: _Stage, seg: Segment) -> None:
+        if self.batched:
+            stage.waiting.append(seg)
+            self._wake(stage)
+        else:
+            stage.inbox.put(seg)
+
+    @staticmethod
+    def _wake(stage: _Stage) -> None:
+        if stage.wake is not None and not stage.wake.triggered:
+            stage.wake.succeed()
 
     def _stage(self, stage: _Stage):
         env, ledger = self.env, stage.ledger
@@ -218,8 +288,8 @@ class SimEngine:
         while True:
             seg: Segment = yield stage.inbox.get()
             while not ledger.ready(seg):
-                stage.prune_arrived = env.event()
-                yield stage.prune_arrived
+                stage.wake = env.event()
+                yield stage.wake
             if seg.reset:
                 ledger.reset()
             _, seg, _ = ledger.catch_up(seg)
@@ -239,7 +309,70 @@ class SimEngine:
             else:
                 nxt = self.stages[stage.rank]
                 nbytes = self.wire.segment(len(seg), first_hop=False)
-                self._send(stage.rank, nxt.rank, "segment", nbytes, lambda s=seg, n=nxt: n.inbox.put(s))
+                self._send(stage.rank, nxt.rank, "segment", nbytes, lambda s=seg, n=nxt: self._arrive(n, s))
+
+    def _batched_stage(self, stage: _Stage):
+        """A stage under a batching policy: every waiting segment whose prunes have arrived (in
+        arrival order per request) is one batch — one forward over all their rows at the longest
+        KV — then each goes on to the next device."""
+        env = self.env
+        last = stage.rank == len(self.stages)
+        while True:
+            batch = self._ready(stage)
+            if not batch:
+                stage.wake = env.event()
+                yield stage.wake
+                continue
+            admitted, kv_lens = [], []
+            for seg in batch:
+                ledger = self._ledger(stage, seg)
+                _, seg, _ = ledger.catch_up(seg)
+                if len(seg):
+                    kv_lens.append(ledger.kv_len)
+                    ledger.append(seg)
+                admitted.append(seg)
+            n_rows = sum(len(s) for s in admitted)
+            if n_rows:
+                first = next(s for s in admitted if len(s))
+                owner = first.request_id if len({s.request_id for s in admitted}) == 1 else -1
+                cost_ms = in_pieces(lambda rows: self.platform.stage_ms(stage.rank, rows, max(kv_lens)), n_rows)
+                yield from self._busy(stage.rank, owner, first.segment_id, str(first.kind), n_rows, max(kv_lens), cost_ms)
+                n_head = sum(n_decided(s) for s in admitted) if last and self.wire.head_last else 0
+                if n_head:
+                    cost_ms = in_pieces(lambda rows: self.platform.verify_ms(rows, stage.rank), n_head)
+                    yield from self._busy(stage.rank, owner, first.segment_id, "verify", n_head, 0, cost_ms)
+                admitted = [stage.ledgers[s.request_id].catch_up(s)[1] for s in admitted]
+            for seg in admitted:  # one message per request, as the runtime's wire carries them
+                if last:
+                    nbytes = self.wire.returned(len(seg), n_decided(seg))
+                    self._send(stage.rank, 0, "segment", nbytes, lambda s=seg: self._returned(s))
+                else:
+                    nxt = self.stages[stage.rank]
+                    nbytes = self.wire.segment(len(seg), first_hop=False)
+                    self._send(stage.rank, nxt.rank, "segment", nbytes, lambda s=seg, n=nxt: self._arrive(n, s))
+
+    @staticmethod
+    def _ready(stage: _Stage) -> list[Segment]:
+        """Take the waiting segments a batch can hold: those whose request's prunes have arrived,
+        stopping a request at its first one still waiting for a prune (order within a request)."""
+        taken, blocked, fresh = [], set(), set()
+        for seg in stage.waiting:
+            rid, ledger = seg.request_id, stage.ledgers.get(seg.request_id)
+            if seg.reset:
+                fresh.add(rid)  # its ledger starts with this batch; the prompt's later chunks may join
+            if rid in blocked or not (rid in fresh or (ledger is not None and ledger.ready(seg))):
+                blocked.add(rid)
+            else:
+                taken.append(seg)
+        chosen = {id(s) for s in taken}
+        stage.waiting = [s for s in stage.waiting if id(s) not in chosen]
+        return taken
+
+    @staticmethod
+    def _ledger(stage: _Stage, seg: Segment) -> StageLedger:
+        if seg.reset:  # the request's first chunk: its own ledger, at its lane's prune version
+            stage.ledgers[seg.request_id] = StageLedger(seg.version)
+        return stage.ledgers[seg.request_id]
 
     def _returned(self, seg: Segment) -> None:
         if seg.kind is SegmentKind.PREFILL:

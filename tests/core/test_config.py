@@ -28,7 +28,7 @@ from flowspec.config import (
 )
 
 TINY = Path(__file__).resolve().parents[2] / "scenarios" / "tiny.yaml"
-POLICIES = "ar-pp, chunk-pp, dsd, flowspec, flowspec-noexpand, pipedec, serial, single-sd, specpipe"
+POLICIES = "ar-pp, ar-pp-db, chunk-pp, dsd, flowspec, flowspec-noexpand, pipedec, serial, single-sd, specpipe, specpipe-db"
 TOP_KEYS = "acceptance, decoding, devices, dsd, emulate, expansion, model, name, network, pipedec, pipeline, policy, runtime, seed, specpipe, tree, workload"
 
 

@@ -28,14 +28,16 @@ from flowspec.config import (
     TreeConfig,
     ModelConfig,
 )
+from flowspec import metrics
 from flowspec.driver import Delays, InMemoryDriver
+from flowspec.policy import spec
 from flowspec.synthetic import GroundTruth, HashLM, OracleDrafter
 
 N_CASES = 100
 # Each step of these verifies a segment that holds no node's parent (one tree layer; specpipe's
 # best new children of nodes sent before), so it commits the root alone and emits one token:
 # nothing can be trimmed mid-step.
-ONE_TOKEN_PER_STEP = frozenset({Policy.AR_PP, Policy.PIPEDEC, Policy.SPECPIPE})
+ONE_TOKEN_PER_STEP = frozenset({Policy.AR_PP, Policy.PIPEDEC, Policy.SPECPIPE, Policy.SPECPIPE_DB, Policy.AR_PP_DB})
 
 
 def _beam(rng: np.random.Generator, max_topk: int, max_depth: int, max_total: int) -> tuple[int, int, int]:
@@ -123,7 +125,10 @@ def test_greedy_output_equals_target_greedy(policy: Policy) -> None:
         assert eos_inside.any(), "EOS inside an accepted run"
         cap_mid_step = (finish.finish_reason == "max_new_tokens") & (finish.n_trimmed > 0)
         assert cap_mid_step.any(), "max_new_tokens reached mid-step"
-    if policy in (Policy.FLOWSPEC, Policy.FLOWSPEC_NOEXPAND, Policy.PIPEDEC, Policy.SPECPIPE):
+    if spec(policy).batched:  # requests served side by side, each with its own ledger and KV per stage
+        overlap = requests.groupby("case").apply(metrics.max_concurrent, include_groups=False)
+        assert (overlap >= 2).sum() >= 20, "two requests in service at once"
+    if policy in (Policy.FLOWSPEC, Policy.FLOWSPEC_NOEXPAND, Policy.PIPEDEC, Policy.SPECPIPE, Policy.SPECPIPE_DB):
         assert (steps.reroot_offset >= 2).any(), "re-rooting into a segment several steps ahead"
         assert ((steps.outcome == "empty") & (steps.n_verified == 0)).any(), "segments emptied by pruning"
     if policy is Policy.FLOWSPEC:

@@ -17,11 +17,14 @@ from flowspec.synthetic import GroundTruth, HashLM, OracleDrafter
 
 def test_every_policy_has_one_spec_and_the_table_in_the_docstring_holds() -> None:
     assert set(pol.POLICIES) == set(Policy)
-    assert {str(p) for p, s in pol.POLICIES.items() if s.whole_tree} == {"chunk-pp", "ar-pp", "serial", "single-sd", "dsd"}
-    assert {str(p) for p, s in pol.POLICIES.items() if s.expand is not None} == {"flowspec", "pipedec", "specpipe"}
+    assert {str(p) for p, s in pol.POLICIES.items() if s.whole_tree} == {"chunk-pp", "ar-pp", "serial", "single-sd", "dsd",
+                                                                             "ar-pp-db"}
+    assert {str(p) for p, s in pol.POLICIES.items() if s.expand is not None} == {"flowspec", "pipedec", "specpipe",
+                                                                                  "specpipe-db"}
     assert [str(p) for p, s in pol.POLICIES.items() if s.one_device] == ["single-sd"]
     assert pol.reference_baselines() == ["chunk-pp", "ar-pp"]
     assert [str(p) for p, s in pol.POLICIES.items() if not s.lossless] == ["dsd"]
+    assert [str(p) for p, s in pol.POLICIES.items() if s.batched] == ["specpipe-db", "ar-pp-db"]
 
 
 def scenario(policy: Policy) -> Scenario:

@@ -303,3 +303,57 @@ def test_devices_sharing_a_host_wait_for_its_cores() -> None:
     assert [(s[0], s[4], s[5]) for s in spans(run(2))] == [(s[0], s[4], s[5]) for s in spans(run(0))] == [
         (1, 0.002, 0.012), (1, 0.012, 0.022), (2, 0.014, 0.024), (1, 0.022, 0.032), (2, 0.024, 0.034), (2, 0.034, 0.044),
     ]  # fmt: skip
+
+
+def test_ar_pp_db_serves_two_requests_in_the_time_of_one() -> None:
+    """ar-pp-db, the ar-pp timeline above with two requests arriving together: every device forwards
+    both requests' rows as one batch (constant costs), so both finish when ar-pp's one does, with
+    every span twice the rows. A batch's messages travel one per request."""
+    scenario = Scenario(policy=Policy.AR_PP_DB, pipeline=PipelineConfig(n_stages=3, max_batch=2),
+                        decoding=DecodingConfig(max_new_tokens=3), model={"n_layers": 6})  # fmt: skip
+    target = ScriptedTarget({(3, 4): 7, (3, 4, 7): 8, (3, 4, 7, 8): 9, (5, 6): 1, (5, 6, 1): 2, (5, 6, 1, 2): 3})
+    platform = ConstantPlatform(stage_ms_each=10, verify_ms_each=1, latency_ms_each=2)
+    requests = [Request(0, 0.0, (3, 4), 3), Request(1, 0.0, (5, 6), 3)]
+    result = SimEngine(scenario, platform, PathDrafter(), target, requests).run()
+    assert result.outputs == {0: [7, 8, 9], 1: [1, 2, 3]}
+    assert spans(result) == [
+        (1, "prefill", 4, 0, 0.002, 0.012), (2, "prefill", 4, 0, 0.014, 0.024), (3, "prefill", 4, 0, 0.026, 0.036),
+        (0, "verify", 2, 0, 0.038, 0.039),
+        (1, "tree", 2, 2, 0.041, 0.051), (2, "tree", 2, 2, 0.053, 0.063), (3, "tree", 2, 2, 0.065, 0.075),
+        (0, "verify", 2, 0, 0.077, 0.078),
+        (1, "tree", 2, 3, 0.080, 0.090), (2, "tree", 2, 3, 0.092, 0.102), (3, "tree", 2, 3, 0.104, 0.114),
+        (0, "verify", 2, 0, 0.116, 0.117),
+    ]  # fmt: skip
+    assert sorted(set(result.frames()["stage_spans"].request_id)) == [-1]  # every span is both requests'
+    assert len(transfers(result)) == 2 * 12 + 2 * 6  # segments (4 hops, 3 passes) and prunes, per request
+    finish = result.frames()["requests"].t_finish_s.round(6).tolist()
+    assert finish == [0.117, 0.117]
+
+
+def test_a_batch_waits_for_a_free_lane() -> None:
+    """max_batch = 1: the second request queues until the first is done (ar-pp's timeline twice)."""
+    scenario = Scenario(policy=Policy.AR_PP_DB, pipeline=PipelineConfig(n_stages=3, max_batch=1),
+                        decoding=DecodingConfig(max_new_tokens=3), model={"n_layers": 6})  # fmt: skip
+    target = ScriptedTarget({(3, 4): 7, (3, 4, 7): 8, (3, 4, 7, 8): 9, (5, 6): 1, (5, 6, 1): 2, (5, 6, 1, 2): 3})
+    platform = ConstantPlatform(stage_ms_each=10, verify_ms_each=1, latency_ms_each=2)
+    requests = [Request(0, 0.0, (3, 4), 3), Request(1, 0.0, (5, 6), 3)]
+    result = SimEngine(scenario, platform, PathDrafter(), target, requests).run()
+    assert result.outputs == {0: [7, 8, 9], 1: [1, 2, 3]}
+    req = result.frames()["requests"]
+    assert req.t_start_s.round(6).tolist() == [0.0, 0.117] and req.t_finish_s.round(6).tolist() == [0.117, 0.234]
+
+
+def test_a_batch_beyond_the_profile_runs_as_several_forwards() -> None:
+    """Costs are never extrapolated: rows past the grid split into the fewest equal forwards it covers."""
+    from flowspec.costs import OutOfGridError
+    from sim.engine import in_pieces
+
+    def cost_ms(rows: int) -> float:
+        if rows > 10:
+            raise OutOfGridError(f"{rows} rows")
+        return 5.0 + rows
+
+    assert in_pieces(cost_ms, 7) == 12.0
+    assert in_pieces(cost_ms, 25) == 3 * (5.0 + 9)  # three forwards of ceil(25 / 3) = 9 rows
+    with pytest.raises(OutOfGridError):
+        in_pieces(lambda rows: cost_ms(rows + 10), 3)
