@@ -120,34 +120,21 @@ def check(scenario: Path, overrides: tuple[str, ...]) -> None:
     click.echo(dump_scenario(sc), nl=False)
 
 
-def chosen_policies(names: tuple[str, ...], default: str, *, runtime: bool = False) -> list[Any]:
-    """The policies `--policy` names ('all': every one). `runtime`: for a command that runs them on
-    the runtime, which serves one request at a time: 'all' leaves the batching policies out (saying
-    so), and naming one is an error."""
+def chosen_policies(names: tuple[str, ...], default: str) -> list[Any]:
     from flowspec.config import Policy
-    from flowspec.policy import spec
 
     if not names:
-        chosen = [Policy(default)]
-    elif "all" in names:
-        chosen = list(Policy)
-        if runtime:
-            batched = [p for p in chosen if spec(p).batched]
-            say(f"note: {', '.join(map(str, batched))} left out: the runtime serves one request at a time (simulate them)")
-            return [p for p in chosen if not spec(p).batched]
-    else:
-        known = ", ".join(p.value for p in Policy)
-        chosen = []
-        for name in names:
-            try:
-                chosen.append(Policy(name))
-            except ValueError:
-                raise click.BadParameter(f"unknown policy {name!r} (known: {known}, all)", param_hint="--policy") from None
-    for policy in chosen if runtime else []:
-        if spec(policy).batched:
-            raise click.BadParameter(f"{policy} serves several requests at once, which the runtime cannot yet (its "
-                                     "stages hold one request's KV): simulate it", param_hint="--policy")  # fmt: skip
-    return chosen
+        return [Policy(default)]
+    if "all" in names:
+        return list(Policy)
+    known = ", ".join(p.value for p in Policy)
+    out = []
+    for name in names:
+        try:
+            out.append(Policy(name))
+        except ValueError:
+            raise click.BadParameter(f"unknown policy {name!r} (known: {known}, all)", param_hint="--policy") from None
+    return out
 
 
 policy_option = click.option(
@@ -271,7 +258,7 @@ def run(scenario: Path, overrides: tuple[str, ...], policies: tuple[str, ...], p
                                  "and --policy", param_hint="--resume")  # fmt: skip
     sc = load_scenario(scenario, overrides)
     failed = None if resume is None else FailedRun.read(resume)
-    chosen = [failed.policy] if failed else chosen_policies(policies, sc.policy, runtime=True)
+    chosen = [failed.policy] if failed else chosen_policies(policies, sc.policy)
     target = failed.out_folder(out) if failed else out or Path("runs") / f"{sc.name}-runtime"
     with claimed(target, chosen=out is not None, echo=say) as folder:
         done, error, _ = run_and_save(sc, chosen, folder, base_dir=scenario.parent, prompt=prompt,
@@ -497,7 +484,7 @@ def bench_runtime_command(scenario: Path, overrides: tuple[str, ...], policies: 
     from runtime.bench import CAVEAT, bench_runtime
 
     sc = load_scenario(scenario, overrides)
-    chosen = chosen_policies(policies or ("all",), sc.policy, runtime=True)
+    chosen = chosen_policies(policies or ("all",), sc.policy)
     generations = out.with_suffix("")  # runs/bench-runtime/<policy>/outputs.jsonl beside runs/bench-runtime.csv
     frame = bench_runtime(sc, chosen, base_dir=scenario.parent, echo=lambda m: click.echo(m, err=True),
                           outputs_dir=generations)  # fmt: skip

@@ -60,7 +60,7 @@ def validate(scenario: Path, overrides: tuple[str, ...], policies: tuple[str, ..
     from sim import validation
     from sim.replay import load_run
 
-    chosen = chosen_policies(policies, load_scenario(scenario, overrides).policy, runtime=True)
+    chosen = chosen_policies(policies, load_scenario(scenario, overrides).policy)
     sc = load_scenario(scenario, [*overrides, *_dilation_override(scenario, overrides, dilation, chosen, prompt,
                                                                    prompts_file)])  # fmt: skip
     from report.folder import claimed

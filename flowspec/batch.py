@@ -18,8 +18,22 @@ needs it as one batch. `BatchCore` routes events: a returned segment to the lane
 finished draft to the lane that asked for it, an arrival to an idle lane.
 
 The lanes share one set of ids (`IdCounters`), one `Recorder` and one outputs dict, so records and
-outputs read as one run's. Each lane has its own prune versions: a stage keeps one `StageLedger`
-per request, started at the version its first prompt chunk carries.
+outputs read as one run's. Each lane has its own prune versions, and its segments and prunes carry
+its index (`lane`): a runtime stage keeps one `StageLedger` and one KV cache per lane, and a new
+request on a lane resets them as a request does on a one-request pipeline (the simulator and the
+in-memory driver key theirs by request, each started at the version its first prompt chunk
+carries). A drafter that keeps a request's state (the EAGLE head's features) is forked per lane.
+
+What is batched, in both backends alike (`flowspec.platform.batch_stage_ms`, `joint_draft`):
+- a stage takes the first waiting segment of every lane whose prunes have arrived and forwards
+  them as one batch: their rows together, attention over the longest KV; each then travels on as
+  its own message;
+- D0 takes every event waiting when it falls free: one LM head over all returned rows, each lane's
+  bookkeeping, one draft for every lane that asks (as many calls as the deepest, all lanes' rows),
+  then the batch's sends.
+The runtime computes a batch's segments one after another (ragged KV lengths); on an emulated
+testbed it pads the batch to what the simulator charges, so the emulation's dilation must cover
+the lanes' forwards in sequence.
 
 Gaps filled by our reading of the abstract:
 - each request in the batch keeps its own tree and the single-request policy's width; the batch
@@ -35,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -51,22 +66,27 @@ class BatchCore:
     def __init__(
         self,
         scenario: Scenario,
-        drafter: Drafter,
+        drafter: Drafter | Sequence[Drafter],
         rng: np.random.Generator,
         *,
         run_id: str = "run",
         source: str = "core",
         trace: bool = False,
     ) -> None:
+        """`drafter`: one shared by every lane (a stateless one), or one per lane (a drafter that
+        keeps a request's state, as the EAGLE head keeps its features)."""
         self.scenario = scenario
         self.max_batch = pol.batch_size(scenario)
+        drafters = list(drafter) if isinstance(drafter, Sequence) else [drafter] * self.max_batch
+        if len(drafters) != self.max_batch:
+            raise ValueError(f"{len(drafters)} drafters for {self.max_batch} lanes (pipeline.max_batch)")
         self._rec = Recorder(run_id, source)
         self.outputs: dict[int, list[int]] = {}
         ids = IdCounters()
         self.lanes = [
-            PipelineCore(scenario, drafter, rng, run_id=run_id, source=source, trace=trace, ids=ids,
-                         recorder=self._rec, outputs=self.outputs)  # fmt: skip
-            for _ in range(self.max_batch)
+            PipelineCore(scenario, d, rng, run_id=run_id, source=source, trace=trace, ids=ids,
+                         recorder=self._rec, outputs=self.outputs, lane=i)  # fmt: skip
+            for i, d in enumerate(drafters)
         ]
         self._queue: deque[RequestArrived] = deque()
         self._by_segment: dict[int, PipelineCore] = {}  # in-flight segment id -> the lane that sent it
@@ -134,7 +154,12 @@ class BatchCore:
         return cmds
 
 
-def make_core(scenario: Scenario, drafter: Drafter, rng: np.random.Generator, **kwargs: object) -> PipelineCore | BatchCore:
-    """The core the scenario's policy runs on: a `BatchCore` for a batching policy, else one lane."""
-    cls = BatchCore if pol.spec(scenario.policy).batched else PipelineCore
-    return cls(scenario, drafter, rng, **kwargs)  # type: ignore[arg-type]
+def make_core(scenario: Scenario, drafter: Drafter | Sequence[Drafter], rng: np.random.Generator,
+              **kwargs: object) -> PipelineCore | BatchCore:  # fmt: skip
+    """The core the scenario's policy runs on: a `BatchCore` for a batching policy, else one lane
+    (which takes one drafter)."""
+    if pol.spec(scenario.policy).batched:
+        return BatchCore(scenario, drafter, rng, **kwargs)  # type: ignore[arg-type]
+    if isinstance(drafter, Sequence):
+        (drafter,) = drafter
+    return PipelineCore(scenario, drafter, rng, **kwargs)  # type: ignore[arg-type]

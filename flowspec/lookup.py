@@ -23,6 +23,8 @@ matches are mostly noise next to a head.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 
 from flowspec.tree import Drafter, DraftTree, FloatArray, IntArray
@@ -139,6 +141,13 @@ class WithLookup:
     def __init__(self, model: Drafter, vocab_size: int, *, max_n: int = 4, min_n: int = 2) -> None:
         self.model = model
         self.lookup = PromptLookupDrafter(vocab_size, max_n=max_n, min_n=min(min_n, max_n))
+
+    def fork(self) -> WithLookup:
+        """A drafter for another request served at once (a batch lane): the model drafter's own fork."""
+        twin = copy.copy(self)
+        fork = getattr(self.model, "fork", None)
+        twin.model = self.model if fork is None else fork()
+        return twin
 
     def observe(self, *args) -> None:
         """Forwarded to a model drafter that reads the target's features (the EAGLE head)."""

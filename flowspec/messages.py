@@ -54,6 +54,7 @@ class Segment:
     version: int  # the last prune these rows reflect
     reset: bool = False  # first prompt chunk of a request: stages clear their KV first
     final: bool = False  # last prompt chunk: D0 samples the first token from its last row
+    lane: int = 0  # the batch lane serving the request (flowspec.batch): its own KV and prune versions
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -72,6 +73,7 @@ class Segment:
             version=version,
             reset=self.reset,
             final=self.final,
+            lane=self.lane,
         )
 
 
@@ -83,6 +85,7 @@ class Prune:
     keep_ids: IntArray  # [m] surviving sent node ids, tree order; accepted path first
     n_accepted: int  # leading entries of keep_ids that become committed
     round_exit: bool  # the round ended: nothing but the accepted path survives
+    lane: int = 0  # the batch lane of its request: versions count per lane
 
     @property
     def nbytes(self) -> int:

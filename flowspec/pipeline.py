@@ -96,9 +96,12 @@ class PipelineCore:
         ids: IdCounters | None = None,
         recorder: Recorder | None = None,
         outputs: dict[int, list[int]] | None = None,
+        lane: int = 0,
     ) -> None:
         """`ids`, `recorder` and `outputs` are shared by the lanes of a batched core
-        (`flowspec.batch`); a core of its own makes its own."""
+        (`flowspec.batch`); a core of its own makes its own. `lane`: this core's place in the
+        batch, stamped on its segments and prunes."""
+        self.lane = lane
         self.scenario = scenario
         self.rng = rng
         self.run_id = run_id
@@ -124,6 +127,10 @@ class PipelineCore:
     def active_request_id(self) -> int:
         """The request being served, -1 when none: what D0's own spans are charged to."""
         return -1 if self._active is None else self._active.request_id
+
+    def lane_for(self, event: Event) -> PipelineCore | None:
+        """The core that handles `event` (a batched core's lanes answer for theirs): this one."""
+        return self
 
     @property
     def idle(self) -> bool:
@@ -182,6 +189,7 @@ class PipelineCore:
                 version=self._version,
                 reset=i == 0,
                 final=i == len(sizes) - 1,
+                lane=self.lane,
             )
             cmds.append(self._send(seg))
             start += size
@@ -300,6 +308,7 @@ class PipelineCore:
             keep_ids=tree.ids[keep_sent],
             n_accepted=verdict.n_accepted,
             round_exit=not cont,
+            lane=self.lane,
         )
         self._prunes[self._version] = prune.keep_ids
         reroot_offset = -1
@@ -428,6 +437,7 @@ class PipelineCore:
             parent_ids=np.where(parents >= 0, tree.ids[np.maximum(parents, 0)], -1),
             positions=tree.positions[idx],
             version=self._version,
+            lane=self.lane,
         )
 
     def _send(self, seg: Segment) -> SendSegment:

@@ -16,6 +16,7 @@ every stage are priced on the sender's link.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -23,7 +24,7 @@ from typing import Protocol
 from flowspec.config import HeadPlacement, LinkConfig, Scenario
 from flowspec.messages import Command, Draft, Event, SegmentReturned, WireSizes
 from flowspec.policy import device_scenario, spec
-from flowspec.costs import DeviceProfile, DraftNodeCostModel, LinkCostModel, ProfileError, StageCostModel
+from flowspec.costs import DeviceProfile, DraftNodeCostModel, LinkCostModel, OutOfGridError, ProfileError, StageCostModel
 from flowspec.links import Link, LinkProfile, ProfiledLink, RatedLink
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
@@ -182,6 +183,42 @@ def build_platform(scenario: Scenario, profiles_dir: Path = PROFILES_DIR) -> Pla
     if spec(scenario.policy).one_device:  # D0 shares the stage's device: messages cost nothing
         platform = Colocated(platform)
     return platform
+
+
+def in_pieces(cost_ms: Callable[[int], float], n_rows: int) -> float:
+    """What `n_rows` rows of a batch cost in one forward, or — where that is beyond the profile's
+    grid, which is never extrapolated — in the fewest equal forwards the grid covers."""
+    for pieces in range(1, n_rows + 1):
+        try:
+            return pieces * cost_ms(-(-n_rows // pieces))
+        except OutOfGridError:
+            continue
+    return cost_ms(1)  # raises: not even one row is on the grid
+
+
+def batch_stage_ms(platform: Platform, stage: int, n_rows: int, kv_len: int) -> float:
+    """A stage forwarding a batch (one segment of each of several requests, `flowspec.batch`) as
+    one: all their rows, attention over the longest KV (shorter ones padded to it). Both backends
+    charge exactly this."""
+    return in_pieces(lambda rows: platform.stage_ms(stage, rows, kv_len), n_rows)
+
+
+def batch_verify_ms(platform: Platform, n_rows: int, device: int = 0) -> float:
+    """The target's LM head over a batch's decided rows on `device`, as one."""
+    return in_pieces(lambda rows: platform.verify_ms(rows, device), n_rows)
+
+
+def joint_draft(drafts: list[Draft]) -> Draft:
+    """Several lanes' drafts as D0 runs them together: as many calls as the deepest needs, every
+    lane's rows, every lane's nodes."""
+    return Draft(-1, -1, max(d.n_calls for d in drafts), sum(d.n_rows for d in drafts), sum(d.n_nodes for d in drafts))
+
+
+def batch_draft_ms(platform: Platform, draft: Draft, kv_len: int) -> float:
+    """A (joint) draft's forwards, in pieces where its rows per call are past the profile's grid."""
+    if draft.n_calls <= 0:
+        return 0.0
+    return in_pieces(lambda rows: platform.draft_ms(draft.n_calls, rows, kv_len), draft.n_rows)
 
 
 def d0_step_cost_ms(platform: Platform, event: Event, cmds: list[Command], tree_size: int) -> float:

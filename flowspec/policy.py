@@ -191,8 +191,7 @@ class PolicySpec:
     # can be lossy, depending on the scenario (Scenario.lossless)
     reference_baseline: bool = False  # tables report every policy's speed-up over it
     # Serves up to `pipeline.max_batch` requests at once, each with its own tree, segments and prunes
-    # (`flowspec.batch.BatchCore`); devices forward what waits for them as one batch. Simulator only
-    # for now: the runtime's stages hold one request's KV.
+    # (`flowspec.batch.BatchCore`); devices forward what waits for them as one batch.
     batched: bool = False
 
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -56,8 +56,9 @@ from flowspec.messages import (
     SendSegment,
     n_decided,
 )
+from flowspec.batch import BatchCore, make_core
 from flowspec.pipeline import PipelineCore, ProtocolError
-from flowspec.platform import d0_draft_cost_ms, d0_step_cost_ms
+from flowspec.platform import batch_draft_ms, batch_verify_ms, d0_draft_cost_ms, d0_step_cost_ms, joint_draft
 from flowspec.records import ComputeRecord, LinkTransfer, RunRecords, RunResult, StageSpan
 from flowspec.workload import Request
 from flowspec.tree import Drafter, DraftTree, IntArray
@@ -115,7 +116,7 @@ class DraftNode:
         self.rejected: dict[int, int] = {}  # frames each stage rejected during the last run (its report)
         self.progress = ProgressWatch(self.n_stages, self.addresses, scenario.runtime.timeout_s)
         self.finished: set[int] = set()  # request ids the current (or last) run finished
-        self.core: PipelineCore | None = None  # the current (or last) run's
+        self.core: PipelineCore | BatchCore | None = None  # the current (or last) run's
 
     # ---- start-up -------------------------------------------------------------------------------
 
@@ -173,7 +174,7 @@ class DraftNode:
     def serve(
         self,
         scenario: Scenario,
-        drafter: Drafter,
+        drafter: Drafter | Sequence[Drafter],
         requests: list[Request],
         *,
         run_id: str = "run",
@@ -182,6 +183,7 @@ class DraftNode:
     ) -> RunResult:
         """Serve `requests` (ids are list positions, arrivals as they say) with `scenario.policy`; every
         stage ends clean. The run is traced (`flowspec.replay`), so the simulator can replay it.
+        `drafter`: one, or one per lane for a batching policy whose drafter keeps a request's state.
         `emulated`: the policy's scenario as the simulator reads it, for an emulated testbed
         (`runtime.emulation`); its times are then reported divided by the dilation."""
         self.core = None
@@ -194,13 +196,16 @@ class DraftNode:
         self.transfers: list[LinkTransfer] = []
         self._sent: dict[int, list] = {}  # by device: data messages sent, and received (runs not emulated)
         self._arrived: dict[int, list] = {}
-        timed = TimedDrafter(drafter)
-        core = PipelineCore(scenario, timed, np.random.default_rng(scenario.seed), run_id=run_id, source="runtime",
-                            trace=True)  # fmt: skip
+        drafters = list(drafter) if isinstance(drafter, Sequence) else [drafter]
+        self.timed = [TimedDrafter(d) for d in drafters]  # one per lane (or one for all lanes)
+        lanes = self.timed if len(self.timed) > 1 else self.timed[0]
+        core = make_core(scenario, lanes, np.random.default_rng(scenario.seed), run_id=run_id, source="runtime",
+                         trace=True)  # fmt: skip
         self.run_id = run_id
         self.head = TargetHead(self.lm_head, scenario.decoding.temperature, scenario.relaxed)
         self.core = core
-        self.timed = timed
+        self.batched = isinstance(core, BatchCore)
+        self._verifying: list[tuple] = []  # a batch's returned segments: (segment, decided rows, t_real)
         self.spans: list[StageSpan] = []
         self.t0 = time.monotonic()
         closed_loop = any(r.t_arrival_s is None for r in requests)  # `single`: each arrives when the last finished
@@ -225,8 +230,13 @@ class DraftNode:
             while not closed_loop and pending and arrivals[pending[0]] <= now:
                 arrive(pending.popleft())
             while events:
-                for cmd in self._handle(events.popleft()):
-                    if isinstance(cmd, Draft):
+                if self.batched:  # every waiting event at once (DraftDone inside)
+                    cmds = self._handle_batch(list(events))
+                    events.clear()
+                else:
+                    cmds = self._handle(events.popleft())
+                for cmd in cmds:
+                    if isinstance(cmd, Draft) and not self.batched:
                         events.appendleft(DraftDone(cmd.draft_id))
                     elif isinstance(cmd, EmitTokens):
                         if on_tokens is not None:
@@ -247,8 +257,11 @@ class DraftNode:
                 if event is not None:
                     events.append(event)
                     drained = False
-                    break  # handle returns in arrival order, between them the commands they cause
-                msg = self.link.recv(0.0)
+                    if not self.batched:
+                        break  # handle returns in arrival order, between them the commands they cause
+                msg = self.link.recv(0.0)  # a batch: every returned segment that is here
+            if self._verifying:
+                self._verify_batch()
             self._keep_alive(heartbeat_s)
             if drained:
                 self.progress.check(time.monotonic(), self.link.busy)
@@ -277,15 +290,77 @@ class DraftNode:
     def _emulated(self, t_monotonic: float) -> float:
         return (t_monotonic - self.t0) / self.dilation
 
+    def _drafted_s(self) -> float:
+        return sum(t.elapsed_s for t in self.timed)
+
     def _handle(self, event: Event) -> list[Command]:
-        before = self.timed.elapsed_s
+        before = self._drafted_s()
         t_real = time.monotonic()
         t = self.now()
-        size = self.core.tree_size
+        lane = self.core.lane_for(event)  # the single-request core that decides (None: an arrival)
+        size = 0 if lane is None else lane.tree_size
         cmds = self.core.handle(event, now=t)
-        drafted = self.timed.elapsed_s - before
+        drafted = self._drafted_s() - before
+        size = max(size, 0 if lane is None else lane.tree_size)
+        request_id = -1 if lane is None else lane.active_request_id
+        draft = next((c for c in cmds if isinstance(c, Draft)), None)
+        if draft is not None:
+            request_id = draft.request_id
         if self.pad is not None:
-            self._pad_step(event, cmds, t_real, size)
+            self._pad_step(event, cmds, t_real, size, request_id)
+        self._send(cmds)
+        if self.pad is None and (cmds or drafted > 0):  # measured, as the simulator charges it: bookkeeping, then drafting
+            self._measured_spans(t, drafted, request_id, getattr(event, "segment_id", -1), size)
+        return cmds
+
+    def _handle_batch(self, events: list[Event]) -> list[Command]:
+        """A batching policy's D0: every event that was waiting, handled before any command goes
+        out — each lane's bookkeeping, then one joint draft (padded as `sim.engine` charges it:
+        the steps' sum, then `batch_draft_ms` of `joint_draft`) — then the finished drafts' sends."""
+        before = self._drafted_s()
+        t_real = time.monotonic()
+        t = self.now()
+        cmds: list[Command] = []
+        step_ms, size_max = 0.0, 0
+        platform = None if self.emulation is None else self.emulation.platform
+        for event in events:
+            lane = self.core.lane_for(event)
+            size = 0 if lane is None else lane.tree_size
+            out = self.core.handle(event, now=t)
+            size = max(size, 0 if lane is None else lane.tree_size)
+            if platform is not None:
+                step_ms += d0_step_cost_ms(platform, event, out, size)
+            size_max = max(size_max, size)
+            cmds += out
+        drafted = self._drafted_s() - before
+        drafts = [c for c in cmds if isinstance(c, Draft)]
+        if self.pad is not None:
+            joint = joint_draft(drafts) if drafts else None
+            draft_ms = 0.0
+            if joint is not None:
+                kv_len = max(self.prompt_len[d.request_id] + len(self.core.outputs[d.request_id]) for d in drafts)
+                draft_ms = batch_draft_ms(self.emulation.platform, joint, kv_len)
+            if step_ms + draft_ms > 0:
+                end = self.pad.done(-1, "step", t_real, step_ms + draft_ms)
+                self.link.hold(end)
+                t0, t_step = self._emulated(t_real), self._emulated(t_real + self.emulation.padded_s(step_ms))
+                for kind, a, b, n in (("step", t0, t_step, size_max),
+                                      ("draft", t_step, self._emulated(end), 0 if joint is None else joint.n_rows)):  # fmt: skip
+                    if b > a:
+                        self.spans.append(StageSpan(run_id=self.run_id, source="runtime", request_id=-1, stage=0,
+                                                    segment_id=-1, kind=kind, n_tokens=n, kv_len=0, t_start_s=a,
+                                                    t_end_s=b))  # fmt: skip
+        elif cmds or drafted > 0:
+            self._measured_spans(t, drafted, -1, -1, size_max)
+        self._send(cmds)
+        for draft in drafts:
+            done = self.core.handle(DraftDone(draft.draft_id), now=self.now())
+            assert not any(isinstance(c, Draft) for c in done), "a finished draft only sends"
+            self._send(done)
+            cmds += done
+        return cmds
+
+    def _send(self, cmds: list[Command]) -> None:
         em = self.emulation
         for cmd in cmds:
             if isinstance(cmd, SendSegment):
@@ -296,24 +371,23 @@ class DraftNode:
                 frames = wire.encode_prune(cmd.prune)
                 for rank in range(1, self.n_stages + 1):
                     self.link.send_paced(rank, frames, cmd.prune.nbytes, "prune")
-        if self.pad is None and (cmds or drafted > 0):  # measured, as the simulator charges it: bookkeeping, then drafting
-            t_step = t + max(self.now() - t - drafted, 0.0)
-            request_id = self.core.active_request_id
-            for kind, a, b, segment_id in (("step", t, t_step, getattr(event, "segment_id", -1)),
-                                           ("draft", t_step, t_step + drafted, -1)):  # fmt: skip
-                if b > a:
-                    self.spans.append(StageSpan(run_id=self.run_id, source="runtime", request_id=request_id, stage=0,
-                                                segment_id=segment_id, kind=kind, n_tokens=size if kind == "step" else 0,
-                                                kv_len=0, t_start_s=a, t_end_s=b))  # fmt: skip
-        return cmds
 
-    def _pad_step(self, event: Event, cmds: list[Command], t_real: float, size: int) -> None:
+    def _measured_spans(self, t: float, drafted: float, request_id: int, segment_id: int, size: int) -> None:
+        """D0's bookkeeping since `t`, then `drafted` seconds of drafting, as measured."""
+        t_step = t + max(self.now() - t - drafted, 0.0)
+        for kind, a, b, seg_id in (("step", t, t_step, segment_id), ("draft", t_step, t_step + drafted, -1)):
+            if b > a:
+                self.spans.append(StageSpan(run_id=self.run_id, source="runtime", request_id=request_id, stage=0,
+                                            segment_id=seg_id, kind=kind, n_tokens=size if kind == "step" else 0,
+                                            kv_len=0, t_start_s=a, t_end_s=b))  # fmt: skip
+
+    def _pad_step(self, event: Event, cmds: list[Command], t_real: float, size: int, request_id: int) -> None:
         """Emulated D0: bookkeeping and drafting padded to what the simulator charges for them —
         the step by tree size when a returned segment led to commands, the draft when one ran
         (`sim.engine` charges the same, in the same order) — before the commands go out."""
         assert self.emulation is not None and self.pad is not None
         platform = self.emulation.platform
-        step_ms = d0_step_cost_ms(platform, event, cmds, max(size, self.core.tree_size))
+        step_ms = d0_step_cost_ms(platform, event, cmds, size)
         draft = next((c for c in cmds if isinstance(c, Draft)), None)
         draft_ms = 0.0
         if draft is not None:
@@ -321,12 +395,11 @@ class DraftNode:
             draft_ms = d0_draft_cost_ms(platform, draft, kv_len)
         if step_ms + draft_ms == 0:
             return
-        request_id = self.core.active_request_id if draft is None else draft.request_id
         end = self.pad.done(request_id, "step", t_real, step_ms + draft_ms)
         self.link.hold(end)
         t0, t_step = self._emulated(t_real), self._emulated(t_real + self.emulation.padded_s(step_ms))
         segment_id = getattr(event, "segment_id", -1)
-        for kind, a, b, n in (("step", t0, t_step, max(size, self.core.tree_size)),
+        for kind, a, b, n in (("step", t0, t_step, size),
                               ("draft", t_step, self._emulated(end), 0 if draft is None else draft.n_rows)):  # fmt: skip
             if b > a:
                 self.spans.append(StageSpan(run_id=self.run_id, source="runtime", request_id=request_id, stage=0,
@@ -356,7 +429,8 @@ class DraftNode:
         self.progress.returned(seg.segment_id, t_real)
         hidden = msg.arrays.get("hidden")
         h = None if hidden is None else hidden_from_wire(hidden, msg.dtypes["hidden"])
-        observe = getattr(self.timed.inner, "observe", None)  # drafters that read the target's features
+        timed = self.timed[seg.lane] if len(self.timed) > 1 else self.timed[0]
+        observe = getattr(timed.inner, "observe", None)  # drafters that read the target's features
         n_rows = n_decided(seg)
         if self.head_last:  # the last stage decided: its argmax ids, or logits to sample from
             argmax, probs = self.head.returned(msg, seg, n_rows)
@@ -371,6 +445,9 @@ class DraftNode:
         t_end = time.monotonic()
         if self.head_last:
             return SegmentReturned(seg.segment_id, seg.node_ids, seg.version, argmax=argmax, probs=probs)
+        if self.batched:  # the batch's LM head is padded and recorded once (`_verify_batch`)
+            self._verifying.append((seg, n_rows, t_real))
+            return SegmentReturned(seg.segment_id, seg.node_ids, seg.version, argmax=argmax, probs=probs)
         if self.pad is not None and n_rows:  # as the simulator: the LM head over the rows it ran on
             t_end = self.pad.done(seg.request_id, "verify", t_real, self.emulation.platform.verify_ms(n_rows))
             self.link.hold(t_end)
@@ -379,6 +456,22 @@ class DraftNode:
                                         segment_id=seg.segment_id, kind="verify", n_tokens=n_rows, kv_len=0,
                                         t_start_s=self._emulated(t_real), t_end_s=self._emulated(t_end)))  # fmt: skip
         return SegmentReturned(seg.segment_id, seg.node_ids, seg.version, argmax=argmax, probs=probs)
+
+    def _verify_batch(self) -> None:
+        """The LM head over every returned segment of a batch, as one (`batch_verify_ms`)."""
+        segs = [(seg, n) for seg, n, _ in self._verifying if len(seg)]
+        t_real, t_end = self._verifying[0][2], time.monotonic()
+        self._verifying = []
+        n_rows = sum(n for _, n in segs)
+        if not segs:
+            return
+        if self.pad is not None and n_rows:
+            t_end = self.pad.done(-1, "verify", t_real, batch_verify_ms(self.emulation.platform, n_rows))
+            self.link.hold(t_end)
+        owner = segs[0][0].request_id if len({s.request_id for s, _ in segs}) == 1 else -1
+        self.spans.append(StageSpan(run_id=self.run_id, source="runtime", request_id=owner, stage=0,
+                                    segment_id=segs[0][0].segment_id, kind="verify", n_tokens=n_rows, kv_len=0,
+                                    t_start_s=self._emulated(t_real), t_end_s=self._emulated(t_end)))  # fmt: skip
 
     def _keep_alive(self, heartbeat_s: float) -> None:
         now = time.monotonic()

@@ -15,6 +15,8 @@ frontier's top-k come from its own LM head.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
@@ -151,6 +153,14 @@ class CausalLMDrafter:
             runner = quantized.int8_copy(runner, quantized.DRAFT_INT8_WITHIN)
         self.kv = DraftKV(runner)
         self.top_k = TopK(lm_head, int8=int8)
+
+    def fork(self) -> CausalLMDrafter:
+        """A drafter for another request served at once (a batch lane): the same weights, its own KV."""
+        twin = copy.copy(self)
+        runner = copy.copy(self.kv.runner)  # shares the modules; its own cache below
+        runner.reset()
+        twin.kv = DraftKV(runner, offset=self.kv.offset)
+        return twin
 
     def propose(self, context: IntArray, pool: DraftTree, frontier: IntArray, k: int) -> tuple[IntArray, FloatArray]:
         ctx = [int(t) for t in context]

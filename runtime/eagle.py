@@ -22,6 +22,8 @@ the committed chain is found by following parent ids from node to node.
 
 from __future__ import annotations
 
+import copy
+
 import json
 from pathlib import Path
 
@@ -187,6 +189,14 @@ class EagleDrafter:
         self.vocab_ids = None if self.vocab is None else self.vocab.numpy()  # subset row -> token id
         self.store = FeatureStore()
         self.kv = DraftKV(self.head.slice(), offset=1)  # row i reads (t_i, f_{i-1}): position 0 has none
+
+    def fork(self) -> EagleDrafter:
+        """A drafter for another request served at once (a batch lane): the same weights, its own
+        features and KV."""
+        twin = copy.copy(self)
+        twin.store = FeatureStore()
+        twin.kv = DraftKV(self.head.slice(), offset=1)
+        return twin
 
     def observe(self, *args, **kwargs) -> None:
         self.store.observe(*args, **kwargs)

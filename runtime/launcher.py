@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from flowspec.config import DrafterKind, Policy, Scenario, ScenarioError, dump_scenario, scenario_from_dict, scenario_to_dict
-from flowspec.policy import device_scenario, spec
+from flowspec.policy import batch_size, device_scenario, spec
 from flowspec.tree import Drafter
 from runtime import wire
 from runtime.channel import Endpoint, RemoteError
@@ -235,8 +235,13 @@ class Cluster:
         return ("; its log ends:\n  " + "\n  ".join(lines)) if lines else ""
 
     def serve(self, scenario: Scenario, drafter: Drafter, requests: list[Request], **kwargs: Any) -> RunResult:
+        """Serve `requests` with `scenario`'s policy. A batching policy's lanes each get a fork of a
+        drafter that keeps a request's state (the EAGLE head's features); a stateless one is shared."""
         assert self.node is not None
-        result = self.node.serve(scenario, drafter, requests, **kwargs)
+        lanes = batch_size(scenario)
+        fork = getattr(drafter, "fork", None)
+        drafters = [drafter] + [fork() for _ in range(lanes - 1)] if lanes > 1 and fork is not None else drafter
+        result = self.node.serve(scenario, drafters, requests, **kwargs)
         for rank, n in self.node.rejected.items():
             if n:  # stray or hostile traffic reached a stage: what it was is in the stage's log
                 self.echo(f"stage {rank} rejected {n} frame(s) during this run (malformed, or not fitting its state)")
@@ -304,10 +309,6 @@ def run_policies(
     emulate.dilation makes this an emulated testbed (`runtime.emulation`). `on_failure`: given the
     requests a policy finished before its run failed (`DraftNode.completed`), before the error
     goes on and the cluster closes; it should only keep them, since the stages wait for it."""
-    for policy in policies:
-        if spec(policy).batched:
-            raise ScenarioError(f"policy {policy} serves several requests at once, which the runtime cannot yet (its "
-                                "stages hold one request's KV): simulate it")  # fmt: skip
     groups: list[list[Policy]] = [[p for p in policies if not spec(p).one_device],
                                   [p for p in policies if spec(p).one_device]]  # fmt: skip
     for group in groups:

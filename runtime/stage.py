@@ -60,9 +60,11 @@ import torch
 from flowspec.config import Scenario, load_scenario
 from flowspec.kv import StageLedger
 from flowspec.messages import ProtocolError, Segment, SegmentKind, n_decided
+from flowspec.platform import batch_stage_ms, batch_verify_ms
 from runtime import wire
 from runtime.channel import Endpoint, RemoteError, StageTimeout, raise_fd_limit
 from runtime.emulation import Emulation, PacedEndpoint, Pad
+from runtime.llama import KVCache
 from runtime.model_slice import LayerSlice, hidden_from_wire, hidden_to_wire
 from runtime.models import read_head, torch_device
 from runtime.shutdown import Interrupted, signals_raise
@@ -83,7 +85,9 @@ class StageWorker:
         self.plan = plan
         self.model_dir = model_dir
         self.threads = threads
-        self.ledger = StageLedger()
+        self.ledger = StageLedger()  # the lane in use's (`_use`); one ledger and KV cache per lane
+        self.ledgers: dict[int, StageLedger] = {0: self.ledger}
+        self.caches: dict[int, KVCache] = {}
         self.queue: deque[Queued] = deque()
         self._queued_nbytes = 0
         self._blocked: tuple[Queued, float] | None = None  # the queue's head and since when it waits for a prune
@@ -171,7 +175,30 @@ class StageWorker:
             self._check_parent()
 
     def _runnable(self) -> bool:
-        return bool(self.queue) and self.ledger.ready(self.queue[0].segment) and not self.wedged
+        return self._next() is not None and not self.wedged
+
+    def _next(self) -> int | None:
+        """The queued segment to run next: the first whose prunes are all here, in order per lane
+        (a lane's later segment never overtakes its earlier one; another lane's may)."""
+        blocked = set()
+        for i, item in enumerate(self.queue):
+            seg = item.segment
+            if seg.lane not in blocked and self._ledger(seg.lane).ready(seg):
+                return i
+            blocked.add(seg.lane)
+        return None
+
+    def _ledger(self, lane: int) -> StageLedger:
+        if lane not in self.ledgers:
+            self.ledgers[lane] = StageLedger()
+        return self.ledgers[lane]
+
+    def _use(self, lane: int) -> None:
+        """Make `lane`'s ledger and KV cache the ones the forward and the prunes work on."""
+        self.ledger = self._ledger(lane)
+        if lane not in self.caches:
+            self.caches[lane] = KVCache()
+        self.slice.cache = self.caches[lane]
 
     def _wedge(self, signum: int, frame: object) -> None:
         print(f"stage {self.plan.rank}: wedged on purpose ({WEDGE_ENV})", file=sys.stderr, flush=True)
@@ -189,7 +216,7 @@ class StageWorker:
         """Raise if the queue's head has waited `runtime.timeout_s` for a prune that has not come:
         D0 sent that prune before the segment, so it is lost, or the segment lies about it."""
         head = self.queue[0] if self.queue else None
-        if head is None or self.ledger.ready(head.segment):
+        if head is None or self._ledger(head.segment.lane).ready(head.segment):
             self._blocked = None
         elif self._blocked is None or self._blocked[0] is not head:
             self._blocked = (head, now)
@@ -197,7 +224,8 @@ class StageWorker:
             seg = head.segment
             raise StageTimeout(f"stage {self.plan.rank}: segment {seg.segment_id} of request {seg.request_id} waited "
                                f"{now - self._blocked[1]:.1f} s for prune v{seg.version}, which never came (the last "
-                               f"received is v{self.ledger.received}; runtime.timeout_s = {self.plan.timeout_s:g})")  # fmt: skip
+                               f"received is v{self._ledger(seg.lane).received}; runtime.timeout_s = "
+                               f"{self.plan.timeout_s:g})")  # fmt: skip
 
     def _receive(self, timeout_s: float) -> wire.Message | None:
         """The next message that decodes; None when none came or the one that came was rejected."""
@@ -243,6 +271,7 @@ class StageWorker:
             self._queued_nbytes += item.nbytes
         elif msg.type == "prune":
             prune = wire.to_prune(msg)
+            self._use(prune.lane)
             self.ledger.check_prune(prune)
             self.ledger.receive(prune)
             self._compact(self.ledger.sync())
@@ -267,6 +296,7 @@ class StageWorker:
             self.rejected = 0
             self.forwarded, self.t_forwarded = -1, 0.0
             self.ledger = StageLedger()
+            self.ledgers, self.caches = {0: self.ledger}, {}
             self.slice.reset()
         elif msg.type == "error":
             raise RemoteError(f"stage {self.plan.rank}: rank {msg.sender} failed: {msg.fields['message']}")
@@ -295,92 +325,130 @@ class StageWorker:
             self.slice.keep(torch.from_numpy(np.ascontiguousarray(slots, dtype=np.int64)))
 
     def _run_one(self) -> bool:
-        """Forward the queue's head, or reject it; whether it ran."""
-        item = self.queue.popleft()
-        self._queued_nbytes -= item.nbytes
-        try:
-            self.ledger.check_segment(item.segment)  # on the state the forward will meet
-        except ProtocolError as e:
-            self.endpoint.forget(item.arrival)
-            self._reject(ProtocolError(f"segment message from rank {self.plan.rank - 1}: {e}"))
+        """Forward the next segment of every lane whose prunes are here, as one batch (a policy
+        serving one request at a time has one lane: the queue's head alone); a segment that does
+        not fit its lane's state is rejected. Whether any ran."""
+        picked, blocked = [], set()
+        for i, item in enumerate(self.queue):  # each lane's first queued segment, if it is ready
+            lane = item.segment.lane
+            if lane not in blocked and self._ledger(lane).ready(item.segment):
+                picked.append(i)
+            blocked.add(lane)
+        batch = []
+        for i in reversed(picked):
+            item = self.queue[i]
+            del self.queue[i]
+            self._queued_nbytes -= item.nbytes
+            self._use(item.segment.lane)
+            try:
+                self.ledger.check_segment(item.segment)  # on the state the forward will meet
+            except ProtocolError as e:
+                self.endpoint.forget(item.arrival)
+                self._reject(ProtocolError(f"segment message from rank {self.plan.rank - 1}: {e}"))
+                continue
+            batch.insert(0, item)
+        if not batch:
             return False
         self._running = True
         try:
-            self._forward(item)
+            self._forward(batch)
         finally:
             self._running = False
         return True
 
-    def _forward(self, item: Queued) -> None:
-        seg = item.segment
-        if seg.reset:
-            self.ledger.reset()
-            self.slice.reset()
-        slots, seg, rows = self.ledger.catch_up(seg)
-        self._compact(slots)
+    def _forward(self, batch: list[Queued]) -> None:
+        """Each segment through this slice with its own lane's KV, then the batch's time as one
+        forward (an emulated board: padded to `batch_stage_ms`, as the simulator charges it)."""
         t_start = time.monotonic()
-        kv_len = self.ledger.kv_len
-        if item.hidden is None:
-            x = torch.from_numpy(np.ascontiguousarray(seg.tokens, dtype=np.int64)).to(self.device)
-        else:
-            x = hidden_from_wire(item.hidden[rows], item.hidden_dtype).to(self.device, getattr(torch, self.plan.dtype))
-        decided: np.ndarray | None = None  # pipeline.head: last: argmax per row, or logits per decided row
-        if len(seg):
-            visible = torch.from_numpy(self.ledger.visibility(seg)).to(self.device)
-            positions = torch.from_numpy(np.ascontiguousarray(seg.positions, dtype=np.int64)).to(self.device)
-            out = self.slice(x, positions, visible)
-            self.ledger.append(seg)
-            assert self.slice.kv_len == self.ledger.kv_len, (self.slice.kv_len, self.ledger.kv_len)
-        else:  # emptied by pruning: pass the marker on
-            out = torch.zeros((0, self.slice.config.hidden_size))
+        done: list[tuple[Segment, torch.Tensor, int]] = []  # (admitted segment, its output rows, KV length before)
+        for item in batch:
+            seg = item.segment
+            self._use(seg.lane)
+            if seg.reset:
+                self.ledger.reset()
+                self.slice.reset()
+                self.caches[seg.lane] = self.slice.cache
+            slots, seg, rows = self.ledger.catch_up(seg)
+            self._compact(slots)
+            kv_len = self.ledger.kv_len
+            if item.hidden is None:
+                x = torch.from_numpy(np.ascontiguousarray(seg.tokens, dtype=np.int64)).to(self.device)
+            else:
+                x = hidden_from_wire(item.hidden[rows], item.hidden_dtype).to(self.device, getattr(torch, self.plan.dtype))
+            if len(seg):
+                visible = torch.from_numpy(self.ledger.visibility(seg)).to(self.device)
+                positions = torch.from_numpy(np.ascontiguousarray(seg.positions, dtype=np.int64)).to(self.device)
+                out = self.slice(x, positions, visible)
+                self.ledger.append(seg)
+                assert self.slice.kv_len == self.ledger.kv_len, (self.slice.kv_len, self.ledger.kv_len)
+            else:  # emptied by pruning: pass the marker on
+                out = torch.zeros((0, self.slice.config.hidden_size))
+            done.append((seg, out, kv_len))
         t_end = time.monotonic()
-        if self.pad is not None and len(seg):  # an emulated board: busy for its profiled time
-            model_ms = self.emulation.platform.stage_ms(self.plan.rank, len(seg), kv_len)
-            t_end = self.pad.done(seg.request_id, str(seg.kind), t_start, model_ms)
-            self._drain_until(t_end)
-        if len(seg):  # on this stage's clock; moved to D0's when reported
-            self.spans.append([seg.request_id, seg.segment_id, str(seg.kind), len(seg), kv_len, t_start, t_end])
-        n_rows, per_row = n_decided(seg), not self.plan.sampled or seg.kind is not SegmentKind.PREFILL
-        if self.lm_head is not None and n_rows:
-            decided = self._decide(seg, out, n_rows)
-        out = out.cpu()
+        ran = [(seg, kv_len) for seg, _, kv_len in done if len(seg)]
+        if ran:
+            first, n_rows, kv_max = ran[0][0], sum(len(s) for s, _ in ran), max(kv for _, kv in ran)
+            owner = first.request_id if len({s.request_id for s, _ in ran}) == 1 else -1  # -1: several requests'
+            if self.pad is not None:  # an emulated board: busy for its profiled time
+                model_ms = batch_stage_ms(self.emulation.platform, self.plan.rank, n_rows, kv_max)
+                t_end = self.pad.done(owner, str(first.kind), t_start, model_ms)
+                self._drain_until(t_end)
+            # on this stage's clock; moved to D0's when reported
+            self.spans.append([owner, first.segment_id, str(first.kind), n_rows, kv_max, t_start, t_end])
+        decided = self._decide(done) if self.lm_head is not None else [None] * len(done)
+        done = [(seg, out.cpu(), kv_len) for seg, out, kv_len in done]
         self._drain(0.0)  # prunes that arrived during the forward
-        slots, seg, rows = self.ledger.catch_up(seg)
-        self._compact(slots)
-        if decided is not None and per_row:
-            decided = decided[rows]  # argmax per row, or a tree segment's logits per row
-        if self.lm_head is None or self.plan.features:
-            hidden = out[torch.from_numpy(rows)]
-            frames = wire.encode_segment(seg, self.plan.rank, hidden_to_wire(hidden, self.plan.dtype), self.plan.dtype,
-                                         decided=decided)  # fmt: skip
-        else:
-            frames = wire.encode_segment(seg, self.plan.rank, decided=decided)
-        nbytes = 0
-        if self.emulation is not None:
-            nbytes = self.emulation.wire.returned(len(seg), n_decided(seg)) if self.next_rank == 0 else \
-                self.emulation.wire.segment(len(seg), first_hop=False)  # fmt: skip
-        self.endpoint.send_paced(self.next_rank, frames, nbytes, "segment")
-        self.forwarded, self.t_forwarded = seg.segment_id, time.monotonic()
+        for (seg, out, _), mine in zip(done, decided, strict=True):
+            self._use(seg.lane)  # a prune may have switched to another lane
+            slots, seg, rows = self.ledger.catch_up(seg)
+            self._compact(slots)
+            if mine is not None and (not self.plan.sampled or seg.kind is not SegmentKind.PREFILL):
+                mine = mine[rows]  # argmax per row, or a tree segment's logits per row
+            if self.lm_head is None or self.plan.features:
+                hidden = out[torch.from_numpy(rows)]
+                frames = wire.encode_segment(seg, self.plan.rank, hidden_to_wire(hidden, self.plan.dtype),
+                                             self.plan.dtype, decided=mine)  # fmt: skip
+            else:
+                frames = wire.encode_segment(seg, self.plan.rank, decided=mine)
+            nbytes = 0
+            if self.emulation is not None:
+                nbytes = self.emulation.wire.returned(len(seg), n_decided(seg)) if self.next_rank == 0 else \
+                    self.emulation.wire.segment(len(seg), first_hop=False)  # fmt: skip
+            self.endpoint.send_paced(self.next_rank, frames, nbytes, "segment")
+            self.forwarded, self.t_forwarded = seg.segment_id, time.monotonic()
         if self.next_rank == 0:
             self.last_to_d0 = time.monotonic()
 
-    def _decide(self, seg: Segment, out: torch.Tensor, n_rows: int) -> np.ndarray:
-        """The target's decisions on the last `n_rows` rows (`pipeline.head: last`): argmax ids for
-        every row (-1 where none is decided) at temperature 0, else their fp32 logits [n_rows, V]."""
+    def _decide(self, done: list[tuple[Segment, torch.Tensor, int]]) -> list[np.ndarray | None]:
+        """The target's decisions on each segment's decided rows (`pipeline.head: last`): argmax ids
+        for every row (-1 where none is decided) at temperature 0, else the fp32 logits of its
+        decided rows [n, V]; None for a segment with none. One LM head's time for the batch."""
         t_start = time.monotonic()
+        out_all: list[np.ndarray | None] = []
         with torch.inference_mode():
-            logits = out[len(seg) - n_rows :] @ self.lm_head.T
-            if self.plan.sampled:
-                decided = logits.float().cpu().numpy()
-            else:
-                decided = np.full(len(seg), -1, dtype=np.int64)
-                decided[len(seg) - n_rows :] = logits.argmax(dim=-1).cpu().numpy()
-        t_end = time.monotonic()
-        if self.pad is not None:
-            t_end = self.pad.done(seg.request_id, "verify", t_start, self.emulation.platform.verify_ms(n_rows, self.plan.rank))
-            self._drain_until(t_end)
-        self.spans.append([seg.request_id, seg.segment_id, "verify", n_rows, 0, t_start, t_end])
-        return decided
+            for seg, out, _ in done:
+                n_rows = n_decided(seg)
+                if not n_rows:
+                    out_all.append(None)
+                    continue
+                logits = out[len(seg) - n_rows :] @ self.lm_head.T
+                if self.plan.sampled:
+                    out_all.append(logits.float().cpu().numpy())
+                else:
+                    decided = np.full(len(seg), -1, dtype=np.int64)
+                    decided[len(seg) - n_rows :] = logits.argmax(dim=-1).cpu().numpy()
+                    out_all.append(decided)
+        decided_segs = [seg for (seg, _, _), d in zip(done, out_all) if d is not None]
+        if decided_segs:
+            n_rows = sum(n_decided(seg) for seg in decided_segs)
+            owner = decided_segs[0].request_id if len({s.request_id for s in decided_segs}) == 1 else -1
+            t_end = time.monotonic()
+            if self.pad is not None:
+                t_end = self.pad.done(owner, "verify", t_start, batch_verify_ms(self.emulation.platform, n_rows,
+                                                                               self.plan.rank))  # fmt: skip
+                self._drain_until(t_end)
+            self.spans.append([owner, decided_segs[0].segment_id, "verify", n_rows, 0, t_start, t_end])
+        return out_all
 
     # ---- plumbing -------------------------------------------------------------------------------
 

@@ -31,12 +31,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from flowspec.config import MAX_BATCH
 from flowspec.messages import Prune, Segment, SegmentKind
 from flowspec.messages import ProtocolError
 
-PROTOCOL_VERSION = 6  # 2: heartbeat and flush carry the sender's clock; 3: report carries computes and
+PROTOCOL_VERSION = 7  # 2: heartbeat and flush carry the sender's clock; 3: report carries computes and
 # transfers; 4: a segment may carry the target's decisions (argmax, logits), a report its arrivals;
-# 5: a report counts the frames the stage rejected; 6: a stage heartbeats with `status` (its progress)
+# 5: a report counts the frames the stage rejected; 6: a stage heartbeats with `status` (its progress);
+# 7: segments and prunes name their batch lane (several requests served at once)
 
 # Bounds on what a header may declare. Every header but a report is under 1 KB and 4 levels deep; a
 # report lists a run's spans (~80 bytes each), so its receiver (D0) raises the header bound.
@@ -63,12 +65,12 @@ _ROW_ARRAYS = {name: (("int32", "int64"), 1, False) for name in ("node_ids", "to
 SCHEMAS: dict[str, tuple[dict[str, type], dict[str, tuple[tuple[str, ...], int, bool]]]] = {
     "segment": (
         {"request_id": int, "round": int, "segment_id": int, "kind": str, "version": int, "reset": bool,
-         "final": bool},
+         "final": bool, "lane": int},
         {**_ROW_ARRAYS, "hidden": (("float32", "float16", "bfloat16"), 2, True),
          "argmax": (("int32", "int64"), 1, True), "logits": (("float32",), 2, True)},
     ),
     "prune": (
-        {"request_id": int, "round": int, "version": int, "n_accepted": int, "round_exit": bool},
+        {"request_id": int, "round": int, "version": int, "n_accepted": int, "round_exit": bool, "lane": int},
         {"keep_ids": (("int32", "int64"), 1, False)},
     ),
     "error": ({"message": str}, {}),
@@ -236,7 +238,7 @@ def encode_segment(seg: Segment, sender: int, hidden: np.ndarray | None = None, 
         arrays[name] = decided
         dtypes[name] = "float32" if name == "logits" else "int32"
     fields = {"request_id": seg.request_id, "round": seg.round, "segment_id": seg.segment_id, "kind": str(seg.kind),
-              "version": seg.version, "reset": seg.reset, "final": seg.final}  # fmt: skip
+              "version": seg.version, "reset": seg.reset, "final": seg.final, "lane": seg.lane}  # fmt: skip
     return encode("segment", sender, fields, arrays, dtypes)
 
 
@@ -250,13 +252,13 @@ def to_segment(msg: Message) -> Segment:
         request_id=f["request_id"], round=f["round"], segment_id=f["segment_id"], kind=kind,
         node_ids=a["node_ids"].astype(np.int64), tokens=a["tokens"].astype(np.int64),
         parent_ids=a["parent_ids"].astype(np.int64), positions=a["positions"].astype(np.int64),
-        version=f["version"], reset=f["reset"], final=f["final"],
+        version=f["version"], reset=f["reset"], final=f["final"], lane=_lane(msg),
     )  # type: ignore[arg-type]  # fmt: skip
 
 
 def encode_prune(prune: Prune, sender: int = 0) -> list[bytes | memoryview]:
     fields = {"request_id": prune.request_id, "round": prune.round, "version": prune.version,
-              "n_accepted": prune.n_accepted, "round_exit": prune.round_exit}  # fmt: skip
+              "n_accepted": prune.n_accepted, "round_exit": prune.round_exit, "lane": prune.lane}  # fmt: skip
     return encode("prune", sender, fields, {"keep_ids": prune.keep_ids}, {"keep_ids": "int32"})
 
 
@@ -267,4 +269,12 @@ def to_prune(msg: Message) -> Prune:
         raise ProtocolError(f"prune message from rank {msg.sender}: field n_accepted: {f['n_accepted']} "
                             f"outside 1..{len(keep)} (the keep list)")  # fmt: skip
     return Prune(request_id=f["request_id"], round=f["round"], version=f["version"], keep_ids=keep,
-                 n_accepted=f["n_accepted"], round_exit=f["round_exit"])  # type: ignore[arg-type]  # fmt: skip
+                 n_accepted=f["n_accepted"], round_exit=f["round_exit"], lane=_lane(msg))  # type: ignore[arg-type]  # fmt: skip
+
+
+def _lane(msg: Message) -> int:
+    """A segment's or prune's batch lane: each is a KV cache a stage holds, so their number is bounded."""
+    lane = msg.fields["lane"]
+    if not 0 <= lane < MAX_BATCH:  # type: ignore[operator]
+        raise ProtocolError(f"{msg.type} message from rank {msg.sender}: field lane: {lane} outside 0..{MAX_BATCH - 1}")
+    return lane  # type: ignore[return-value]

@@ -30,7 +30,7 @@ with the scenario name and simulated time.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import simpy
@@ -56,8 +56,9 @@ from flowspec.policy import spec
 from flowspec.records import LinkTransfer, RunResult, StageSpan
 from flowspec.synthetic import ContextOracle
 from flowspec.tree import Drafter
-from flowspec.costs import OutOfGridError, ProfileError
-from flowspec.platform import Platform, d0_draft_cost_ms, d0_step_cost_ms, wire_sizes
+from flowspec.costs import ProfileError
+from flowspec.platform import (Platform, batch_draft_ms, batch_stage_ms, batch_verify_ms, d0_draft_cost_ms, d0_step_cost_ms,
+                               joint_draft, wire_sizes)
 from flowspec.workload import Request
 
 
@@ -73,17 +74,6 @@ class _Stage:
     wake: simpy.Event | None = None  # a prune arrived (or, batched, a segment)
     ledgers: dict[int, StageLedger] = field(default_factory=dict)  # batched: one per request
     waiting: list[Segment] = field(default_factory=list)  # batched: segments in arrival order
-
-
-def in_pieces(cost_ms: Callable[[int], float], n_rows: int) -> float:
-    """What `n_rows` rows of a batch cost in one forward, or — where that is beyond the profile's
-    grid, which is never extrapolated — in the fewest equal forwards the grid covers."""
-    for pieces in range(1, n_rows + 1):
-        try:
-            return pieces * cost_ms(-(-n_rows // pieces))
-        except OutOfGridError:
-            continue
-    return cost_ms(1)  # raises: not even one row is on the grid
 
 
 class SimEngine:
@@ -164,13 +154,15 @@ class SimEngine:
         env = self.env
         while True:
             event, cost_ms, n_tokens = yield self.d0_inbox.get()
+            lane = self.core.lane_for(event)  # the single-request core that decides (a batch's lane)
+            request_id = -1 if lane is None else lane.active_request_id
             if cost_ms > 0:
-                yield from self._busy(0, self.core.active_request_id, event.segment_id, "verify", n_tokens, 0, cost_ms)
-            size, request_id = self.core.tree_size, self.core.active_request_id
+                yield from self._busy(0, request_id, event.segment_id, "verify", n_tokens, 0, cost_ms)
+            size = 0 if lane is None else lane.tree_size
             cmds = self.core.handle(event, now=env.now)
             # The real draft node sends a step's commands only once `handle` returns: charge its
             # bookkeeping, then the draft, then send.
-            size = max(size, self.core.tree_size)
+            size = max(size, 0 if lane is None else lane.tree_size)
             cost_ms = d0_step_cost_ms(self.platform, event, cmds, size)
             if cost_ms > 0:
                 yield from self._busy(0, request_id, event.segment_id, "step", size, 0, cost_ms)
@@ -188,7 +180,8 @@ class SimEngine:
     def _batched_draft_node(self):
         """D0 under a batching policy: every event waiting when it falls free is one batch — one LM
         head over all returned rows, each lane's bookkeeping, one batched draft for every lane that
-        asks (the most calls any lane needs, all lanes' rows, the longest context)."""
+        asks (`joint_draft`) — and only then are the batch's commands sent. The runtime's D0 does
+        the same (`runtime.draft_node`)."""
         env, core = self.env, self.core
         while True:
             batch = [(yield self.d0_inbox.get())]
@@ -197,7 +190,7 @@ class SimEngine:
             n_rows = sum(n for _, cost_ms, n in batch if cost_ms > 0)
             if n_rows:
                 first = next(e for e, cost_ms, _ in batch if cost_ms > 0)
-                cost_ms = in_pieces(self.platform.verify_ms, n_rows)
+                cost_ms = batch_verify_ms(self.platform, n_rows)
                 yield from self._busy(0, -1, first.segment_id, "verify", n_rows, 0, cost_ms)
             step_ms, sizes, cmds = 0.0, [], []
             for event, _, _ in batch:
@@ -213,10 +206,8 @@ class SimEngine:
             drafts = [c for c in cmds if isinstance(c, Draft)]
             if drafts:
                 kv_len = max(len(self.prompts[d.request_id]) + len(core.outputs[d.request_id]) for d in drafts)
-                joint = Draft(-1, -1, max(d.n_calls for d in drafts), sum(d.n_rows for d in drafts),
-                              sum(d.n_nodes for d in drafts))  # fmt: skip
-                cost_ms = in_pieces(lambda rows: d0_draft_cost_ms(self.platform, replace(joint, n_rows=rows), kv_len),
-                                    joint.n_rows)  # fmt: skip
+                joint = joint_draft(drafts)
+                cost_ms = batch_draft_ms(self.platform, joint, kv_len)
                 yield from self._busy(0, -1, -1, "draft", joint.n_rows, kv_len, cost_ms)
             self._execute(cmds)
             for draft in drafts:
@@ -312,9 +303,9 @@ class SimEngine:
                 self._send(stage.rank, nxt.rank, "segment", nbytes, lambda s=seg, n=nxt: self._arrive(n, s))
 
     def _batched_stage(self, stage: _Stage):
-        """A stage under a batching policy: every waiting segment whose prunes have arrived (in
-        arrival order per request) is one batch — one forward over all their rows at the longest
-        KV — then each goes on to the next device."""
+        """A stage under a batching policy: the first waiting segment of every request, where its
+        prunes have arrived, is one batch — one forward over all their rows at the longest KV —
+        then each goes on to the next device."""
         env = self.env
         last = stage.rank == len(self.stages)
         while True:
@@ -335,11 +326,11 @@ class SimEngine:
             if n_rows:
                 first = next(s for s in admitted if len(s))
                 owner = first.request_id if len({s.request_id for s in admitted}) == 1 else -1
-                cost_ms = in_pieces(lambda rows: self.platform.stage_ms(stage.rank, rows, max(kv_lens)), n_rows)
+                cost_ms = batch_stage_ms(self.platform, stage.rank, n_rows, max(kv_lens))
                 yield from self._busy(stage.rank, owner, first.segment_id, str(first.kind), n_rows, max(kv_lens), cost_ms)
                 n_head = sum(n_decided(s) for s in admitted) if last and self.wire.head_last else 0
                 if n_head:
-                    cost_ms = in_pieces(lambda rows: self.platform.verify_ms(rows, stage.rank), n_head)
+                    cost_ms = batch_verify_ms(self.platform, n_head, stage.rank)
                     yield from self._busy(stage.rank, owner, first.segment_id, "verify", n_head, 0, cost_ms)
                 admitted = [stage.ledgers[s.request_id].catch_up(s)[1] for s in admitted]
             for seg in admitted:  # one message per request, as the runtime's wire carries them
@@ -353,17 +344,14 @@ class SimEngine:
 
     @staticmethod
     def _ready(stage: _Stage) -> list[Segment]:
-        """Take the waiting segments a batch can hold: those whose request's prunes have arrived,
-        stopping a request at its first one still waiting for a prune (order within a request)."""
-        taken, blocked, fresh = [], set(), set()
+        """Take the waiting segments a batch holds: each request's first waiting one, if its prunes
+        have arrived (a request's segments stay in order; one step of each request per batch)."""
+        taken, seen = [], set()
         for seg in stage.waiting:
             rid, ledger = seg.request_id, stage.ledgers.get(seg.request_id)
-            if seg.reset:
-                fresh.add(rid)  # its ledger starts with this batch; the prompt's later chunks may join
-            if rid in blocked or not (rid in fresh or (ledger is not None and ledger.ready(seg))):
-                blocked.add(rid)
-            else:
+            if rid not in seen and (seg.reset or (ledger is not None and ledger.ready(seg))):
                 taken.append(seg)
+            seen.add(rid)
         chosen = {id(s) for s in taken}
         stage.waiting = [s for s in stage.waiting if id(s) not in chosen]
         return taken

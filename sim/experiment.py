@@ -29,7 +29,7 @@ from flowspec.costs import AcceptanceProfile, ProfileError
 from flowspec.records import RunResult
 from sim.engine import SimEngine
 from flowspec.platform import PROFILES_DIR, Platform, build_platform, resolve_profile
-from flowspec.workload import build_workload
+from flowspec.workload import Request, build_workload
 
 
 def rank_table(profile: AcceptanceProfile) -> np.ndarray:
@@ -44,8 +44,10 @@ def build_engine(
     profiles_dir: Path = PROFILES_DIR,
     base_dir: Path | None = None,
     run_id: str | None = None,
+    requests: list[Request] | None = None,
 ) -> SimEngine:
-    """The engine for `scenario`; `platform` replaces the profiled one (tests use constants)."""
+    """The engine for `scenario`; `platform` replaces the profiled one (tests use constants),
+    `requests` the scenario's workload."""
     scenario = device_scenario(scenario)
     if platform is None:
         platform = build_platform(scenario, profiles_dir)
@@ -55,7 +57,7 @@ def build_engine(
         raise ProfileError(f"acceptance.profile = {scenario.acceptance.profile!r}: {e}") from None
     truth = GroundTruth(HashLM(scenario.model.vocab_size, 1, seed=scenario.seed))
     drafter = OracleDrafter(truth, rank_table=rank_table(acceptance), seed=scenario.seed)
-    requests = build_workload(scenario, base_dir)
+    requests = build_workload(scenario, base_dir) if requests is None else requests
     return SimEngine(
         scenario, platform, drafter, ContextOracle(truth), requests,
         run_id=run_id or f"{scenario.name}/{scenario.policy}",

@@ -7,10 +7,13 @@ predicted by the simulator in two modes, each policy on the run's own requests:
 
 - *replay* (`sim.replay`): the run's own drafts and target decisions, so only timing can differ.
   The simulator's core must issue the runtime's command sequence exactly; an emulated run is
-  replayed on the testbed it emulated (`emulated.yaml`: its model, devices and network).
+  replayed on the testbed it emulated (`emulated.yaml`: its model, devices and network). A
+  batching policy has no replay: its node ids and drafter calls follow how its lanes interleaved,
+  which the run's timing decided.
 - *calibrated*: the simulator as a user runs it before any run: the scenario's acceptance
   profile drives the synthetic drafter and target, on the run's prompt lengths and output
-  lengths (each request simulated alone, as the runs serve them one after another). One draw of
+  lengths (each request simulated alone, as the runs serve them one after another; a batching
+  policy's requests together, each arriving when it did in the run). One draw of
   a few dozen tokens is as noisy as the run it predicts, so the run is simulated `replicates`
   times with different seeds: the prediction is the replicates' mean, and their 5th and 95th
   percentiles (`predicted_p05`, `predicted_p95`) say how far one run of this length may fall
@@ -34,7 +37,9 @@ import pandas as pd
 from flowspec import idle, metrics
 from flowspec.config import Policy, apply_overrides, scenario_from_dict, scenario_to_dict
 from flowspec.platform import PROFILES_DIR
-from sim.experiment import simulate, with_policy
+from flowspec.policy import spec
+from flowspec.workload import Request
+from sim.experiment import build_engine, simulate, with_policy
 from sim.replay import RecordedRun, RunFolderError, first_divergence, replay
 
 MODES = ("replay", "calibrated")
@@ -63,8 +68,10 @@ def calibrated(run: RecordedRun, policy: Policy, measured: dict[str, pd.DataFram
     the output length it really had; EOS off (the synthetic target's ids mean nothing), seeds by id
     and `replicate`; the requests' frames laid end to end on one time axis, with their run's ids."""
     base = scenario_to_dict(with_policy(run.scenario, policy))
-    parts: dict[str, list[pd.DataFrame]] = {}
     requests = measured["requests"].sort_values("request_id")
+    if spec(policy).batched:
+        return _calibrated_together(run, policy, base, requests, replicate, profiles_dir)
+    parts: dict[str, list[pd.DataFrame]] = {}
     offset_s = 0.0
     for r in requests.itertuples():
         data = apply_overrides(base, ["workload.arrivals=single", "workload.n_requests=1",
@@ -82,6 +89,20 @@ def calibrated(run: RecordedRun, policy: Policy, measured: dict[str, pd.DataFram
             parts.setdefault(name, []).append(frame)
         offset_s += result.elapsed_s
     return {name: pd.concat(frames, ignore_index=True) for name, frames in parts.items()}
+
+
+def _calibrated_together(run: RecordedRun, policy: Policy, base: dict, requests: pd.DataFrame, replicate: int,
+                         profiles_dir: Path) -> dict[str, pd.DataFrame]:  # fmt: skip
+    """A batching policy's requests are served side by side, so they are simulated together: each
+    arriving when it did in the run, with its prompt and output lengths (synthetic prompts)."""
+    data = apply_overrides(base, ["decoding.eos_token_id=null", f"seed={SEED_STRIDE * replicate}"])
+    sc = scenario_from_dict(data, f"{run.folder} (calibrated)")
+    rng = np.random.default_rng([sc.seed, 1])
+    reqs = [Request(int(r.request_id), float(r.t_arrival_s),
+                    tuple(int(t) for t in rng.integers(1, sc.model.vocab_size, size=int(r.n_prompt_tokens))),
+                    int(r.n_output_tokens)) for r in requests.itertuples()]  # fmt: skip
+    engine = build_engine(sc, profiles_dir=profiles_dir, run_id=f"{sc.name}/{policy}/calibrated", requests=reqs)
+    return engine.run().frames()
 
 
 def observables(frames: dict[str, pd.DataFrame]) -> list[tuple[str, str, float]]:
@@ -138,7 +159,9 @@ def compare(run: RecordedRun, policies: Sequence[Policy], modes: Sequence[str] =
         measured = run_frames(run, policy)
         m = observables(measured)
         same[str(policy)] = True
-        if "replay" in modes:
+        if "replay" in modes and spec(policy).batched:  # ids and drafter calls follow the lanes' interleaving
+            echo(f"  {policy}: no replay (a batch's lanes interleave as the run's timing fell); calibrated only")
+        elif "replay" in modes:
             echo(f"  {policy}: replay")
             replayed = replay(run, policy, profiles_dir=profiles_dir).frames()
             same[str(policy)] = first_divergence(measured["commands"], replayed["commands"]) is None

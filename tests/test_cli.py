@@ -141,14 +141,3 @@ def test_sweep_writes_frame_and_plot(tmp_path):
     bad = CliRunner().invoke(cli.main, ["sweep", str(TINY), "--grid", "tree.topk"])
     assert bad.exit_code == 2 and "expected KEY=V1,V2" in bad.stderr
 
-
-def test_the_runtime_refuses_a_batching_policy_by_name_and_leaves_it_out_of_all(tmp_path, monkeypatch) -> None:
-    """specpipe-db and ar-pp-db serve several requests at once, which the runtime cannot yet."""
-    result = CliRunner().invoke(cli.main, ["run", str(TINY), "--policy", "specpipe-db", "--out", str(tmp_path / "r")])
-    assert result.exit_code == 2
-    assert "specpipe-db serves several requests at once" in result.output and "simulate it" in result.output
-    said = []
-    monkeypatch.setattr(cli, "say", said.append)
-    chosen = cli.chosen_policies(("all",), "flowspec", runtime=True)
-    assert [str(p) for p in chosen if "-db" in str(p)] == [] and len(chosen) == len(cli.chosen_policies(("all",), "x")) - 2
-    assert said == ["note: specpipe-db, ar-pp-db left out: the runtime serves one request at a time (simulate them)"]

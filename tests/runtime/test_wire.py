@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -61,6 +62,20 @@ def test_prune_round_trip_and_empty_segment() -> None:
     assert len(seg) == 0 and seg.version == 6
 
 
+def test_segments_and_prunes_carry_their_lane_within_the_batch_bound() -> None:
+    """A batching policy's lane travels with every segment and prune; a stage holds one KV per lane,
+    so a lane past pipeline.max_batch's bound is refused, naming the field."""
+    seg = to_segment(decode(frames_of(encode_segment(dataclasses.replace(SEG, lane=3), 2,
+                                                     hidden=np.zeros((3, 4), np.float32)))))  # fmt: skip
+    assert seg.lane == 3 and seg.select(np.array([0]), 7).lane == 3
+    prune = Prune(request_id=1, round=4, version=9, keep_ids=np.array([3]), n_accepted=1, round_exit=True, lane=2)
+    assert to_prune(decode(frames_of(encode_prune(prune)))).lane == 2
+    with pytest.raises(ProtocolError, match=r"segment message from rank 2: field lane: 256 outside 0\.\.255"):
+        to_segment(decode(_tamper(GOOD, fields__lane=256)))
+    with pytest.raises(ProtocolError, match=r"prune message from rank 0: field lane: -1 outside"):
+        to_prune(decode(_tamper(encode_prune(prune), fields__lane=-1)))
+
+
 def _tamper(parts, **changes) -> list[bytes]:
     frames = frames_of(parts)
     header = json.loads(frames[0])
@@ -84,7 +99,7 @@ GOOD = encode_segment(SEG, 2, hidden=np.zeros((3, 4), np.float32))
     "frames, message",
     [
         ([b"{nope"], "message from V2?: header is not JSON"),
-        (_tamper(GOOD, v=99), "message from rank 2: field v: protocol version 99, expected 6"),
+        (_tamper(GOOD, v=99), "message from rank 2: field v: protocol version 99, expected 7"),
         (_tamper(GOOD, type="gossip"), "message from rank 2: field type: unknown message type 'gossip'"),
         (_tamper(GOOD, fields__version=True), "segment message from rank 2: field version must be int, got True"),
         (_tamper(GOOD, fields__reset=_DROP), "segment message from rank 2: field reset must be bool, got None"),

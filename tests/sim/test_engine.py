@@ -346,7 +346,7 @@ def test_a_batch_waits_for_a_free_lane() -> None:
 def test_a_batch_beyond_the_profile_runs_as_several_forwards() -> None:
     """Costs are never extrapolated: rows past the grid split into the fewest equal forwards it covers."""
     from flowspec.costs import OutOfGridError
-    from sim.engine import in_pieces
+    from flowspec.platform import in_pieces
 
     def cost_ms(rows: int) -> float:
         if rows > 10:
