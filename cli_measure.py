@@ -103,7 +103,7 @@ def validate(scenario: Path, overrides: tuple[str, ...], policies: tuple[str, ..
                                 f"error {r.error:+.1%} (tolerance {limits[r.mode]:.0%}){band}")  # fmt: skip
         problems += [f"{p} (replay): the simulator's commands differ from the run's" for p, ok in same.items() if not ok]
         problems += _overruns(run, chosen)
-        for m in modes:
+        for m in (m for m in modes if (table["mode"] == m).any()):  # a batching policy alone has no replay
             click.echo(_ranking_line(table, draws, m))
         click.echo(f"\nwrote {folder}/validate.csv, validate-draws.csv, validate.png")
         if problems:

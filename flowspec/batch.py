@@ -12,9 +12,7 @@ A `BatchCore` holds `max_batch` *lanes*, each a `PipelineCore` serving one reque
 the policy's own single-request schedule (specpipe-db: specpipe's; ar-pp-db: ar-pp's). Requests wait
 FIFO and join the first idle lane the moment one frees: batching is dynamic, a request enters and
 leaves the batch at any step and never waits for the batch to drain. The backends batch the
-*compute*: a device forwards every segment waiting for it, of any lane, as one batch (so the
-lanes fall into step by themselves), and D0 verifies what came back and drafts for every lane that
-needs it as one batch. `BatchCore` routes events: a returned segment to the lane that sent it, a
+*compute* (below). `BatchCore` routes events: a returned segment to the lane that sent it, a
 finished draft to the lane that asked for it, an arrival to an idle lane.
 
 The lanes share one set of ids (`IdCounters`), one `Recorder` and one outputs dict, so records and
@@ -24,13 +22,18 @@ request on a lane resets them as a request does on a one-request pipeline (the s
 in-memory driver key theirs by request, each started at the version its first prompt chunk
 carries). A drafter that keeps a request's state (the EAGLE head's features) is forked per lane.
 
-What is batched, in both backends alike (`flowspec.platform.batch_stage_ms`, `joint_draft`):
-- a stage takes the first waiting segment of every lane whose prunes have arrived and forwards
-  them as one batch: their rows together, attention over the longest KV; each then travels on as
-  its own message;
-- D0 takes every event waiting when it falls free: one LM head over all returned rows, each lane's
-  bookkeeping, one draft for every lane that asks (as many calls as the deepest, all lanes' rows),
-  then the batch's sends.
+What is batched, in both backends alike (`grouped`, `flowspec.platform.batch_stage_ms`,
+`joint_draft`):
+- D0 sends segments in *groups*, one step of every lane that has one waiting per group, and keeps
+  one group in flight per device (D0 included): a new group leaves as one comes back, so a request
+  that joins takes its place in the groups already circling, one step of it in each, as
+  micro-batches do in a pipeline. Each segment carries its group and the group's size;
+- a device waits for the whole of the next group (and the prunes its members reflect) and forwards
+  it as one batch: all its rows, attention over the longest KV; each segment then travels on as
+  its own message, still in its group;
+- D0 takes every event waiting when it falls free, returned groups whole: one LM head over all
+  returned rows, each lane's bookkeeping, one draft for every lane that asks (as many calls as the
+  deepest, all lanes' rows), then the step's groups.
 The runtime computes a batch's segments one after another (ragged KV lengths); on an emulated
 testbed it pads the batch to what the simulator charges, so the emulation's dilation must cover
 the lanes' forwards in sequence.
@@ -91,6 +94,12 @@ class BatchCore:
         self._queue: deque[RequestArrived] = deque()
         self._by_segment: dict[int, PipelineCore] = {}  # in-flight segment id -> the lane that sent it
         self._by_draft: dict[int, PipelineCore] = {}  # pending draft id -> the lane that asked
+        self.depth = scenario.pipeline.n_stages + 1  # groups in flight: one per device, D0 included
+        self._backlog: dict[int, deque] = {}  # lane -> its segments not yet in a group (`grouped`)
+        self._group_of: dict[int, int] = {}  # segment id -> its group, until it returns
+        self._group_left: dict[int, int] = {}  # group -> its segments not back yet
+        self._in_flight = 0
+        self._next_group = 0
 
     @property
     def records(self) -> RunRecords:
@@ -127,6 +136,7 @@ class BatchCore:
             return self._admit(now)
         if isinstance(event, SegmentReturned):
             lane = self._by_segment.pop(event.segment_id, None)
+            self._returned(event.segment_id)
         elif isinstance(event, DraftDone):
             lane = self._by_draft.pop(event.draft_id, None)
         else:
@@ -134,6 +144,39 @@ class BatchCore:
         if lane is None:
             raise KeyError(f"{event!r} belongs to no lane of this batch")
         return self._routed(lane, lane.handle(event, now)) + self._admit(now)
+
+    def grouped(self, cmds: list[Command]) -> list[Command]:
+        """A D0 step's commands as they go out: every other command at once, in order; the segments
+        in groups, each a batch the devices forward as one and D0 gets back as one. A group holds
+        the next segment of every lane that has one waiting, and `depth` groups (one per device,
+        D0 included) are kept in flight: a new group goes out once one came back, so a request
+        that joins takes its place in the groups already circling, one step of it in each, and a
+        request's segments keep their order. Segments wait here, in flight for the core, meanwhile."""
+        out: list[Command] = []
+        for cmd in cmds:
+            if isinstance(cmd, SendSegment):
+                self._backlog.setdefault(cmd.segment.lane, deque()).append(cmd.segment)
+            else:
+                out.append(cmd)
+        while self._in_flight < self.depth and any(self._backlog.values()):
+            group = [q.popleft() for q in self._backlog.values() if q]
+            gid, self._next_group = self._next_group, self._next_group + 1
+            self._group_left[gid] = len(group)
+            self._in_flight += 1
+            for seg in group:
+                self._group_of[seg.segment_id] = gid
+                out.append(SendSegment(dataclasses.replace(seg, group=gid, group_size=len(group))))
+        return out
+
+    def _returned(self, segment_id: int) -> None:
+        """A grouped segment came back; its group's slot frees with its last one."""
+        gid = self._group_of.pop(segment_id, None)
+        if gid is None:
+            return
+        self._group_left[gid] -= 1
+        if self._group_left[gid] == 0:
+            del self._group_left[gid]
+            self._in_flight -= 1
 
     def _admit(self, now: float) -> list[Command]:
         """Start queued requests on idle lanes, first come first served."""

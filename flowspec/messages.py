@@ -55,6 +55,8 @@ class Segment:
     reset: bool = False  # first prompt chunk of a request: stages clear their KV first
     final: bool = False  # last prompt chunk: D0 samples the first token from its last row
     lane: int = 0  # the batch lane serving the request (flowspec.batch): its own KV and prune versions
+    group: int = -1  # a batch's segments travel as one group (flowspec.batch); -1: alone
+    group_size: int = 1  # segments in its group: a device waits for all of them, then forwards them as one
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -74,6 +76,8 @@ class Segment:
             reset=self.reset,
             final=self.final,
             lane=self.lane,
+            group=self.group,
+            group_size=self.group_size,
         )
 
 

@@ -16,6 +16,11 @@ returned segments and finished drafts, and carries out the commands it gets back
 A drafter with an `observe` method (the EAGLE head) is shown every returned row's hidden states
 before the core sees the verdict, since it drafts from the target's features.
 
+A batching policy (`flowspec.batch`) runs on a `BatchCore` with one drafter per lane (the lane a
+returned segment names is the drafter that observes it); D0 takes every message waiting, runs the
+LM head over each, then handles all their events before sending anything (`_handle_batch`), as
+the simulator charges it.
+
 A segment coming back from VN holds post-norm hidden states; D0 applies the LM head (argmax at
 T = 0, the softmax at T > 0) and hands the result to the core, which verifies, prunes and expands.
 After the last request, `flush` collects every stage's spans and leaves the stages clean for the
@@ -206,6 +211,7 @@ class DraftNode:
         self.core = core
         self.batched = isinstance(core, BatchCore)
         self._verifying: list[tuple] = []  # a batch's returned segments: (segment, decided rows, t_real)
+        self._partial: dict[int, int] = {}  # returned groups not whole yet: group -> segments here
         self.spans: list[StageSpan] = []
         self.t0 = time.monotonic()
         closed_loop = any(r.t_arrival_s is None for r in requests)  # `single`: each arrives when the last finished
@@ -260,6 +266,8 @@ class DraftNode:
                     if not self.batched:
                         break  # handle returns in arrival order, between them the commands they cause
                 msg = self.link.recv(0.0)  # a batch: every returned segment that is here
+                if msg is None and self._partial:  # and the rest of a group, on its way back to back
+                    msg = self.link.recv(heartbeat_s)
             if self._verifying:
                 self._verify_batch()
             self._keep_alive(heartbeat_s)
@@ -352,12 +360,11 @@ class DraftNode:
                                                     t_end_s=b))  # fmt: skip
         elif cmds or drafted > 0:
             self._measured_spans(t, drafted, -1, -1, size_max)
-        self._send(cmds)
         for draft in drafts:
             done = self.core.handle(DraftDone(draft.draft_id), now=self.now())
             assert not any(isinstance(c, Draft) for c in done), "a finished draft only sends"
-            self._send(done)
             cmds += done
+        self._send(self.core.grouped(cmds))  # the segments in groups, each a batch (flowspec.batch)
         return cmds
 
     def _send(self, cmds: list[Command]) -> None:
@@ -427,6 +434,10 @@ class DraftNode:
         seg = wire.to_segment(msg)
         t_real = time.monotonic()
         self.progress.returned(seg.segment_id, t_real)
+        if seg.group >= 0:  # a batch's group: D0 waits for all of it (`serve`)
+            self._partial[seg.group] = self._partial.get(seg.group, 0) + 1
+            if self._partial[seg.group] >= seg.group_size:
+                del self._partial[seg.group]
         hidden = msg.arrays.get("hidden")
         h = None if hidden is None else hidden_from_wire(hidden, msg.dtypes["hidden"])
         timed = self.timed[seg.lane] if len(self.timed) > 1 else self.timed[0]

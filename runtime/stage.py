@@ -9,7 +9,9 @@ results; D0's clock, to report spans on one time axis), say `ready`. Where a sta
 
 Loop: drain every waiting message — prunes go straight into the `StageLedger` and compact the KV,
 segments queue in arrival order — then run the first queued segment once the ledger has every
-prune it reflects. A forward follows the ledger protocol exactly as the in-memory driver does:
+prune it reflects. A batching policy (`flowspec.batch`) has several lanes, each with its own ledger
+and KV cache: the first ready segment of every lane runs as one batch (one after another here, the
+batch's time padded as one on an emulated board), and a lane's segments never overtake each other. A forward follows the ledger protocol exactly as the in-memory driver does:
 catch up (sync, admit), forward under the ledger's visibility, append; then drain again and catch
 up once more, so prunes that arrived during the forward are applied before the surviving rows go
 on to the next stage (D0 after the last). A segment emptied by pruning travels on as an empty
@@ -177,16 +179,19 @@ class StageWorker:
     def _runnable(self) -> bool:
         return self._next() is not None and not self.wedged
 
-    def _next(self) -> int | None:
-        """The queued segment to run next: the first whose prunes are all here, in order per lane
-        (a lane's later segment never overtakes its earlier one; another lane's may)."""
-        blocked = set()
-        for i, item in enumerate(self.queue):
-            seg = item.segment
-            if seg.lane not in blocked and self._ledger(seg.lane).ready(seg):
-                return i
-            blocked.add(seg.lane)
-        return None
+    def _next(self) -> list[int] | None:
+        """Where in the queue the next batch is: the head's group (`Segment.group`, as D0 formed
+        it; a segment alone is a group of one) once all of it is here and every member's prunes
+        have arrived; None until then."""
+        if not self.queue:
+            return None
+        head = self.queue[0].segment
+        members = [i for i, item in enumerate(self.queue) if item.segment.group == head.group] if head.group >= 0 else [0]
+        if len(members) < head.group_size:
+            return None
+        if not all(self._ledger(self.queue[i].segment.lane).ready(self.queue[i].segment) for i in members):
+            return None
+        return members
 
     def _ledger(self, lane: int) -> StageLedger:
         if lane not in self.ledgers:
@@ -213,19 +218,24 @@ class StageWorker:
                                                      "queued": len(self.queue)})  # fmt: skip
 
     def _check_wedged(self, now: float) -> None:
-        """Raise if the queue's head has waited `runtime.timeout_s` for a prune that has not come:
-        D0 sent that prune before the segment, so it is lost, or the segment lies about it."""
+        """Raise if the queue's head has waited `runtime.timeout_s` for a prune that has not come
+        (D0 sent that prune before the segment, so it is lost, or the segment lies about it), or for
+        the rest of its group (D0 sent them back to back)."""
         head = self.queue[0] if self.queue else None
-        if head is None or self._ledger(head.segment.lane).ready(head.segment):
+        if head is None or self._next() is not None:
             self._blocked = None
         elif self._blocked is None or self._blocked[0] is not head:
             self._blocked = (head, now)
         elif now - self._blocked[1] > self.plan.timeout_s:
             seg = head.segment
-            raise StageTimeout(f"stage {self.plan.rank}: segment {seg.segment_id} of request {seg.request_id} waited "
-                               f"{now - self._blocked[1]:.1f} s for prune v{seg.version}, which never came (the last "
-                               f"received is v{self._ledger(seg.lane).received}; runtime.timeout_s = "
-                               f"{self.plan.timeout_s:g})")  # fmt: skip
+            waited = f"stage {self.plan.rank}: segment {seg.segment_id} of request {seg.request_id} waited " \
+                     f"{now - self._blocked[1]:.1f} s"  # fmt: skip
+            if not self._ledger(seg.lane).ready(seg):
+                raise StageTimeout(f"{waited} for prune v{seg.version}, which never came (the last received is "
+                                   f"v{self._ledger(seg.lane).received}; runtime.timeout_s = {self.plan.timeout_s:g})")  # fmt: skip
+            here = sum(item.segment.group == seg.group for item in self.queue)
+            raise StageTimeout(f"{waited} for the rest of its group {seg.group}: {here} of {seg.group_size} came "
+                               f"(runtime.timeout_s = {self.plan.timeout_s:g})")  # fmt: skip
 
     def _receive(self, timeout_s: float) -> wire.Message | None:
         """The next message that decodes; None when none came or the one that came was rejected."""
@@ -325,15 +335,10 @@ class StageWorker:
             self.slice.keep(torch.from_numpy(np.ascontiguousarray(slots, dtype=np.int64)))
 
     def _run_one(self) -> bool:
-        """Forward the next segment of every lane whose prunes are here, as one batch (a policy
-        serving one request at a time has one lane: the queue's head alone); a segment that does
-        not fit its lane's state is rejected. Whether any ran."""
-        picked, blocked = [], set()
-        for i, item in enumerate(self.queue):  # each lane's first queued segment, if it is ready
-            lane = item.segment.lane
-            if lane not in blocked and self._ledger(lane).ready(item.segment):
-                picked.append(i)
-            blocked.add(lane)
+        """Forward the next group as one batch (a policy serving one request at a time: the queue's
+        head alone); a segment that does not fit its lane's state is rejected. Whether any ran."""
+        picked = self._next()
+        assert picked is not None, "only a runnable queue runs"
         batch = []
         for i in reversed(picked):
             item = self.queue[i]

@@ -38,7 +38,7 @@ from flowspec.messages import ProtocolError
 PROTOCOL_VERSION = 7  # 2: heartbeat and flush carry the sender's clock; 3: report carries computes and
 # transfers; 4: a segment may carry the target's decisions (argmax, logits), a report its arrivals;
 # 5: a report counts the frames the stage rejected; 6: a stage heartbeats with `status` (its progress);
-# 7: segments and prunes name their batch lane (several requests served at once)
+# 7: segments and prunes name their batch lane, segments their group (several requests served at once)
 
 # Bounds on what a header may declare. Every header but a report is under 1 KB and 4 levels deep; a
 # report lists a run's spans (~80 bytes each), so its receiver (D0) raises the header bound.
@@ -65,7 +65,7 @@ _ROW_ARRAYS = {name: (("int32", "int64"), 1, False) for name in ("node_ids", "to
 SCHEMAS: dict[str, tuple[dict[str, type], dict[str, tuple[tuple[str, ...], int, bool]]]] = {
     "segment": (
         {"request_id": int, "round": int, "segment_id": int, "kind": str, "version": int, "reset": bool,
-         "final": bool, "lane": int},
+         "final": bool, "lane": int, "group": int, "group_size": int},
         {**_ROW_ARRAYS, "hidden": (("float32", "float16", "bfloat16"), 2, True),
          "argmax": (("int32", "int64"), 1, True), "logits": (("float32",), 2, True)},
     ),
@@ -238,7 +238,8 @@ def encode_segment(seg: Segment, sender: int, hidden: np.ndarray | None = None, 
         arrays[name] = decided
         dtypes[name] = "float32" if name == "logits" else "int32"
     fields = {"request_id": seg.request_id, "round": seg.round, "segment_id": seg.segment_id, "kind": str(seg.kind),
-              "version": seg.version, "reset": seg.reset, "final": seg.final, "lane": seg.lane}  # fmt: skip
+              "version": seg.version, "reset": seg.reset, "final": seg.final, "lane": seg.lane, "group": seg.group,
+              "group_size": seg.group_size}  # fmt: skip
     return encode("segment", sender, fields, arrays, dtypes)
 
 
@@ -252,7 +253,8 @@ def to_segment(msg: Message) -> Segment:
         request_id=f["request_id"], round=f["round"], segment_id=f["segment_id"], kind=kind,
         node_ids=a["node_ids"].astype(np.int64), tokens=a["tokens"].astype(np.int64),
         parent_ids=a["parent_ids"].astype(np.int64), positions=a["positions"].astype(np.int64),
-        version=f["version"], reset=f["reset"], final=f["final"], lane=_lane(msg),
+        version=f["version"], reset=f["reset"], final=f["final"], lane=_lane(msg), group=f["group"],
+        group_size=_group_size(msg),
     )  # type: ignore[arg-type]  # fmt: skip
 
 
@@ -270,6 +272,14 @@ def to_prune(msg: Message) -> Prune:
                             f"outside 1..{len(keep)} (the keep list)")  # fmt: skip
     return Prune(request_id=f["request_id"], round=f["round"], version=f["version"], keep_ids=keep,
                  n_accepted=f["n_accepted"], round_exit=f["round_exit"], lane=_lane(msg))  # type: ignore[arg-type]  # fmt: skip
+
+
+def _group_size(msg: Message) -> int:
+    """How many segments travel in this one's group: a stage waits for them all, so it is bounded."""
+    size = msg.fields["group_size"]
+    if not 1 <= size <= MAX_BATCH:  # type: ignore[operator]
+        raise ProtocolError(f"{msg.type} message from rank {msg.sender}: field group_size: {size} outside 1..{MAX_BATCH}")
+    return size  # type: ignore[return-value]
 
 
 def _lane(msg: Message) -> int:

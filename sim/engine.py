@@ -145,7 +145,7 @@ class SimEngine:
             else:
                 yield self.env.timeout(max(0.0, req.t_arrival_s - self.env.now))
             event = RequestArrived(req.request_id, req.prompt, req.max_new_tokens, t_arrival_s=self.env.now)
-            self.d0_inbox.put((event, 0.0, len(req.prompt)))
+            self.d0_inbox.put((event, 0.0, len(req.prompt), -1, 1))
             previous = req.request_id
 
     # ---- the draft node -------------------------------------------------------------------------
@@ -153,7 +153,7 @@ class SimEngine:
     def _draft_node(self):
         env = self.env
         while True:
-            event, cost_ms, n_tokens = yield self.d0_inbox.get()
+            event, cost_ms, n_tokens, _, _ = yield self.d0_inbox.get()
             lane = self.core.lane_for(event)  # the single-request core that decides (a batch's lane)
             request_id = -1 if lane is None else lane.active_request_id
             if cost_ms > 0:
@@ -178,22 +178,22 @@ class SimEngine:
                 cmds = self.core.handle(DraftDone(draft.draft_id), now=env.now)
 
     def _batched_draft_node(self):
-        """D0 under a batching policy: every event waiting when it falls free is one batch — one LM
-        head over all returned rows, each lane's bookkeeping, one batched draft for every lane that
-        asks (`joint_draft`) — and only then are the batch's commands sent. The runtime's D0 does
-        the same (`runtime.draft_node`)."""
+        """D0 under a batching policy: every event waiting when it falls free, returned groups whole,
+        is one batch — one LM head over all their rows, each lane's bookkeeping, one batched draft for every
+        lane that asks (`joint_draft`) — and only then are the batch's commands sent, its segments
+        grouped (`BatchCore.grouped`). The runtime's D0 does the same (`runtime.draft_node`)."""
         env, core = self.env, self.core
         while True:
             batch = [(yield self.d0_inbox.get())]
-            while self.d0_inbox.items:
+            while self.d0_inbox.items or not self._whole(batch):  # all that waits, and whole groups
                 batch.append((yield self.d0_inbox.get()))
-            n_rows = sum(n for _, cost_ms, n in batch if cost_ms > 0)
+            n_rows = sum(n for _, cost_ms, n, _, _ in batch if cost_ms > 0)
             if n_rows:
-                first = next(e for e, cost_ms, _ in batch if cost_ms > 0)
+                first = next(e for e, cost_ms, *_ in batch if cost_ms > 0)
                 cost_ms = batch_verify_ms(self.platform, n_rows)
                 yield from self._busy(0, -1, first.segment_id, "verify", n_rows, 0, cost_ms)
             step_ms, sizes, cmds = 0.0, [], []
-            for event, _, _ in batch:
+            for event, *_ in batch:
                 lane = core.lane_for(event)
                 size = 0 if lane is None else lane.tree_size
                 out = core.handle(event, now=env.now)
@@ -209,11 +209,20 @@ class SimEngine:
                 joint = joint_draft(drafts)
                 cost_ms = batch_draft_ms(self.platform, joint, kv_len)
                 yield from self._busy(0, -1, -1, "draft", joint.n_rows, kv_len, cost_ms)
-            self._execute(cmds)
             for draft in drafts:
                 done = core.handle(DraftDone(draft.draft_id), now=env.now)
                 assert not any(isinstance(c, Draft) for c in done), "a finished draft only sends"
-                self._execute(done)
+                cmds += done
+            self._execute(core.grouped(cmds))
+
+    @staticmethod
+    def _whole(batch: list[tuple]) -> bool:
+        """Whether every returned group in D0's `batch` is complete."""
+        counts: dict[int, list[int]] = {}
+        for _, _, _, group, size in batch:
+            if group >= 0:
+                counts.setdefault(group, [0, size])[0] += 1
+        return all(n >= size for n, size in counts.values())
 
     def _busy(self, rank: int, request_id: int, segment_id: int, kind: str, n_tokens: int, kv_len: int, cost_ms: float):
         if self.cores is not None:  # devices sharing a host's cores: wait for one, hold it while computing
@@ -303,9 +312,9 @@ class SimEngine:
                 self._send(stage.rank, nxt.rank, "segment", nbytes, lambda s=seg, n=nxt: self._arrive(n, s))
 
     def _batched_stage(self, stage: _Stage):
-        """A stage under a batching policy: the first waiting segment of every request, where its
-        prunes have arrived, is one batch — one forward over all their rows at the longest KV —
-        then each goes on to the next device."""
+        """A stage under a batching policy: each group D0 sent (one step of several requests) is one
+        batch — one forward over all their rows at the longest KV — once all of it has arrived;
+        then its segments go on to the next device, one message each, still one group."""
         env = self.env
         last = stage.rank == len(self.stages)
         while True:
@@ -344,17 +353,21 @@ class SimEngine:
 
     @staticmethod
     def _ready(stage: _Stage) -> list[Segment]:
-        """Take the waiting segments a batch holds: each request's first waiting one, if its prunes
-        have arrived (a request's segments stay in order; one step of each request per batch)."""
-        taken, seen = [], set()
-        for seg in stage.waiting:
-            rid, ledger = seg.request_id, stage.ledgers.get(seg.request_id)
-            if rid not in seen and (seg.reset or (ledger is not None and ledger.ready(seg))):
-                taken.append(seg)
-            seen.add(rid)
-        chosen = {id(s) for s in taken}
+        """Take the first waiting group (`Segment.group`, as D0 formed it) once all of it is here
+        and every member's prunes have arrived; [] until then. Groups go in arrival order."""
+        if not stage.waiting:
+            return []
+        head = stage.waiting[0]
+        members = [s for s in stage.waiting if s.group == head.group] if head.group >= 0 else [head]
+        if len(members) < head.group_size:
+            return []
+        for seg in members:
+            ledger = stage.ledgers.get(seg.request_id)
+            if not (seg.reset or (ledger is not None and ledger.ready(seg))):
+                return []
+        chosen = {id(s) for s in members}
         stage.waiting = [s for s in stage.waiting if id(s) not in chosen]
-        return taken
+        return members
 
     @staticmethod
     def _ledger(stage: _Stage, seg: Segment) -> StageLedger:
@@ -372,7 +385,7 @@ class SimEngine:
         n_rows = n_decided(seg)
         event = SegmentReturned(seg.segment_id, seg.node_ids, seg.version, argmax=argmax)
         cost_ms = 0.0 if self.wire.head_last or not n_rows else self.platform.verify_ms(n_rows)
-        self.d0_inbox.put((event, cost_ms, n_rows))
+        self.d0_inbox.put((event, cost_ms, n_rows, seg.group, seg.group_size))  # its group: D0 handles it whole
 
     # ---- links ----------------------------------------------------------------------------------
 

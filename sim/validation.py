@@ -43,7 +43,7 @@ from sim.experiment import build_engine, simulate, with_policy
 from sim.replay import RecordedRun, RunFolderError, first_divergence, replay
 
 MODES = ("replay", "calibrated")
-RATES = ("tokens_per_s", "step_ms", "accepted_per_step")
+RATES = ("tokens_per_s", "step_ms", "accepted_per_step", "throughput_tokens_per_s")  # the last: batches only
 COLUMNS = ("policy", "mode", "observable", "device", "measured", "predicted", "error", "predicted_p05", "predicted_p95")
 REPLICATES = 16  # calibrated draws per run: the mean's noise is a quarter of one draw's
 CONFIDENCE = 0.9  # an inversion counts when nine in ten paired draws order the pair against the run
@@ -113,6 +113,8 @@ def observables(frames: dict[str, pd.DataFrame]) -> list[tuple[str, str, float]]
     step_ms = 1000 * decode_s / s.n_steps if s.n_steps else np.nan
     rows = [("tokens_per_s", "", float(s.tokens_per_s)), ("step_ms", "", step_ms),
             ("accepted_per_step", "", float(s.accepted_per_step))]  # fmt: skip
+    if s.max_concurrent > 1:  # a batch: the workload's rate, first arrival to last finish, too
+        rows.append(("throughput_tokens_per_s", "", float(s.throughput_tokens_per_s)))
     table = idle.idle_attribution(frames)
     for r in table.to_dict("records"):
         device = "D0" if r["stage"] == 0 else f"V{r['stage']}"

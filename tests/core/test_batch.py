@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -48,3 +50,24 @@ def test_requests_take_free_lanes_and_wait_fifo_for_one() -> None:
     assert req[1].t_finish_s == 0.4
     with pytest.raises(KeyError, match="belongs to no lane"):
         c.handle(SegmentReturned(99, np.array([-1]), 0, argmax=np.array([1])), now=0.5)
+
+
+def grouped(cmds) -> list[tuple[int, int, int, int]]:
+    """(request, segment id, group, group size) of every segment that goes out."""
+    return [(c.segment.request_id, c.segment.segment_id, c.segment.group, c.segment.group_size)
+            for c in cmds if isinstance(c, SendSegment)]  # fmt: skip
+
+
+def test_segments_go_out_in_groups_one_step_of_each_lane_and_a_slot_per_device() -> None:
+    """Two prompts handled in one D0 step leave as one group; the next step of one request is a
+    group of its own. At most n_stages + 1 groups circle: more segments wait (in flight for the
+    core) until a group comes back."""
+    c = core(max_batch=2)  # two stages: three groups in flight at most
+    out = c.grouped(c.handle(RequestArrived(0, (3, 4)), now=0.0) + c.handle(RequestArrived(1, (6,)), now=0.0))
+    assert grouped(out) == [(0, 0, 0, 2), (1, 1, 0, 2)]
+    out = c.grouped(c.handle(SegmentReturned(0, np.array([-1, -1]), 0, argmax=np.array([-1, 9])), now=0.1))
+    assert grouped(out) == [(0, 2, 1, 1)]  # request 0's next step; request 1's prompt is still out
+    seg = next(cmd.segment for cmd in out if isinstance(cmd, SendSegment))
+    more = [SendSegment(dataclasses.replace(seg, segment_id=100 + i)) for i in range(3)]
+    assert grouped(c.grouped(more)) == [(0, 100, 2, 1)]  # the third slot; 101 and 102 wait
+    assert grouped(c.grouped([])) == []

@@ -7,6 +7,7 @@ duration is arithmetic) and check the spans, the computes and the overrun counte
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -133,6 +134,35 @@ def test_emulated_stages_are_busy_for_k_times_their_profile(tiny, tmp_path: Path
     table = metrics.overruns(computes, emulated.emulate.slack_ms)
     assert table.n_overruns.tolist() == [0, 0, 0], table
     assert set(frames["link_transfers"].kind) == {"segment", "prune"}
+
+
+def test_an_emulated_batch_is_padded_once_to_the_batched_profile(tiny, tmp_path: Path) -> None:
+    """ar-pp-db with two requests arriving at once: D0 sends them as one group, and every stage
+    forwards the group's rows as one batch (computed one after another), busy for the profile's
+    time of the batch once (flat layers: 20 ms of emulated time on V1, not 40), as the simulator
+    charges it; D0 waits for the whole group and answers with the next one. Outputs are the
+    target's own, no compute overran."""
+    k = 3.0
+    data = scenario_data(tiny, write_profile(tmp_path / "flat", 10.0), k)
+    target = Target.load(scenario_from_dict(data))
+    sc = stage_scenario(target.scenario, Policy.AR_PP_DB)
+    references = [p + o for p, o in zip(tiny.prompts, tiny.outputs)]
+    together = [dataclasses.replace(r, t_arrival_s=0.0) for r in one_after_another(tiny.prompts[:2])]
+    with Cluster(sc, target, emulated=sc) as cluster:
+        result = cluster.serve(sc, ReferenceDrafter(references, [0], tiny.vocab), together, emulated=sc)
+    assert [result.outputs[0], result.outputs[1]] == [o[:8] for o in tiny.outputs[:2]]
+    frames = result.frames()
+    platform = build_platform(sc)
+    spans = frames["stage_spans"]
+    batches = spans[(spans.stage > 0) & (spans.request_id == -1)]  # both requests' rows in one forward
+    assert (spans[spans.stage > 0].request_id == -1).all()  # every forward holds both requests
+    prompt_rows = sum(map(len, tiny.prompts[:2]))
+    assert sorted(zip(batches.stage, batches.kind, batches.n_tokens)) == sorted(
+        [(k, "prefill", prompt_rows) for k in (1, 2)] + [(k, "tree", 2) for k in (1, 2) for _ in range(7)])
+    for s in spans[spans.stage > 0].itertuples():
+        expected_s = platform.stage_ms(s.stage, s.n_tokens, s.kv_len) / 1000
+        assert abs((s.t_end_s - s.t_start_s) - expected_s) <= 0.05 * expected_s, s
+    assert metrics.overruns(frames["computes"], sc.emulate.slack_ms).n_overruns.sum() == 0
 
 
 def test_a_profile_faster_than_the_machine_overruns(tiny, tmp_path: Path) -> None:

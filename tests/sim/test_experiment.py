@@ -158,8 +158,10 @@ def test_batching_serves_a_loaded_workload_faster_and_emits_the_same_tokens() ->
         assert rows[batched].throughput_tokens_per_s > 1.3 * rows[alone].throughput_tokens_per_s, (batched, rows)
         assert rows[batched].ttft_s < rows[alone].ttft_s  # a request joins the batch instead of queueing
     assert rows[Policy.SPECPIPE_DB].throughput_tokens_per_s > rows[Policy.AR_PP_DB].throughput_tokens_per_s
-    # Where several requests' segments wait for a device, it forwards them as one batch: a span
-    # charged to no single request (13% of stage spans here; the rest found the device alone).
+    # D0 sends one step of several requests as one group, which each device forwards as one batch:
+    # a span charged to no single request (56% of specpipe-db's stage spans here, with requests
+    # arriving one by one; ar-pp-db keeps fewer requests than the pipeline has devices, so each
+    # rides a group of its own, as pipelined micro-batches do).
     spans = runs[Policy.SPECPIPE_DB].frames()["stage_spans"]
-    assert (spans.query("stage > 0").request_id == -1).mean() > 0.05
+    assert (spans.query("stage > 0").request_id == -1).mean() > 0.4
     assert (runs[Policy.SPECPIPE].frames()["stage_spans"].request_id >= 0).all()
