@@ -3,7 +3,8 @@
 Theory of operation
 -------------------
 `handle(event, now)` takes what happened and returns what to do next; it never waits, sends, sleeps
-or reads a clock. One request is served at a time; later arrivals queue FIFO.
+or reads a clock. One request is served at a time; later arrivals queue FIFO (a batching policy
+serves several at once with one core per lane, `flowspec.batch`).
 
 A request goes: prefill (prompt chunks stream through the stages; the last chunk's last row gives
 the first token) → rounds. A round drafts a tree rooted at the last sampled token and streams it in

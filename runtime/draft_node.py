@@ -57,6 +57,7 @@ from flowspec.messages import (
     Event,
     FinishRequest,
     RequestArrived,
+    Segment,
     SegmentReturned,
     SendSegment,
     n_decided,
@@ -210,7 +211,7 @@ class DraftNode:
         self.head = TargetHead(self.lm_head, scenario.decoding.temperature, scenario.relaxed)
         self.core = core
         self.batched = isinstance(core, BatchCore)
-        self._verifying: list[tuple] = []  # a batch's returned segments: (segment, decided rows, t_real)
+        self._stashed: list[tuple] = []  # a batch's returned segments, (message, segment), till their groups are whole
         self._partial: dict[int, int] = {}  # returned groups not whole yet: group -> segments here
         self.spans: list[StageSpan] = []
         self.t0 = time.monotonic()
@@ -268,8 +269,9 @@ class DraftNode:
                 msg = self.link.recv(0.0)  # a batch: every returned segment that is here
                 if msg is None and self._partial:  # and the rest of a group, on its way back to back
                     msg = self.link.recv(heartbeat_s)
-            if self._verifying:
-                self._verify_batch()
+            if self._stashed and not self._partial:  # whole groups back: one LM head over them
+                events += self._verify_batch()
+                drained = False
             self._keep_alive(heartbeat_s)
             if drained:
                 self.progress.check(time.monotonic(), self.link.busy)
@@ -425,6 +427,9 @@ class DraftNode:
                                                t_recv_s=self._emulated(t_recv)))  # fmt: skip
 
     def _on_message(self, msg: wire.Message) -> Event | None:
+        """The event a message from the last stage brings (None for control messages). A batching
+        policy's returned segments wait (`_stashed`) until their groups are whole; `_verify_batch`
+        then runs the LM head over all of them as one."""
         self._control(msg)
         if msg.type in ("heartbeat", "status", "ready"):
             return None
@@ -434,10 +439,29 @@ class DraftNode:
         seg = wire.to_segment(msg)
         t_real = time.monotonic()
         self.progress.returned(seg.segment_id, t_real)
-        if seg.group >= 0:  # a batch's group: D0 waits for all of it (`serve`)
-            self._partial[seg.group] = self._partial.get(seg.group, 0) + 1
-            if self._partial[seg.group] >= seg.group_size:
-                del self._partial[seg.group]
+        if self.batched:
+            if seg.group >= 0:  # D0 waits for all of its group (`serve`)
+                self._partial[seg.group] = self._partial.get(seg.group, 0) + 1
+                if self._partial[seg.group] >= seg.group_size:
+                    del self._partial[seg.group]
+            self._stashed.append((msg, seg))
+            return None
+        event, n_rows = self._decide(msg, seg)
+        t_end = time.monotonic()
+        if self.head_last:
+            return event
+        if self.pad is not None and n_rows:  # as the simulator: the LM head over the rows it ran on
+            t_end = self.pad.done(seg.request_id, "verify", t_real, self.emulation.platform.verify_ms(n_rows))
+            self.link.hold(t_end)
+        if len(seg):
+            self.spans.append(StageSpan(run_id=self.run_id, source="runtime", request_id=seg.request_id, stage=0,
+                                        segment_id=seg.segment_id, kind="verify", n_tokens=n_rows, kv_len=0,
+                                        t_start_s=self._emulated(t_real), t_end_s=self._emulated(t_end)))  # fmt: skip
+        return event
+
+    def _decide(self, msg: wire.Message, seg: Segment) -> tuple[SegmentReturned, int]:
+        """The target's decisions on a returned segment (the LM head here, or the last stage's), shown
+        to a drafter that reads the target's features; the event and its decided rows."""
         hidden = msg.arrays.get("hidden")
         h = None if hidden is None else hidden_from_wire(hidden, msg.dtypes["hidden"])
         timed = self.timed[seg.lane] if len(self.timed) > 1 else self.timed[0]
@@ -453,36 +477,26 @@ class DraftNode:
             if h is None:
                 raise ProtocolError(f"segment message from rank {msg.sender}: field hidden: missing (the drafter reads it)")
             observe(seg.request_id, seg.node_ids, seg.parent_ids, seg.tokens, seg.positions, h, seg.reset)
-        t_end = time.monotonic()
-        if self.head_last:
-            return SegmentReturned(seg.segment_id, seg.node_ids, seg.version, argmax=argmax, probs=probs)
-        if self.batched:  # the batch's LM head is padded and recorded once (`_verify_batch`)
-            self._verifying.append((seg, n_rows, t_real))
-            return SegmentReturned(seg.segment_id, seg.node_ids, seg.version, argmax=argmax, probs=probs)
-        if self.pad is not None and n_rows:  # as the simulator: the LM head over the rows it ran on
-            t_end = self.pad.done(seg.request_id, "verify", t_real, self.emulation.platform.verify_ms(n_rows))
-            self.link.hold(t_end)
-        if len(seg):
-            self.spans.append(StageSpan(run_id=self.run_id, source="runtime", request_id=seg.request_id, stage=0,
-                                        segment_id=seg.segment_id, kind="verify", n_tokens=n_rows, kv_len=0,
-                                        t_start_s=self._emulated(t_real), t_end_s=self._emulated(t_end)))  # fmt: skip
-        return SegmentReturned(seg.segment_id, seg.node_ids, seg.version, argmax=argmax, probs=probs)
+        return SegmentReturned(seg.segment_id, seg.node_ids, seg.version, argmax=argmax, probs=probs), n_rows
 
-    def _verify_batch(self) -> None:
-        """The LM head over every returned segment of a batch, as one (`batch_verify_ms`)."""
-        segs = [(seg, n) for seg, n, _ in self._verifying if len(seg)]
-        t_real, t_end = self._verifying[0][2], time.monotonic()
-        self._verifying = []
-        n_rows = sum(n for _, n in segs)
-        if not segs:
-            return
-        if self.pad is not None and n_rows:
-            t_end = self.pad.done(-1, "verify", t_real, batch_verify_ms(self.emulation.platform, n_rows))
-            self.link.hold(t_end)
-        owner = segs[0][0].request_id if len({s.request_id for s, _ in segs}) == 1 else -1
-        self.spans.append(StageSpan(run_id=self.run_id, source="runtime", request_id=owner, stage=0,
-                                    segment_id=segs[0][0].segment_id, kind="verify", n_tokens=n_rows, kv_len=0,
-                                    t_start_s=self._emulated(t_real), t_end_s=self._emulated(t_end)))  # fmt: skip
+    def _verify_batch(self) -> list[Event]:
+        """Every stashed returned segment (whole groups): the LM head over all of them as one, from
+        now (`batch_verify_ms`, as the simulator charges it once the group is back); their events."""
+        t_real = time.monotonic()
+        stashed, self._stashed = self._stashed, []
+        decided = [(seg, *self._decide(msg, seg)) for msg, seg in stashed]
+        t_end = time.monotonic()
+        ran = [(seg, n) for seg, _, n in decided if len(seg)]
+        n_rows = sum(n for _, n in ran)
+        if ran and not self.head_last:
+            if self.pad is not None and n_rows:
+                t_end = self.pad.done(-1, "verify", t_real, batch_verify_ms(self.emulation.platform, n_rows))
+                self.link.hold(t_end)
+            owner = ran[0][0].request_id if len({s.request_id for s, _ in ran}) == 1 else -1
+            self.spans.append(StageSpan(run_id=self.run_id, source="runtime", request_id=owner, stage=0,
+                                        segment_id=ran[0][0].segment_id, kind="verify", n_tokens=n_rows, kv_len=0,
+                                        t_start_s=self._emulated(t_real), t_end_s=self._emulated(t_end)))  # fmt: skip
+        return [event for _, event, _ in decided]
 
     def _keep_alive(self, heartbeat_s: float) -> None:
         now = time.monotonic()
