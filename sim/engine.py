@@ -303,13 +303,7 @@ class SimEngine:
                     cost_ms = self.platform.verify_ms(n_rows, stage.rank)
                     yield from self._busy(stage.rank, seg.request_id, seg.segment_id, "verify", n_rows, 0, cost_ms)
                 _, seg, _ = ledger.catch_up(seg)  # prunes that arrived during the forward
-            if last:
-                nbytes = self.wire.returned(len(seg), n_decided(seg))
-                self._send(stage.rank, 0, "segment", nbytes, lambda s=seg: self._returned(s))
-            else:
-                nxt = self.stages[stage.rank]
-                nbytes = self.wire.segment(len(seg), first_hop=False)
-                self._send(stage.rank, nxt.rank, "segment", nbytes, lambda s=seg, n=nxt: self._arrive(n, s))
+            self._pass_on(stage, seg)
 
     def _batched_stage(self, stage: _Stage):
         """A stage under a batching policy: each group D0 sent (one step of several requests) is one
@@ -343,13 +337,17 @@ class SimEngine:
                     yield from self._busy(stage.rank, owner, first.segment_id, "verify", n_head, 0, cost_ms)
                 admitted = [stage.ledgers[s.request_id].catch_up(s)[1] for s in admitted]
             for seg in admitted:  # one message per request, as the runtime's wire carries them
-                if last:
-                    nbytes = self.wire.returned(len(seg), n_decided(seg))
-                    self._send(stage.rank, 0, "segment", nbytes, lambda s=seg: self._returned(s))
-                else:
-                    nxt = self.stages[stage.rank]
-                    nbytes = self.wire.segment(len(seg), first_hop=False)
-                    self._send(stage.rank, nxt.rank, "segment", nbytes, lambda s=seg, n=nxt: self._arrive(n, s))
+                self._pass_on(stage, seg)
+
+    def _pass_on(self, stage: _Stage, seg: Segment) -> None:
+        """Send a forwarded segment to the next stage, or back to D0 from the last."""
+        if stage.rank == len(self.stages):
+            nbytes = self.wire.returned(len(seg), n_decided(seg))
+            self._send(stage.rank, 0, "segment", nbytes, lambda s=seg: self._returned(s))
+        else:
+            nxt = self.stages[stage.rank]
+            nbytes = self.wire.segment(len(seg), first_hop=False)
+            self._send(stage.rank, nxt.rank, "segment", nbytes, lambda s=seg, n=nxt: self._arrive(n, s))
 
     @staticmethod
     def _ready(stage: _Stage) -> list[Segment]:
